@@ -1,0 +1,166 @@
+"""Leases as upstream stores them: the subnet key (`10.5.52.0-24[&fd00::-64]`) and the LeaseAttrs JSON value.
+
+The JSON is byte-identical to what flanneld writes (field order, compact form, `"PublicIPv6":null`), so a mixed cluster of
+flanneld and flannel-udp nodes reads one another's leases.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .config import lookup_key
+
+IPv4Net = ipaddress.IPv4Network
+IPv6Net = ipaddress.IPv6Network
+
+# Upstream's regex, applied to the whole key path and unanchored at the start; \Z because Python's $ also matches
+# before a trailing newline, and ASCII because Go's \d is ASCII-only.
+_SUBNET_KEY_RE = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?\Z", re.ASCII)
+
+
+class LeaseError(ValueError):
+    """A lease value that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class LeaseAttrs:
+    public_ip: ipaddress.IPv4Address
+    public_ipv6: ipaddress.IPv6Address | None = None
+    backend_type: str = ""
+    backend_data: Any = None  # decoded JSON, re-encoded compactly in document order
+    backend_v6_data: Any = None
+
+    def to_json(self) -> str:
+        parts = [
+            f'"PublicIP":{json.dumps(str(self.public_ip))}',
+            f'"PublicIPv6":{json.dumps(str(self.public_ipv6)) if self.public_ipv6 is not None else "null"}',
+        ]
+        if self.backend_type:
+            parts.append(f'"BackendType":{json.dumps(self.backend_type)}')
+        if self.backend_data is not None:
+            parts.append(f'"BackendData":{_compact(self.backend_data)}')
+        if self.backend_v6_data is not None:
+            parts.append(f'"BackendV6Data":{_compact(self.backend_v6_data)}')
+        return "{" + ",".join(parts) + "}"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LeaseAttrs:
+        try:
+            doc = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LeaseError(f"lease value is not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise LeaseError("lease value is not a JSON object")
+        public_ip = lookup_key(doc, "PublicIP", ...)
+        if public_ip is ...:
+            public_ip = "0.0.0.0"  # Go leaves the zero value when the key is absent
+        try:
+            v4 = ipaddress.IPv4Address(public_ip) if isinstance(public_ip, str) else None
+        except ValueError:
+            v4 = None
+        if v4 is None:
+            raise LeaseError(f"lease PublicIP is not an IPv4 address: {json.dumps(public_ip)}")
+        raw6 = lookup_key(doc, "PublicIPv6")
+        v6 = None
+        if raw6 is not None:
+            try:
+                v6 = ipaddress.IPv6Address(raw6) if isinstance(raw6, str) else None
+            except ValueError:
+                v6 = None
+            if v6 is None:
+                raise LeaseError(f"lease PublicIPv6 is not an IPv6 address: {json.dumps(raw6)}")
+        backend_type = lookup_key(doc, "BackendType", "") or ""
+        if not isinstance(backend_type, str):
+            raise LeaseError("lease BackendType is not a string")
+        return cls(v4, v6, backend_type, lookup_key(doc, "BackendData"), lookup_key(doc, "BackendV6Data"))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def make_subnet_key(subnet: IPv4Net, ipv6_subnet: IPv6Net | None = None) -> str:
+    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    if ipv6_subnet is not None:
+        key += f"&{ipv6_subnet.network_address}-{ipv6_subnet.prefixlen}"
+    return key
+
+
+def parse_subnet_key(key: str) -> tuple[IPv4Net, IPv6Net | None] | None:
+    """The subnet(s) named by a key or a full key path; None for a key upstream would ignore."""
+    m = _SUBNET_KEY_RE.search(key)
+    if m is None:
+        return None
+    try:
+        v4_ip = ipaddress.IPv4Address(m.group(1))
+        v4_len = int(m.group(2))
+        if v4_len > 31:  # upstream parses the length as a 5-bit number: -32 is rejected
+            return None
+        subnet = ipaddress.IPv4Network((v4_ip, v4_len))  # strict: a key with host bits set is ignored
+        if m.group(3) is None:
+            return subnet, None
+        v6_ip = ipaddress.IPv6Address(m.group(3))
+        v6_len = int(m.group(4))
+        if v6_len > 127:  # 7-bit, as upstream
+            return None
+        return subnet, ipaddress.IPv6Network((v6_ip, v6_len))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: IPv4Net
+    attrs: LeaseAttrs
+    ipv6_subnet: IPv6Net | None = None
+    expiration: float | None = None  # epoch seconds; None = a reservation that never expires
+    enable_ipv4: bool = True
+    enable_ipv6: bool = False
+
+    @property
+    def key(self) -> str:
+        return make_subnet_key(self.subnet, self.ipv6_subnet)
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        if self.expiration is None:
+            return None
+        return self.expiration - (time.time() if now is None else now)
+
+
+class EventType(Enum):
+    ADDED = "added"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    type: EventType
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every lease at one store revision."""
+    leases: list[Lease]
+    revision: int
+
+
+@dataclass(frozen=True)
+class Events:
+    """Changes since the previous result, in store order."""
+    events: list[LeaseEvent] = field(default_factory=list)
+    revision: int = 0
+
+
+def lease_from_kv(key: str, value: str | bytes, expiration: float | None) -> Lease:
+    """Decode one stored key/value; raises LeaseError for anything upstream would skip."""
+    subnets = parse_subnet_key(key)
+    if subnets is None:
+        raise LeaseError(f"bad subnet key {key!r}")
+    attrs = LeaseAttrs.from_json(value)
+    return Lease(subnets[0], attrs, subnets[1], expiration, True, subnets[1] is not None)

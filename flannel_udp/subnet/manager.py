@@ -1,0 +1,85 @@
+"""The subnet Manager: lease acquisition, renewal and watching on top of any Registry (embedded file or etcd)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections.abc import AsyncIterator
+
+from .allocation import decide
+from .config import NetworkConfig
+from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, Snapshot
+from .registry import Registry, SubnetExists
+
+log = logging.getLogger(__name__)
+
+RACE_RETRIES = 10
+DEFAULT_LEASE_TTL = 24 * 3600.0
+
+
+class AcquireError(RuntimeError):
+    pass
+
+
+class Manager:
+    def __init__(self, registry: Registry, config: NetworkConfig, previous: tuple[IPv4Net | None, IPv6Net | None] = (None, None),
+                 lease_ttl: float = DEFAULT_LEASE_TTL, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self.config = config
+        self.previous = previous
+        self.lease_ttl = lease_ttl
+        self.rng = rng or random.Random()
+
+    async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        """Upstream's allocation, except that a create which loses a race is retried (upstream gives up at once)."""
+        for _ in range(RACE_RETRIES):
+            leases, _rev = await self.registry.get_subnets()
+            decision = decide(self.config, leases, attrs.public_ip, self.previous, self.rng)
+            for stale in decision.delete:
+                log.warning("Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
+                            stale.key, attrs.public_ip)
+                await self.registry.delete_subnet(stale.subnet, stale.ipv6_subnet)
+            if decision.reuse is not None:
+                # A reservation (no expiry) stays one; upstream re-attaches a TTL to it (flannel issue #1329).
+                ttl = None if decision.reuse.expiration is None else self.lease_ttl
+                expiration = await self.registry.update_subnet(decision.subnet, decision.ipv6_subnet, attrs, ttl)
+                log.info("Found lease (%s) for current IP (%s), reusing", decision.reuse.key, attrs.public_ip)
+            else:
+                try:
+                    expiration = await self.registry.create_subnet(decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl)
+                except SubnetExists:
+                    log.info("Subnet %s was taken by another node meanwhile, trying again", decision.subnet)
+                    continue
+                log.info("Allocated lease (%s) to current node (%s)", decision.subnet, attrs.public_ip)
+            return Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None)
+        raise AcquireError(f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)")
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        ttl = None if lease.expiration is None else self.lease_ttl
+        expiration = await self.registry.update_subnet(lease.subnet, lease.ipv6_subnet, lease.attrs, ttl)
+        return Lease(lease.subnet, lease.attrs, lease.ipv6_subnet, expiration, lease.enable_ipv4, lease.enable_ipv6)
+
+    async def list_leases(self) -> list[Lease]:
+        leases, _ = await self.registry.get_subnets()
+        return leases
+
+    async def delete_lease(self, lease: Lease) -> None:
+        await self.registry.delete_subnet(lease.subnet, lease.ipv6_subnet)
+
+    def watch_leases(self) -> AsyncIterator[Snapshot | Events]:
+        return self.registry.watch_subnets()
+
+    async def close(self) -> None:
+        await self.registry.close()
+
+
+def previous_subnet_from(values: dict[str, list]) -> tuple[IPv4Net | None, IPv6Net | None]:
+    """FLANNEL_SUBNET / FLANNEL_IPV6_SUBNET from an old subnet.env, masked to the subnet, as upstream reads them."""
+    def one(name: str):
+        entries = values.get(name, [])
+        if len(entries) != 1:
+            if len(entries) > 1:
+                log.error("%s in the subnet file has more than one valid value, ignoring it", name)
+            return None
+        return ipaddress.ip_network(entries[0], strict=False)
+    return one("FLANNEL_SUBNET"), one("FLANNEL_IPV6_SUBNET")

@@ -1,0 +1,17 @@
+"""Builds the Cython data plane in _fastpath/; everything else is declared in pyproject.toml."""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+COMPILE_ARGS = ["-O3", "-D_GNU_SOURCE", "-Wno-unused-function"]
+
+
+def fastpath_extension(name: str) -> Extension:
+    return Extension(f"_fastpath.{name}", [f"_fastpath/{name}.pyx"], extra_compile_args=COMPILE_ARGS)
+
+
+setup(
+    ext_modules=cythonize(
+        [fastpath_extension(name) for name in ("packet", "routes", "pump")],
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+)

@@ -1,0 +1,113 @@
+"""Upstream etcd subnet_test.go (TestAcquireLease, TestConfigChanged) against the real embedded store, and LeaseWatcher."""
+import asyncio
+import ipaddress
+
+import pytest
+
+from flannel_udp.subnet.config import load_config
+from flannel_udp.subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent, Snapshot
+from flannel_udp.subnet.local_store import LocalRegistry
+from flannel_udp.subnet.manager import Manager
+from flannel_udp.subnet.watcher import LeaseWatcher
+
+net = ipaddress.ip_network
+ip = ipaddress.IPv4Address
+CONFIG = load_config('{ "Network": "10.3.0.0/16", "SubnetMin": "10.3.1.0", "SubnetMax": "10.3.25.0" }')
+OTHER = LeaseAttrs(ip("1.1.1.1"))
+OURS = LeaseAttrs(ip("1.2.3.4"))
+
+
+@pytest.fixture
+async def registry(tmp_path):
+    reg = LocalRegistry.open_sync(str(tmp_path / "leases.db"), poll_interval=0.05)
+    for subnet in ("10.3.1.0/24", "10.3.2.0/24", "10.3.4.0/24", "10.3.5.0/24", "10.3.31.0/24"):
+        await reg.create_subnet(net(subnet), None, OTHER, 3600)
+    yield reg
+    await reg.close()
+
+
+async def test_acquire_lease(registry):
+    lease = await Manager(registry, CONFIG).acquire_lease(OURS)
+    free = {net(f"10.3.{i}.0/24") for i in [3] + list(range(6, 26))}
+    assert len(free) == 21 and lease.subnet in free
+    again = await Manager(registry, CONFIG).acquire_lease(OURS)
+    assert again.subnet == lease.subnet
+
+
+async def test_previous_subnet_is_used_when_free_and_compatible(registry):
+    lease = await Manager(registry, CONFIG, previous=(net("10.3.6.0/24"), None)).acquire_lease(OURS)
+    assert lease.subnet == net("10.3.6.0/24")
+
+
+async def test_incompatible_previous_subnet_is_not_used(registry):
+    lease = await Manager(registry, CONFIG, previous=(net("10.4.1.0/24"), None)).acquire_lease(OURS)
+    assert lease.subnet != net("10.4.1.0/24") and lease.subnet.subnet_of(net("10.3.0.0/16"))
+
+
+async def test_config_changed_deletes_the_old_lease(registry):
+    old = await Manager(registry, CONFIG).acquire_lease(OURS)
+    new = await Manager(registry, load_config('{ "Network": "10.4.0.0/16" }')).acquire_lease(OURS)
+    assert new.subnet.subnet_of(net("10.4.0.0/16"))
+    keys = {lease.subnet for lease in await Manager(registry, CONFIG).list_leases()}
+    assert old.subnet not in keys and new.subnet in keys
+
+
+async def test_exhausted_network_says_out_of_subnets(tmp_path):
+    reg = LocalRegistry.open_sync(str(tmp_path / "l.db"))
+    cfg = load_config('{"Network": "10.5.0.0/28"}')  # 3 subnets
+    try:
+        for i in range(3):
+            await Manager(reg, cfg).acquire_lease(LeaseAttrs(ip(f"198.18.0.{i + 1}")))
+        with pytest.raises(RuntimeError, match="out of subnets"):
+            await Manager(reg, cfg).acquire_lease(LeaseAttrs(ip("198.18.0.9")))
+    finally:
+        await reg.close()
+
+
+async def test_reservation_without_ttl_is_honoured(registry):
+    await registry.put_raw("10.3.20.0-24", OURS.to_json(), ttl=None)
+    lease = await Manager(registry, CONFIG).acquire_lease(OURS)
+    assert lease.subnet == net("10.3.20.0/24") and lease.expiration is None
+    renewed = await Manager(registry, CONFIG).renew_lease(lease)
+    assert renewed.expiration is None
+
+
+async def test_watch_reports_added_and_expired(registry):
+    seen = []
+
+    async def watch():
+        async for result in registry.watch_subnets():
+            seen.append(result)
+            if len(seen) == 3:
+                return
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0.1)
+    await registry.create_subnet(net("10.3.30.0/24"), None, OTHER, ttl=0.5)
+    await asyncio.wait_for(task, 5)
+    assert isinstance(seen[0], Snapshot) and len(seen[0].leases) == 5
+    assert [(e.type, str(e.lease.subnet)) for e in seen[1].events] == [(EventType.ADDED, "10.3.30.0/24")]
+    assert [(e.type, str(e.lease.subnet)) for e in seen[2].events] == [(EventType.REMOVED, "10.3.30.0/24")]
+
+
+async def test_bad_keys_and_values_in_the_store_are_skipped(registry):
+    await registry.put_raw("10.3.40.0-24", '{"PublicIP":""}', None)
+    await registry.put_raw("garbage", "{}", None)
+    leases, _ = await registry.get_subnets()
+    assert len(leases) == 5
+
+
+def lease(subnet, public="1.1.1.1"):
+    return Lease(net(subnet), LeaseAttrs(ip(public)))
+
+
+def test_watcher_reset_and_update():
+    w = LeaseWatcher(net("10.3.9.0/24"))
+    batch = w.reset([lease("10.3.1.0/24"), lease("10.3.9.0/24"), lease("10.3.2.0/24")])
+    assert sorted(str(e.lease.subnet) for e in batch) == ["10.3.1.0/24", "10.3.2.0/24"]
+    # Own lease never appears, a second reset produces only the difference, and changed attrs are re-announced.
+    batch = w.reset([lease("10.3.1.0/24", "2.2.2.2"), lease("10.3.9.0/24"), lease("10.3.3.0/24")])
+    assert sorted((e.type.value, str(e.lease.subnet)) for e in batch) == [
+        ("added", "10.3.1.0/24"), ("added", "10.3.3.0/24"), ("removed", "10.3.2.0/24")]
+    batch = w.update([LeaseEvent(EventType.ADDED, lease("10.3.9.0/24")),
+                      LeaseEvent(EventType.REMOVED, Lease(net("10.3.3.0/24"), LeaseAttrs(ip("0.0.0.0"))))])
+    assert len(batch) == 1 and batch[0].type is EventType.REMOVED and str(batch[0].lease.attrs.public_ip) == "1.1.1.1"
