@@ -1,0 +1,149 @@
+"""The udp backend: TUN flannel0 plus the _fastpath pump, wire-compatible with upstream (IPv4 packet as UDP payload)."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from _fastpath.pump import Pump
+from _fastpath.routes import RouteTable
+
+from ..net import netlink
+from ..net.iface import ExternalInterface
+from ..net.tun import open_tun
+from ..subnet.config import NetworkConfig, lookup_key
+from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
+from ..subnet.manager import Manager
+from . import BackendError, Network
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8285
+ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+
+def parse_options(backend: dict[str, Any]) -> int:
+    port = lookup_key(backend, "Port", DEFAULT_PORT)
+    if port is None:
+        port = DEFAULT_PORT
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise BackendError(f"error decoding UDP backend config: Port must be an integer from 1 to 65535, got {port!r}")
+    return port
+
+
+def open_socket(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+        sock.bind((address, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise BackendError(f"UDP port {port} on {address} is already in use (is another flanneld running?)") from None
+        raise BackendError(f"cannot bind the UDP socket to {address}:{port}: {e.strerror}") from None
+    return sock
+
+
+class UdpBackend:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True) -> None:
+        if not config.enable_ipv4 or config.enable_ipv6:
+            raise BackendError("the udp backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
+        self.netlink = nl
+        self.ext = ext
+        self.config = config
+        self.port = parse_options(config.backend)
+        self.source_check = source_check
+
+    async def register_network(self, manager: Manager) -> UdpNetwork:
+        # The socket first: a busy port must fail before anything is allocated or configured.
+        sock = open_socket(str(self.ext.iface_addr), self.port)
+        tun_fd = -1
+        try:
+            lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr))
+            tun_fd, tun_name = open_tun()
+            mtu = self.ext.mtu - ENCAP_OVERHEAD
+            await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network))
+            log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,
+                     mtu, self.config.network, self.ext.iface_addr, self.port)
+            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check)
+        except BaseException:
+            if tun_fd >= 0:
+                os.close(tun_fd)  # the kernel removes the device, its address and its route
+            sock.close()
+            raise
+
+
+def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str) -> None:
+    """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network."""
+    link = netlink.link_by_name(ipr, name)
+    netlink.replace_address(ipr, link.index, str(lease.subnet.network_address), 32)
+    netlink.set_link(ipr, link.index, mtu=mtu, up=True)
+    netlink.replace_route(ipr, network, oif=link.index)
+
+
+class UdpNetwork(Network):
+    def __init__(self, lease: Lease, mtu: int, tun_fd: int, tun_name: str, sock: socket.socket, port: int,
+                 source_check: bool) -> None:
+        self.lease = lease
+        self.mtu = mtu
+        self.tun_fd = tun_fd
+        self.tun_name = tun_name
+        self.sock = sock
+        self.port = port
+        self.routes = RouteTable()
+        self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(tun_fd, self.pump.on_tun_readable)
+        loop.add_reader(sock.fileno(), self.pump.on_socket_readable)
+
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        for event in events:
+            lease = event.lease
+            if event.type is EventType.ADDED:
+                # Every lease gets a route whatever its BackendType, as upstream.
+                self.routes.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+                log.info("Route %s via %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
+            else:
+                if self.routes.delete_route(lease.subnet):
+                    log.info("Route %s removed", lease.subnet)
+
+    def collect_metrics(self):
+        counters = self.pump.counters()
+        packets = CounterMetricFamily("flannel_udp_peer_packets", "Packets exchanged with a peer node", labels=["peer", "direction"])
+        octets = CounterMetricFamily("flannel_udp_peer_bytes", "Inner IP bytes exchanged with a peer node", labels=["peer", "direction"])
+        for peer, (tx_p, tx_b, rx_p, rx_b) in self.routes.peer_stats().items():
+            packets.add_metric([peer, "tx"], tx_p)
+            packets.add_metric([peer, "rx"], rx_p)
+            octets.add_metric([peer, "tx"], tx_b)
+            octets.add_metric([peer, "rx"], rx_b)
+        drops = CounterMetricFamily("flannel_udp_dropped_packets", "Packets dropped by the data plane, by reason",
+                                    labels=["direction", "reason"])
+        for direction in ("tun_to_udp", "udp_to_tun"):
+            for reason, count in counters[f"drops_{direction}"].items():
+                drops.add_metric([direction, reason], count)
+        totals = CounterMetricFamily("flannel_udp_packets", "Packets through the data plane", labels=["stage"])
+        for stage in ("tun_read_packets", "udp_sent_packets", "udp_received_packets", "tun_written_packets",
+                      "icmp_unreachable_sent"):
+            totals.add_metric([stage.removesuffix("_packets")], counters[stage])
+        routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
+        routes.add_metric([], len(self.routes))
+        return [packets, octets, drops, totals, routes]
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.tun_fd)
+        loop.remove_reader(self.sock.fileno())
+        os.close(self.tun_fd)
+        self.sock.close()

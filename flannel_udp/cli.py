@@ -1,0 +1,272 @@
+"""The only place that reads argv and the environment.
+
+`flannel-udp run` (and `flanneld`) take flanneld's flag names in Go's syntax (-name value, -name=value, --name, and
+-bool=false) plus FLANNELD_* variables for flags not given on the command line. Unlike upstream, an unknown flag is an
+error (exit 1), not a silent exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+import time
+
+from . import __version__
+
+log = logging.getLogger("flannel_udp")
+
+
+class UsageError(Exception):
+    pass
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 1, as every user error here
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# flanneld flags (reference §7.1) and ours: name -> (kind, default, help). kind: str | int | bool | list.
+RUN_FLAGS: dict[str, tuple[str, object, str]] = {
+    "net-config-path": ("str", "/etc/kube-flannel/net-conf.json", "path to the network configuration (net-conf.json)"),
+    "subnet-file": ("str", "/run/flannel/subnet.env", "file the CNI plugin reads the subnet from"),
+    "iface": ("list", None, "interface (name or IP) for inter-host traffic; repeatable, first match wins"),
+    "iface-regex": ("list", None, "regex on interface addresses, then names; repeatable"),
+    "iface-can-reach": ("str", "", "use the interface that routes to this IP"),
+    "public-ip": ("str", "", "IP other nodes send to (default: the interface address)"),
+    "public-ipv6": ("str", "", "IPv6 public address (not used by the udp backend)"),
+    "subnet-lease-renew-margin": ("int", 60, "minutes before expiry to renew the lease (1..1439)"),
+    "ip-masq": ("bool", False, "set up masquerade rules for traffic leaving the overlay"),
+    "ip-masq-fully-random-disable": ("bool", False, "do not use --random-fully in masquerade rules"),
+    "iptables-resync": ("int", 5, "seconds between iptables rule checks"),
+    "iptables-forward-rules": ("bool", True, "add FORWARD accept rules for the overlay"),
+    "ip-blackhole-route": ("bool", False, "add a blackhole route for the own subnet"),
+    "healthz-ip": ("str", "0.0.0.0", "address for /healthz, /readyz and /metrics"),
+    "healthz-port": ("int", 0, "port for /healthz, /readyz and /metrics (0: off)"),
+    "etcd-endpoints": ("str", "", "comma-separated etcd endpoints (selects etcd instead of the embedded store)"),
+    "etcd-prefix": ("str", "/coreos.com/network", "etcd key prefix"),
+    "etcd-keyfile": ("str", "", "etcd TLS key"),
+    "etcd-certfile": ("str", "", "etcd TLS certificate"),
+    "etcd-cafile": ("str", "", "etcd TLS CA"),
+    "etcd-username": ("str", "", "etcd user"),
+    "etcd-password": ("str", "", "etcd password"),
+    "kube-subnet-mgr": ("bool", False, "use the Kubernetes API as the lease store (not supported)"),
+    "v": ("int", 0, "log verbosity (>= 1: debug)"),
+    # flannel-udp's own
+    "lease-file": ("str", "/var/lib/flannel-udp/leases.db", "embedded lease store shared by the nodes of this machine"),
+    "lease-ttl": ("int", 86400, "seconds a lease lives without renewal (embedded store)"),
+    "udp-source-check": ("bool", True, "accept a datagram only from a lease's PublicIP with an inner source in its "
+                                       "subnet (turn off behind NAT)"),
+}
+
+
+def normalise_go_flags(argv: list[str], names: set[str]) -> tuple[list[str], set[str]]:
+    """Go flag syntax -> argparse syntax; also returns the flags given, so that env vars do not override them."""
+    out, given = [], set()
+    for arg in argv:
+        m = re.fullmatch(r"--?([A-Za-z][\w-]*)(=(.*))?", arg, re.S)
+        if m is None or m.group(1) not in names:
+            out.append(arg)
+            continue
+        name, value = m.group(1), m.group(3)
+        given.add(name)
+        if RUN_FLAGS[name][0] == "bool":
+            if value is None or value.lower() in ("true", "1", "t"):
+                out.append(f"--{name}")
+            elif value.lower() in ("false", "0", "f"):
+                out.append(f"--no-{name}")
+            else:
+                raise UsageError(f"invalid boolean value {value!r} for -{name}")
+        else:
+            out.append(f"--{name}" if value is None else f"--{name}={value}")
+    return out, given
+
+
+def build_run_parser(prog: str) -> OneLineParser:
+    parser = OneLineParser(prog=prog, description="Run the flannel node agent (flanneld-compatible flags).")
+    for name, (kind, default, help_text) in RUN_FLAGS.items():
+        dest = name.replace("-", "_")
+        if kind == "bool":
+            parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind == "list":
+            parser.add_argument(f"--{name}", dest=dest, action="append", default=[], help=help_text)
+        else:
+            parser.add_argument(f"--{name}", dest=dest, type=int if kind == "int" else str, default=default, help=help_text)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def apply_env(args: argparse.Namespace, given: set[str]) -> None:
+    """FLANNELD_<FLAG> fills a flag that the command line did not set (a bad value is logged and skipped)."""
+    for name, (kind, _default, _help) in RUN_FLAGS.items():
+        value = os.environ.get("FLANNELD_" + name.upper().replace("-", "_"), "")
+        if name in given or not value:
+            continue
+        dest = name.replace("-", "_")
+        try:
+            if kind == "bool":
+                lowered = value.lower()
+                if lowered not in ("true", "1", "t", "false", "0", "f"):
+                    raise ValueError(value)
+                setattr(args, dest, lowered in ("true", "1", "t"))
+            elif kind == "int":
+                setattr(args, dest, int(value))
+            elif kind == "list":
+                setattr(args, dest, [value])  # upstream does not split on commas
+            else:
+                setattr(args, dest, value)
+        except ValueError:
+            log.error("Failed to set flag FLANNELD_%s from env: invalid value %r", name.upper().replace("-", "_"), value)
+
+
+def setup_logging(verbosity: int) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbosity >= 1 else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run_command(argv: list[str], prog: str) -> int:
+    if any(a in ("-version", "--version") for a in argv):
+        print(__version__, file=sys.stderr)  # to stderr, as upstream
+        return 0
+    normalised, given = normalise_go_flags(argv, set(RUN_FLAGS))
+    args = build_run_parser(prog).parse_args(["--help" if a == "-h" else a for a in normalised])
+    apply_env(args, given)
+    setup_logging(args.v)
+    if not 0 < args.subnet_lease_renew_margin < 1440:
+        return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
+    if args.etcd_endpoints:
+        return fail("the etcd lease store is not available in this version of flannel-udp; "
+                    "leave -etcd-endpoints unset to use the embedded store (--lease-file)")
+    if args.kube_subnet_mgr:
+        return fail("the Kubernetes subnet manager is not supported by flannel-udp; use the embedded store or etcd")
+    if args.lease_ttl <= 0:
+        return fail("--lease-ttl must be a positive number of seconds")
+
+    from .daemon import Daemon, Options, StartupError
+    import uvloop
+
+    opts = Options(
+        net_config_path=args.net_config_path, subnet_file=args.subnet_file, lease_file=args.lease_file,
+        lease_ttl=float(args.lease_ttl), iface=args.iface, iface_regex=args.iface_regex,
+        iface_can_reach=args.iface_can_reach, public_ip=args.public_ip,
+        subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port, udp_source_check=args.udp_source_check,
+    )
+    try:
+        return uvloop.run(Daemon(opts).run())
+    except StartupError as e:
+        return fail(str(e))
+
+
+def config_command(args: argparse.Namespace) -> int:
+    from .subnet.config import ConfigError, load_config
+    try:
+        with open(args.path, "rb") as f:
+            cfg = load_config(f.read())
+    except OSError as e:
+        return fail(f"cannot read {args.path}: {e.strerror}")
+    except ConfigError as e:
+        return fail(f"{args.path}: {e}")
+    rows = []
+    if cfg.enable_ipv4:
+        rows += [("Network", cfg.network), ("SubnetLen", cfg.subnet_len), ("SubnetMin", cfg.subnet_min),
+                 ("SubnetMax", cfg.subnet_max), ("Subnets", cfg.subnet_count())]
+    if cfg.enable_ipv6:
+        rows += [("IPv6Network", cfg.ipv6_network), ("IPv6SubnetLen", cfg.ipv6_subnet_len),
+                 ("IPv6SubnetMin", cfg.ipv6_subnet_min), ("IPv6SubnetMax", cfg.ipv6_subnet_max),
+                 ("IPv6Subnets", cfg.ipv6_subnet_count())]
+    rows.append(("Backend", cfg.backend_name))
+    for name, value in rows:
+        print(f"{name + ':':15}{value}")
+    return 0
+
+
+def leases_command(args: argparse.Namespace) -> int:
+    from .subnet.lease import parse_subnet_key
+    from .subnet.local_store import LocalRegistry
+    from .subnet.registry import StoreError
+
+    if not os.path.exists(args.lease_file):
+        return fail(f"no lease file at {args.lease_file}")
+
+    async def work() -> int:
+        registry = LocalRegistry.open_sync(args.lease_file)
+        try:
+            leases, _ = await registry.get_subnets()
+            if args.action == "delete":
+                subnets = parse_subnet_key(args.subnet.replace("/", "-"))
+                if subnets is None or all(lease.subnet != subnets[0] for lease in leases):
+                    return fail(f"no lease for subnet {args.subnet}")
+                await registry.delete_subnet(*subnets)
+                print(f"deleted lease {args.subnet}")
+                return 0
+            now = time.time()
+            print(f"{'SUBNET':20} {'PUBLIC IP':16} {'BACKEND':9} EXPIRES IN")
+            for lease in leases:
+                left = lease.seconds_left(now)
+                expires = "never (reservation)" if left is None else f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
+                print(f"{str(lease.subnet):20} {str(lease.attrs.public_ip):16} {lease.attrs.backend_type or 'udp':9} {expires}")
+            return 0
+        finally:
+            await registry.close()
+
+    try:
+        return asyncio.run(work())
+    except StoreError as e:
+        return fail(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "run":
+            return run_command(argv[1:], "flannel-udp run")
+        parser = OneLineParser(prog="flannel-udp", description="flanneld with a fast userspace UDP data plane.")
+        sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        sub.add_parser("run", help="run the node agent (flanneld flags; see 'flannel-udp run -h')")
+        config = sub.add_parser("config", help="network configuration tools")
+        config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+        check = config_sub.add_parser("check", help="validate a net-conf.json and print the derived values")
+        check.add_argument("path")
+        leases = sub.add_parser("leases", help="list (or delete) the leases in the embedded store")
+        leases.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
+        leases.add_argument("subnet", nargs="?", help="with delete: the subnet, e.g. 10.244.1.0/24")
+        leases.add_argument("--lease-file", default="/var/lib/flannel-udp/leases.db")
+        demo = sub.add_parser("demo", help="build a cluster in network namespaces on this machine and show it working")
+        from .demo import add_arguments
+        add_arguments(demo)
+        sub.add_parser("version", help="print the version")
+        args = parser.parse_args(argv)
+        if args.command == "config":
+            return config_command(args)
+        if args.command == "leases":
+            if args.action == "delete" and not args.subnet:
+                raise UsageError("flannel-udp leases delete: give the subnet to delete")
+            return leases_command(args)
+        if args.command == "demo":
+            from .demo import run_demo
+            return run_demo(args)
+        print(__version__)
+        return 0
+    except UsageError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+def flanneld_main() -> int:
+    try:
+        return run_command(sys.argv[1:], "flanneld")
+    except UsageError as e:
+        return fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

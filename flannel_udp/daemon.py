@@ -1,0 +1,166 @@
+"""The node agent: composes config, store, interface, backend and health, then follows lease events until stopped."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .backend import BackendError, backend_class
+from .health import HealthServer, NodeState
+from .net import iface, netlink
+from .net.tun import TunError
+from .subnet import subnetenv
+from .subnet.config import ConfigError, NetworkConfig, load_config
+from .subnet.lease import EventType, Events, Lease, Snapshot
+from .subnet.local_store import DEFAULT_LEASE_FILE, LocalRegistry
+from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
+from .subnet.allocation import OutOfSubnets
+from .subnet.registry import StoreError
+from .subnet.watcher import LeaseWatcher
+
+log = logging.getLogger(__name__)
+
+RENEW_RETRY = 60.0
+STORE_RETRY = 1.0
+
+
+class StartupError(RuntimeError):
+    """A failure the user can fix; printed as one line, exit status 1."""
+
+
+@dataclass
+class Options:
+    net_config_path: str = "/etc/kube-flannel/net-conf.json"
+    subnet_file: str = "/run/flannel/subnet.env"
+    lease_file: str = DEFAULT_LEASE_FILE
+    lease_ttl: float = DEFAULT_LEASE_TTL
+    iface: list[str] = field(default_factory=list)
+    iface_regex: list[str] = field(default_factory=list)
+    iface_can_reach: str = ""
+    public_ip: str = ""
+    subnet_lease_renew_margin: int = 60  # minutes
+    ip_masq: bool = False
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    udp_source_check: bool = True
+
+
+def read_network_config(path: str) -> NetworkConfig:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise StartupError(f"failed to read net conf {path}: {e.strerror}") from None
+    try:
+        return load_config(text)
+    except ConfigError as e:
+        raise StartupError(f"invalid net conf {path}: {e}") from None
+
+
+def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
+    if isinstance(result, Snapshot):
+        return all(lease.subnet != own.subnet for lease in result.leases)
+    return any(e.type is EventType.REMOVED and e.lease.subnet == own.subnet for e in result.events)
+
+
+class Daemon:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.state = NodeState()
+        self.stopping = asyncio.Event()
+        self.exit_reason = "stopped"
+
+    async def run(self) -> int:
+        """0 after a clean stop (signal or revoked lease), as upstream; raises StartupError for user-fixable faults."""
+        opts = self.opts
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+        health = HealthServer(self.state, opts.healthz_ip, opts.healthz_port) if opts.healthz_port > 0 else None
+        nl = netlink.Netlink()
+        registry = None
+        network = None
+        try:
+            if health is not None:
+                await health.start()
+            config = read_network_config(opts.net_config_path)
+            ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
+            log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+            backend = backend_class(config.backend_name)(nl, ext, config, source_check=opts.udp_source_check)
+            registry = LocalRegistry.open_sync(opts.lease_file)
+            previous = previous_subnet_from(subnetenv.read(opts.subnet_file))
+            manager = Manager(registry, config, previous, opts.lease_ttl)
+            network = await backend.register_network(manager)
+            self.state.network = network
+            self.state.lease_expiration = network.lease.expiration
+
+            subnetenv.write_atomically(opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq))
+            self.state.ready = True
+            log.info("Wrote subnet file %s (subnet %s); ready", opts.subnet_file, network.lease.subnet)
+
+            await self._serve(manager, network)
+            log.info("Exiting cleanly...")
+            return 0
+        except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError) as e:
+            raise StartupError(str(e)) from None
+        finally:
+            if network is not None:
+                await network.close()
+            if registry is not None:
+                await registry.close()
+            if health is not None:
+                await health.stop()
+            nl.close()
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("Received %s, shutting down", signal.Signals(sig).name)
+        # A second signal kills at once, as upstream: hand the signal back to the default action.
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+            signal.signal(s, signal.SIG_DFL)
+        self.stopping.set()
+
+    async def _serve(self, manager: Manager, network) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            watch = tasks.create_task(self._follow_leases(manager, network))
+            renew = tasks.create_task(self._renew(manager, network))
+            stop = tasks.create_task(self.stopping.wait())
+            done, _ = await asyncio.wait({watch, renew, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watch, renew, stop):
+                task.cancel()
+
+    async def _follow_leases(self, manager: Manager, network) -> None:
+        watcher = LeaseWatcher(network.lease.subnet)
+        while True:
+            try:
+                async for result in manager.watch_leases():
+                    if own_lease_gone(result, network.lease):
+                        log.warning("Lease has been revoked. Shutting down daemon.")
+                        return
+                    batch = watcher.apply(result)
+                    if batch:
+                        await network.apply(batch)
+            except StoreError as e:
+                # Forwarding goes on with the last known routes while the store is unusable.
+                log.error("Lease watch failed (%s); retrying, forwarding continues with the current routes", e)
+                await asyncio.sleep(STORE_RETRY)
+
+    async def _renew(self, manager: Manager, network) -> None:
+        margin = self.opts.subnet_lease_renew_margin * 60.0
+        lease = network.lease
+        while lease.expiration is not None:
+            left = lease.expiration - time.time()
+            # Renew `margin` before expiry; a TTL shorter than the margin renews at half-life instead.
+            await asyncio.sleep(max(left - margin, left / 2, 0.0))
+            try:
+                lease = await manager.renew_lease(lease)
+                self.state.lease_expiration = lease.expiration
+                log.info("Lease renewed, new expiration: %s", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expiration)))
+            except StoreError as e:
+                log.error("Error renewing lease (trying again in 1 min): %s", e)
+                await asyncio.sleep(RENEW_RETRY)
+        await asyncio.Event().wait()  # a reservation never needs renewing

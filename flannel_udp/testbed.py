@@ -1,0 +1,218 @@
+"""A cluster of hosts and pods in network namespaces on this machine, shared by the demo, the benchmarks and the tests.
+
+Layout: one underlay namespace holding a bridge; each host namespace joins it through a veth (`eth0`, an address in
+198.18.0.0/24); each pod namespace hangs off its host's `cni0` bridge with an address from the host's FLANNEL_SUBNET.
+Everything lives in namespaces named with a unique prefix and is removed by close(), also after a failure. The root
+namespace is never touched.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+UNDERLAY = ipaddress.ip_network("198.18.0.0/24")
+
+
+class TestbedError(RuntimeError):
+    pass
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30, capture: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), capture_output=capture, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise TestbedError(f"{' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
+    return result
+
+
+def in_ns(ns: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns, *args, **kwargs)
+
+
+@dataclass
+class Pod:
+    name: str
+    ns: str
+    address: ipaddress.IPv4Address
+
+
+@dataclass
+class Host:
+    name: str
+    ns: str
+    address: ipaddress.IPv4Address
+    subnet_file: str
+    process: subprocess.Popen | None = None
+    log_path: str = ""
+    pods: list[Pod] = field(default_factory=list)
+
+    def subnet_env(self) -> dict[str, str]:
+        with open(self.subnet_file) as f:
+            return dict(line.strip().split("=", 1) for line in f if "=" in line)
+
+
+class Testbed:
+    def __init__(self, hosts: int = 3, prefix: str | None = None, mtu: int = 1500) -> None:
+        self.prefix = prefix or f"fu{secrets.token_hex(3)}"
+        self.workdir = tempfile.mkdtemp(prefix=f"flannel-udp-{self.prefix}-")
+        self.lease_file = os.path.join(self.workdir, "leases.db")
+        self.config_file = os.path.join(self.workdir, "net-conf.json")
+        self.underlay_ns = f"{self.prefix}-ul"
+        self.mtu = mtu
+        self.namespaces: list[str] = []
+        self.hosts: list[Host] = []
+        self.extra_processes: list[subprocess.Popen] = []
+        try:
+            self._add_ns(self.underlay_ns)
+            in_ns(self.underlay_ns, "ip", "link", "add", "br0", "type", "bridge")
+            in_ns(self.underlay_ns, "ip", "link", "set", "br0", "up")
+            for _ in range(hosts):
+                self.add_host()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def _add_ns(self, ns: str) -> None:
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+
+    def add_host(self) -> Host:
+        index = len(self.hosts) + 1
+        name = f"h{index}"
+        ns = f"{self.prefix}-{name}"
+        self._add_ns(ns)
+        peer = f"{self.prefix}{name}"[:15]
+        # Create the pair inside the underlay namespace, then move one end: nothing appears in the root namespace.
+        in_ns(self.underlay_ns, "ip", "link", "add", peer, "mtu", str(self.mtu), "type", "veth", "peer", "name", "eth0",
+              "mtu", str(self.mtu), "netns", ns)
+        in_ns(self.underlay_ns, "ip", "link", "set", peer, "master", "br0", "up")
+        address = UNDERLAY.network_address + index
+        in_ns(ns, "ip", "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        in_ns(ns, "ip", "link", "set", "eth0", "up")
+        in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        host = Host(name, ns, address, os.path.join(self.workdir, f"{name}-subnet.env"))
+        self.hosts.append(host)
+        return host
+
+    def write_config(self, config: dict) -> str:
+        with open(self.config_file, "w") as f:
+            json.dump(config, f)
+        return self.config_file
+
+    def start_node(self, host: Host, *extra: str, wait: bool = True, timeout: float = 20) -> Host:
+        """Start `flannel-udp run` inside the host's namespace on the shared embedded store."""
+        if os.path.exists(host.subnet_file) and wait:
+            os.unlink(host.subnet_file)
+        host.log_path = os.path.join(self.workdir, f"{host.name}.log")
+        log = open(host.log_path, "ab")
+        cmd = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "flannel_udp", "run",
+               "--net-config-path", self.config_file, "--subnet-file", host.subnet_file, "--lease-file", self.lease_file,
+               "--iface", "eth0", *extra]
+        host.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait:
+            self.wait_ready(host, timeout)
+        return host
+
+    def wait_ready(self, host: Host, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(host.subnet_file):
+            if host.process.poll() is not None:
+                raise TestbedError(f"node {host.name} exited with {host.process.returncode}: {self.node_log(host)[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TestbedError(f"node {host.name} not ready after {timeout}s: {self.node_log(host)[-2000:]}")
+            time.sleep(0.05)
+
+    def node_log(self, host: Host) -> str:
+        try:
+            with open(host.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop_node(self, host: Host, timeout: float = 10) -> int | None:
+        if host.process is None:
+            return None
+        if host.process.poll() is None:
+            host.process.send_signal(signal.SIGTERM)
+            try:
+                host.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                host.process.kill()
+                host.process.wait()
+        code = host.process.returncode
+        host.process = None
+        return code
+
+    def add_pod(self, host: Host) -> Pod:
+        """A pod on the host's cni0 bridge, addressed from FLANNEL_SUBNET (what the CNI bridge plugin would do)."""
+        env = host.subnet_env()
+        subnet = ipaddress.ip_interface(env["FLANNEL_SUBNET"])
+        mtu = env["FLANNEL_MTU"]
+        if not host.pods:
+            in_ns(host.ns, "ip", "link", "add", "cni0", "type", "bridge")
+            in_ns(host.ns, "ip", "addr", "add", str(subnet), "dev", "cni0")
+            in_ns(host.ns, "ip", "link", "set", "cni0", "mtu", mtu, "up")
+        index = len(host.pods) + 1
+        name = f"{host.name}p{index}"
+        ns = f"{self.prefix}-{name}"
+        self._add_ns(ns)
+        address = subnet.ip + 1 + index
+        in_ns(host.ns, "ip", "link", "add", f"veth{index}", "mtu", mtu, "type", "veth", "peer", "name", "eth0",
+              "mtu", mtu, "netns", ns)
+        in_ns(host.ns, "ip", "link", "set", f"veth{index}", "master", "cni0", "up")
+        in_ns(ns, "ip", "addr", "add", f"{address}/{subnet.network.prefixlen}", "dev", "eth0")
+        in_ns(ns, "ip", "link", "set", "eth0", "up")
+        in_ns(ns, "ip", "route", "add", "default", "via", str(subnet.ip))
+        pod = Pod(name, ns, address)
+        host.pods.append(pod)
+        return pod
+
+    def set_underlay_offloads(self, enabled: bool) -> None:
+        """veth passes 64 KB GSO packets that a physical NIC would not; benchmarks run both ways."""
+        state = "on" if enabled else "off"
+        for host in self.hosts:
+            in_ns(host.ns, "ethtool", "-K", "eth0", "tso", state, "gso", state, "gro", state, check=False)
+
+    # -- observing -----------------------------------------------------------------------------------------------
+    def ping(self, ns: str, target, count: int = 1, timeout: float = 2, interval: float = 0.2) -> bool:
+        result = in_ns(ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(timeout), "-q", str(target),
+                       check=False, timeout=count * (interval + timeout) + 5)
+        return result.returncode == 0
+
+    def popen(self, ns: str, *args: str, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(["ip", "netns", "exec", ns, *args], **kwargs)
+        self.extra_processes.append(process)
+        return process
+
+    # -- teardown ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for host in self.hosts:
+            try:
+                self.stop_node(host, timeout=5)
+            except Exception:
+                pass
+        for process in self.extra_processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
