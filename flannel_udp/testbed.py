@@ -109,7 +109,7 @@ class Testbed:
             json.dump(config, f)
         return self.config_file
 
-    def start_node(self, host: Host, *extra: str, wait: bool = True, timeout: float = 20) -> Host:
+    def start_node(self, host: Host, *extra: str, iface: str = "eth0", wait: bool = True, timeout: float = 20) -> Host:
         """Start `flannel-udp run` inside the host's namespace on the shared embedded store."""
         if os.path.exists(host.subnet_file) and wait:
             os.unlink(host.subnet_file)
@@ -117,7 +117,7 @@ class Testbed:
         log = open(host.log_path, "ab")
         cmd = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "flannel_udp", "run",
                "--net-config-path", self.config_file, "--subnet-file", host.subnet_file, "--lease-file", self.lease_file,
-               "--iface", "eth0", *extra]
+               "--iface", iface, *extra]
         host.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if wait:
@@ -139,6 +139,10 @@ class Testbed:
                 return f.read()
         except OSError:
             return ""
+
+    def logs(self) -> str:
+        """The tail of every node's log, for failure messages."""
+        return "\n".join(f"--- {h.name}\n{self.node_log(h)[-3000:]}" for h in self.hosts)
 
     def stop_node(self, host: Host, timeout: float = 10) -> int | None:
         if host.process is None:

@@ -27,6 +27,9 @@ DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+# The TUN's queue towards us (default 500) overflows in bursts while the pump is busy with the other direction; each
+# overflow is a TCP loss inside the tunnel. A deeper queue absorbs the bursts.
+TUN_TXQUEUELEN = 5000
 
 
 def parse_options(backend: dict[str, Any]) -> int:
@@ -75,6 +78,7 @@ class UdpBackend:
             tun_fd, tun_name = open_tun()
             mtu = self.ext.mtu - ENCAP_OVERHEAD
             await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network))
+            accept_local_icmp(tun_name)
             log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,
                      mtu, self.config.network, self.ext.iface_addr, self.port)
             return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check)
@@ -89,8 +93,18 @@ def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str) -> None:
     """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network."""
     link = netlink.link_by_name(ipr, name)
     netlink.replace_address(ipr, link.index, str(lease.subnet.network_address), 32)
-    netlink.set_link(ipr, link.index, mtu=mtu, up=True)
+    netlink.set_link(ipr, link.index, mtu=mtu, up=True, txqlen=TUN_TXQUEUELEN)
     netlink.replace_route(ipr, network, oif=link.index)
+
+
+def accept_local_icmp(tun_name: str) -> None:
+    """Let the kernel accept our ICMP net-unreachable, whose source (the subnet's .0, as upstream) is flannel0's own
+    address: without accept_local Linux drops it as a martian source and the sender never learns the net is gone."""
+    try:
+        with open(f"/proc/sys/net/ipv4/conf/{tun_name}/accept_local", "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("Cannot set accept_local on %s (%s): ICMP net-unreachable will not reach local senders", tun_name, e)
 
 
 class UdpNetwork(Network):
@@ -137,9 +151,13 @@ class UdpNetwork(Network):
         for stage in ("tun_read_packets", "udp_sent_packets", "udp_received_packets", "tun_written_packets",
                       "icmp_unreachable_sent"):
             totals.add_metric([stage.removesuffix("_packets")], counters[stage])
+        calls = CounterMetricFamily("flannel_udp_io_calls", "Readiness callbacks and batched syscalls (packets per call "
+                                    "shows how well batching works)", labels=["kind"])
+        for kind in ("tun_wakeups", "socket_wakeups", "send_batches", "receive_batches"):
+            calls.add_metric([kind], counters[kind])
         routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
         routes.add_metric([], len(self.routes))
-        return [packets, octets, drops, totals, routes]
+        return [packets, octets, drops, totals, calls, routes]
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

@@ -80,8 +80,10 @@ def addresses(ipr: IPRoute, index: int, family: int = 2) -> list[AddrInfo]:
     return out
 
 
-def set_link(ipr: IPRoute, index: int, mtu: int | None = None, up: bool = True) -> None:
+def set_link(ipr: IPRoute, index: int, mtu: int | None = None, up: bool = True, txqlen: int | None = None) -> None:
     kwargs = {"mtu": mtu} if mtu else {}
+    if txqlen:
+        kwargs["txqlen"] = txqlen
     ipr.link("set", index=index, state="up" if up else "down", **kwargs)
 
 

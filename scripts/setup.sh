@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what flannel-udp, its demo, its tests and its benchmarks need on Debian, as root, and builds the package
+# (with its Cython data plane) into ./.venv. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iproute2 iputils-ping iperf3 ethtool iptables nftables containernetworking-plugins
+          tcpdump libpcap0.8 procps gcc python3 python3-dev python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv"
+    python3 -m venv .venv
+fi
+echo "==> pip install -e '.[test]' (builds _fastpath)"
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q -e '.[test]'

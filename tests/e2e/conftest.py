@@ -1,0 +1,12 @@
+import pytest
+
+from flannel_udp.testbed import Testbed
+
+
+@pytest.fixture
+def bed():
+    """A fresh 3-host cluster (no nodes started); always torn down."""
+    with Testbed(hosts=3) as testbed:
+        testbed.write_config({"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}})
+        yield testbed
+

@@ -1,0 +1,58 @@
+"""subnet.env: upstream's lines and order, atomic replacement, exact mode, and reading back the previous subnet."""
+import ipaddress
+import os
+import threading
+
+from flannel_udp.subnet import subnetenv
+from flannel_udp.subnet.config import load_config
+from flannel_udp.subnet.lease import Lease, LeaseAttrs
+from flannel_udp.subnet.manager import previous_subnet_from
+
+
+def test_render_matches_upstream_sample():
+    cfg = load_config('{"Network": "10.1.0.0/16"}')
+    lease = Lease(ipaddress.ip_network("10.1.74.0/24"), LeaseAttrs(ipaddress.IPv4Address("198.18.0.1")))
+    assert subnetenv.render(cfg, lease, 1472, False) == (
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+
+
+def test_write_is_atomic_and_mode_0644(tmp_path):
+    path = str(tmp_path / "run" / "flannel" / "subnet.env")
+    contents = [f"FLANNEL_SUBNET=10.1.{i}.1/24\n" + "X" * 5000 + "\n" for i in range(2)]
+    subnetenv.write_atomically(path, contents[0])
+    stop = threading.Event()
+    seen_bad = []
+
+    def reader():
+        while not stop.is_set():
+            with open(path) as f:
+                data = f.read()
+            if data not in contents:
+                seen_bad.append(data)
+
+    old_umask = os.umask(0o077)
+    try:
+        t = threading.Thread(target=reader)
+        t.start()
+        for i in range(300):
+            subnetenv.write_atomically(path, contents[i % 2])
+        stop.set()
+        t.join()
+    finally:
+        os.umask(old_umask)
+    assert not seen_bad
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert [n for n in os.listdir(os.path.dirname(path))] == ["subnet.env"]  # no temp files left
+
+
+def test_previous_subnet_read_back(tmp_path):
+    path = tmp_path / "subnet.env"
+    path.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24,not-a-cidr\nFLANNEL_MTU=1472\n")
+    assert previous_subnet_from(subnetenv.read(str(path))) == (ipaddress.ip_network("10.244.1.0/24"), None)
+    path.write_text("FLANNEL_SUBNET=10.244.1.0/24,not-a-cidr,10.244.2.0/24\n")
+    values = subnetenv.read(str(path))
+    assert values["FLANNEL_SUBNET"] == [ipaddress.ip_network("10.244.1.0/24"), ipaddress.ip_network("10.244.2.0/24")]
+    assert previous_subnet_from(values) == (None, None)  # more than one valid value counts as none, as upstream
+    path.write_text("FLANNEL_SUBNET=garbage\n")
+    assert previous_subnet_from(subnetenv.read(str(path))) == (None, None)
+    assert subnetenv.read(str(tmp_path / "absent")) == {}
