@@ -3,12 +3,16 @@
 
 The event loop calls on_tun_readable/on_socket_readable from add_reader; each call drains its fd until EAGAIN or until
 BURST packets (so one direction cannot starve the other; readiness is level-triggered, the rest comes next round).
-TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, then one sendmmsg per batch.
-UDP -> TUN: recvmmsg a batch, check each datagram (sender is a lease's PublicIP, inner source in its subnet, inner
-destination in ours), TTL-1, write each to the TUN. The batch arrays are where TUN offloads and UDP GSO/GRO plug in.
+TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, then one sendmmsg per batch in
+which each run of equal-size packets for one peer is a single UDP GSO message (UDP_SEGMENT): the kernel moves the run
+as one buffer and cuts it into ordinary datagrams only where it must (at the latest in a receiver without UDP_GRO, so
+upstream peers see exactly upstream's wire format).
+UDP -> TUN: recvmmsg a batch (with UDP_GRO, one message may hold a run of datagrams from one sender, cut at gso_size),
+check each datagram (sender is a lease's PublicIP, inner source in its subnet, inner destination in ours), TTL-1, and
+write it to the TUN.
 """
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
@@ -38,10 +42,22 @@ cdef extern from "<sys/socket.h>" nogil:
     cdef struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
+    cdef struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
+    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
+    unsigned char* CMSG_DATA(cmsghdr* c)
+    size_t CMSG_SPACE(size_t n)
+    size_t CMSG_LEN(size_t n)
     int recvmmsg(int fd, mmsghdr* vec, unsigned int n, int flags, void* timeout)
     int sendmmsg(int fd, mmsghdr* vec, unsigned int n, int flags)
     int MSG_DONTWAIT
     int MSG_TRUNC
+
+cdef extern from "<errno.h>" nogil:
+    int EIO
 
 cdef extern from "<poll.h>" nogil:
     cdef struct pollfd:
@@ -56,6 +72,12 @@ cdef enum:
     BUF_SIZE = 65536  # any IPv4 packet: datagrams are never truncated silently
     DEFAULT_BURST = 1024
     SEND_WAIT_MS = 20  # how long a full socket buffer may hold a batch before its rest is dropped
+    SOL_UDP = 17
+    UDP_SEGMENT = 103
+    UDP_GRO = 104
+    GSO_MAX_SEGMENTS = 64  # the kernel's limit (UDP_MAX_SEGMENTS) on older kernels
+    GSO_MAX_BYTES = 65000  # payload of one UDP datagram before segmentation: < 65535 - IP - UDP headers
+    CTRL_WORDS = 4  # 32 bytes, 8-aligned: room for one cmsg with an int
 
 
 cdef class Pump:
@@ -69,6 +91,13 @@ cdef class Pump:
     cdef mmsghdr tx_msgs[BATCH]
     cdef iovec tx_iov[BATCH]
     cdef int32_t tx_peer[BATCH]
+    cdef mmsghdr gso_msgs[BATCH]  # one per run of packets for one peer
+    cdef int gso_first[BATCH + 1]
+    cdef uint64_t gso_ctrl[BATCH][CTRL_WORDS]
+    cdef uint64_t rx_ctrl[BATCH][CTRL_WORDS]
+    cdef public bint gso  # UDP_SEGMENT on sends; turned off for good if the kernel refuses it
+    cdef public bint gro  # UDP_GRO on receives (set by the caller after the setsockopt succeeded)
+    cdef public int gso_error  # errno that turned GSO off, 0 if none
     cdef uint8_t* rx_bufs
     cdef mmsghdr rx_msgs[BATCH]
     cdef iovec rx_iov[BATCH]
@@ -78,9 +107,10 @@ cdef class Pump:
     cdef uint64_t drops_in[V_COUNT]
     cdef uint64_t tun_read_packets, udp_sent_packets, udp_sent_bytes
     cdef uint64_t udp_received_packets, tun_written_packets, tun_written_bytes, icmp_sent
-    cdef uint64_t tun_wakeups, socket_wakeups, send_batches, receive_batches
+    cdef uint64_t tun_wakeups, socket_wakeups, send_batches, receive_batches, gso_sends, gro_receives
 
-    def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True, int burst=DEFAULT_BURST):
+    def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True, int burst=DEFAULT_BURST,
+                  bint gso=False, bint gro=False):
         import ipaddress
         net = ipaddress.IPv4Network(own_subnet)
         self.tun_fd = tun_fd
@@ -91,12 +121,16 @@ cdef class Pump:
         self.own_addr = self.own_net  # the TUN's address and ICMP source, as upstream
         self.protect = protect
         self.burst = burst
+        self.gso = gso
+        self.gro = gro
+        self.gso_error = 0
         self.tx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
         self.rx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
         if self.tx_bufs == NULL or self.rx_bufs == NULL:
             raise MemoryError()
         memset(self.tx_msgs, 0, sizeof(self.tx_msgs))
         memset(self.rx_msgs, 0, sizeof(self.rx_msgs))
+        memset(self.gso_msgs, 0, sizeof(self.gso_msgs))
         cdef int i
         for i in range(BATCH):
             self.tx_msgs[i].msg_hdr.msg_iov = &self.tx_iov[i]
@@ -107,6 +141,7 @@ cdef class Pump:
             self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
+            self.gso_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
 
     def __dealloc__(self):
         free(self.tx_bufs)
@@ -163,13 +198,52 @@ cdef class Pump:
             if n > 0:
                 self._send_batch(n)
 
+    cdef int _group(self, int first, int n, int m) noexcept nogil:
+        """Fill gso_msgs[m] with packets first..: one packet, or with GSO the longest run for the same peer whose
+        packets all have the first one's size except a shorter last one. Returns the index after the run."""
+        cdef int i = first + 1
+        cdef size_t seg = self.tx_iov[first].iov_len, total = seg, length
+        cdef msghdr* h = &self.gso_msgs[m].msg_hdr
+        cdef cmsghdr* c
+        if self.gso:
+            while (i < n and self.tx_peer[i] == self.tx_peer[first] and i - first < GSO_MAX_SEGMENTS
+                   and total + self.tx_iov[i].iov_len <= GSO_MAX_BYTES):
+                length = self.tx_iov[i].iov_len
+                if length > seg:
+                    break
+                total += length
+                i += 1
+                if length < seg:
+                    break  # only the last segment may be shorter
+        h.msg_name = &self.routes.peers[self.tx_peer[first]].addr
+        h.msg_iov = &self.tx_iov[first]
+        h.msg_iovlen = i - first
+        if i - first > 1:
+            h.msg_control = &self.gso_ctrl[m][0]
+            h.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+            c = CMSG_FIRSTHDR(h)
+            c.cmsg_level = SOL_UDP
+            c.cmsg_type = UDP_SEGMENT
+            c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            (<uint16_t*>CMSG_DATA(c))[0] = <uint16_t>seg
+        else:
+            h.msg_control = NULL
+            h.msg_controllen = 0
+        self.gso_first[m] = first
+        return i
+
     cdef void _send_batch(self, int n) noexcept nogil:
-        cdef int sent = 0, r, i
+        cdef int msgs = 0, first = 0, sent = 0, r, i, k, last
         cdef pollfd waiter
         cdef Peer* p
+        while first < n:
+            last = self._group(first, n, msgs)
+            msgs += 1
+            first = last
+        self.gso_first[msgs] = n
         self.send_batches += 1
-        while sent < n:
-            r = sendmmsg(self.sock_fd, &self.tx_msgs[sent], n - sent, MSG_DONTWAIT)
+        while sent < msgs:
+            r = sendmmsg(self.sock_fd, &self.gso_msgs[sent], msgs - sent, MSG_DONTWAIT)
             if r < 0:
                 if errno == EINTR:
                     continue
@@ -180,29 +254,46 @@ cdef class Pump:
                     waiter.revents = 0
                     if poll(&waiter, 1, SEND_WAIT_MS) > 0:
                         continue
-                    self.drops_out[V_SEND_FAILED] += n - sent
+                    self.drops_out[V_SEND_FAILED] += n - self.gso_first[sent]
                     return
-                self.drops_out[V_SEND_FAILED] += 1  # this datagram is refused (e.g. no route to the peer)
+                if self.gso and errno == EIO and self.gso_first[sent + 1] - self.gso_first[sent] > 1:
+                    # The egress device cannot checksum-offload: GSO is off from now on; resend the rest plainly.
+                    self.gso = False
+                    self.gso_error = errno
+                    first = self.gso_first[sent]
+                    for i in range(first, n):  # move the rest to the front, then send it datagram by datagram
+                        self.tx_iov[i - first] = self.tx_iov[i]
+                        self.tx_peer[i - first] = self.tx_peer[i]
+                    self._send_batch(n - first)
+                    return
+                # This datagram (run) is refused, e.g. no route to the peer: count it and go on with the rest.
+                self.drops_out[V_SEND_FAILED] += self.gso_first[sent + 1] - self.gso_first[sent]
                 sent += 1
                 continue
-            for i in range(sent, sent + r):
-                p = &self.routes.peers[self.tx_peer[i]]
-                p.tx_packets += 1
-                p.tx_bytes += self.tx_iov[i].iov_len
-                self.udp_sent_packets += 1
-                self.udp_sent_bytes += self.tx_iov[i].iov_len
+            for k in range(sent, sent + r):
+                if self.gso_first[k + 1] - self.gso_first[k] > 1:
+                    self.gso_sends += 1
+                for i in range(self.gso_first[k], self.gso_first[k + 1]):
+                    p = &self.routes.peers[self.tx_peer[i]]
+                    p.tx_packets += 1
+                    p.tx_bytes += self.tx_iov[i].iov_len
+                    self.udp_sent_packets += 1
+                    self.udp_sent_bytes += self.tx_iov[i].iov_len
             sent += r
 
     cdef void _udp_to_tun(self) noexcept nogil:
-        cdef int handled = 0, n, i, verdict
-        cdef int32_t peer
+        cdef int handled = 0, n, i
         cdef uint8_t* buf
-        cdef Py_ssize_t length, w
-        cdef Peer* p
+        cdef Py_ssize_t length, offset, seg, piece
+        cdef uint32_t sender
+        cdef cmsghdr* c
         while handled < self.burst:
             for i in range(BATCH):
                 self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
                 self.rx_msgs[i].msg_hdr.msg_flags = 0
+                if self.gro:
+                    self.rx_msgs[i].msg_hdr.msg_control = &self.rx_ctrl[i][0]
+                    self.rx_msgs[i].msg_hdr.msg_controllen = sizeof(self.rx_ctrl[i])
             n = recvmmsg(self.sock_fd, self.rx_msgs, BATCH, MSG_DONTWAIT, NULL)
             if n <= 0:
                 if n < 0 and errno == EINTR:
@@ -211,31 +302,53 @@ cdef class Pump:
             self.receive_batches += 1
             handled += n
             for i in range(n):
-                self.udp_received_packets += 1
                 buf = self.rx_bufs + <size_t>i * BUF_SIZE
                 length = self.rx_msgs[i].msg_len
                 if self.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                    self.udp_received_packets += 1
                     self.drops_in[V_TRUNCATED] += 1
                     continue
-                verdict = classify_inbound(buf, length, ntohl(self.rx_addr[i].sin_addr.s_addr), self.routes,
-                                           self.own_net, self.own_mask, self.protect, &peer)
-                if verdict == V_OK:
-                    verdict = decrement_ttl(buf)
-                if verdict != V_OK:
-                    self.drops_in[verdict] += 1
+                sender = ntohl(self.rx_addr[i].sin_addr.s_addr)
+                seg = 0
+                if self.gro:
+                    c = CMSG_FIRSTHDR(&self.rx_msgs[i].msg_hdr)
+                    while c != NULL:
+                        if c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
+                            seg = (<int*>CMSG_DATA(c))[0]
+                        c = CMSG_NXTHDR(&self.rx_msgs[i].msg_hdr, c)
+                if seg <= 0 or seg >= length:
+                    self._deliver(buf, length, sender)
                     continue
-                w = write(self.tun_fd, buf, length)
-                if w != length:
-                    self.drops_in[V_TUN_WRITE_FAILED] += 1
-                    continue
-                self.tun_written_packets += 1
-                self.tun_written_bytes += length
-                if peer >= 0:
-                    p = &self.routes.peers[peer]
-                    p.rx_packets += 1
-                    p.rx_bytes += length
+                self.gro_receives += 1
+                offset = 0
+                while offset < length:  # a GRO run: datagrams of seg bytes, the last possibly shorter
+                    piece = seg if length - offset > seg else length - offset
+                    self._deliver(buf + offset, piece, sender)
+                    offset += piece
             if n < BATCH:
                 return
+
+    cdef void _deliver(self, uint8_t* buf, Py_ssize_t length, uint32_t sender) noexcept nogil:
+        """One datagram's payload from `sender`: check, TTL-1, write to the TUN, count."""
+        cdef int32_t peer
+        cdef int verdict
+        cdef Peer* p
+        self.udp_received_packets += 1
+        verdict = classify_inbound(buf, length, sender, self.routes, self.own_net, self.own_mask, self.protect, &peer)
+        if verdict == V_OK:
+            verdict = decrement_ttl(buf)
+        if verdict != V_OK:
+            self.drops_in[verdict] += 1
+            return
+        if write(self.tun_fd, buf, length) != length:
+            self.drops_in[V_TUN_WRITE_FAILED] += 1
+            return
+        self.tun_written_packets += 1
+        self.tun_written_bytes += length
+        if peer >= 0:
+            p = &self.routes.peers[peer]
+            p.rx_packets += 1
+            p.rx_bytes += length
 
     def counters(self):
         """Totals and drops by reason and direction, for /metrics and tests."""
@@ -251,6 +364,8 @@ cdef class Pump:
             "socket_wakeups": self.socket_wakeups,
             "send_batches": self.send_batches,
             "receive_batches": self.receive_batches,
+            "gso_sends": self.gso_sends,
+            "gro_receives": self.gro_receives,
             "drops_tun_to_udp": {VERDICT_NAMES[i]: self.drops_out[i] for i in range(1, V_COUNT) if self.drops_out[i]},
             "drops_udp_to_tun": {VERDICT_NAMES[i]: self.drops_in[i] for i in range(1, V_COUNT) if self.drops_in[i]},
         }

@@ -59,6 +59,7 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "lease-ttl": ("int", 86400, "seconds a lease lives without renewal (embedded store)"),
     "udp-source-check": ("bool", True, "accept a datagram only from a lease's PublicIP with an inner source in its "
                                        "subnet (turn off behind NAT)"),
+    "udp-offload": ("bool", True, "batch datagrams with UDP GSO/GRO (false: one datagram per syscall message)"),
 }
 
 
@@ -157,7 +158,7 @@ def run_command(argv: list[str], prog: str) -> int:
         lease_ttl=float(args.lease_ttl), iface=args.iface, iface_regex=args.iface_regex,
         iface_can_reach=args.iface_can_reach, public_ip=args.public_ip,
         subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
-        healthz_port=args.healthz_port, udp_source_check=args.udp_source_check,
+        healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
     )
     try:
         return uvloop.run(Daemon(opts).run())

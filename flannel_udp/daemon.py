@@ -45,6 +45,7 @@ class Options:
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     udp_source_check: bool = True
+    udp_offload: bool = True
 
 
 def read_network_config(path: str) -> NetworkConfig:
@@ -89,7 +90,8 @@ class Daemon:
             config = read_network_config(opts.net_config_path)
             ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
-            backend = backend_class(config.backend_name)(nl, ext, config, source_check=opts.udp_source_check)
+            backend = backend_class(config.backend_name)(nl, ext, config, source_check=opts.udp_source_check,
+                                                           offload=opts.udp_offload)
             registry = LocalRegistry.open_sync(opts.lease_file)
             previous = previous_subnet_from(subnetenv.read(opts.subnet_file))
             manager = Manager(registry, config, previous, opts.lease_ttl)

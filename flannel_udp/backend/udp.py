@@ -27,6 +27,7 @@ DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOL_UDP, UDP_GRO = 17, 104  # not in Python's socket module
 # The TUN's queue towards us (default 500) overflows in bursts while the pump is busy with the other direction; each
 # overflow is a TCP loss inside the tunnel. A deeper queue absorbs the bursts.
 TUN_TXQUEUELEN = 5000
@@ -60,7 +61,8 @@ def open_socket(address: str, port: int) -> socket.socket:
 
 
 class UdpBackend:
-    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True) -> None:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True,
+                 offload: bool = True) -> None:
         if not config.enable_ipv4 or config.enable_ipv6:
             raise BackendError("the udp backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
         self.netlink = nl
@@ -68,6 +70,7 @@ class UdpBackend:
         self.config = config
         self.port = parse_options(config.backend)
         self.source_check = source_check
+        self.offload = offload
 
     async def register_network(self, manager: Manager) -> UdpNetwork:
         # The socket first: a busy port must fail before anything is allocated or configured.
@@ -81,7 +84,7 @@ class UdpBackend:
             accept_local_icmp(tun_name)
             log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,
                      mtu, self.config.network, self.ext.iface_addr, self.port)
-            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check)
+            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check, self.offload)
         except BaseException:
             if tun_fd >= 0:
                 os.close(tun_fd)  # the kernel removes the device, its address and its route
@@ -97,6 +100,16 @@ def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str) -> None:
     netlink.replace_route(ipr, network, oif=link.index)
 
 
+def enable_gro(sock: socket.socket) -> bool:
+    """UDP_GRO (Linux 5.0+): one receive may then carry a run of datagrams from one sender."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError as e:
+        log.warning("UDP GRO unavailable (%s); receiving one datagram per message", e.strerror)
+        return False
+
+
 def accept_local_icmp(tun_name: str) -> None:
     """Let the kernel accept our ICMP net-unreachable, whose source (the subnet's .0, as upstream) is flannel0's own
     address: without accept_local Linux drops it as a martian source and the sender never learns the net is gone."""
@@ -109,7 +122,7 @@ def accept_local_icmp(tun_name: str) -> None:
 
 class UdpNetwork(Network):
     def __init__(self, lease: Lease, mtu: int, tun_fd: int, tun_name: str, sock: socket.socket, port: int,
-                 source_check: bool) -> None:
+                 source_check: bool, offload: bool) -> None:
         self.lease = lease
         self.mtu = mtu
         self.tun_fd = tun_fd
@@ -117,10 +130,19 @@ class UdpNetwork(Network):
         self.sock = sock
         self.port = port
         self.routes = RouteTable()
-        self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check)
+        gro = offload and enable_gro(sock)
+        self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check, gso=offload, gro=gro)
+        log.info("UDP offloads: GSO %s, GRO %s", "on" if offload else "off", "on" if gro else "off")
+        self._gso_fallback_logged = False
         loop = asyncio.get_running_loop()
         loop.add_reader(tun_fd, self.pump.on_tun_readable)
         loop.add_reader(sock.fileno(), self.pump.on_socket_readable)
+
+    def check_offload_fallback(self) -> None:
+        if not self.pump.gso and self.pump.gso_error and not self._gso_fallback_logged:
+            self._gso_fallback_logged = True
+            log.warning("UDP GSO refused by the kernel (errno %d); sending one datagram per packet from now on",
+                        self.pump.gso_error)
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
@@ -134,6 +156,7 @@ class UdpNetwork(Network):
                     log.info("Route %s removed", lease.subnet)
 
     def collect_metrics(self):
+        self.check_offload_fallback()
         counters = self.pump.counters()
         packets = CounterMetricFamily("flannel_udp_peer_packets", "Packets exchanged with a peer node", labels=["peer", "direction"])
         octets = CounterMetricFamily("flannel_udp_peer_bytes", "Inner IP bytes exchanged with a peer node", labels=["peer", "direction"])
@@ -153,7 +176,7 @@ class UdpNetwork(Network):
             totals.add_metric([stage.removesuffix("_packets")], counters[stage])
         calls = CounterMetricFamily("flannel_udp_io_calls", "Readiness callbacks and batched syscalls (packets per call "
                                     "shows how well batching works)", labels=["kind"])
-        for kind in ("tun_wakeups", "socket_wakeups", "send_batches", "receive_batches"):
+        for kind in ("tun_wakeups", "socket_wakeups", "send_batches", "receive_batches", "gso_sends", "gro_receives"):
             calls.add_metric([kind], counters[kind])
         routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
         routes.add_metric([], len(self.routes))

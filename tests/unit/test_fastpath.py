@@ -181,7 +181,7 @@ TABLE_FOR_FUZZ.set_route("10.5.1.0/24", "198.18.0.2", 8285)
 class PumpRig:
     """pump <-> fake TUN (socketpair) and pump <-> a peer UDP socket, all on loopback."""
 
-    def __init__(self, protect=True):
+    def __init__(self, protect=True, gso=False, gro=False):
         self.tun_app, self.tun_pump = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tun_pump.setblocking(False)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -192,7 +192,9 @@ class PumpRig:
         self.peer.settimeout(1)
         self.routes = RouteTable()
         self.routes.set_route("10.5.1.0/24", "127.0.0.1", self.peer.getsockname()[1])
-        self.pump = Pump(self.tun_pump.fileno(), self.sock.fileno(), self.routes, OWN, protect)
+        if gro:
+            self.sock.setsockopt(17, 104, 1)  # SOL_UDP, UDP_GRO
+        self.pump = Pump(self.tun_pump.fileno(), self.sock.fileno(), self.routes, OWN, protect, gso=gso, gro=gro)
         self.tun_app.settimeout(1)
 
     def close(self):
@@ -223,6 +225,39 @@ def test_pump_encapsulates_tun_packets_to_the_peer(rig):
     assert c["udp_sent_packets"] == 100 and c["send_batches"] <= 11  # one sendmmsg per queue-full, not per packet
     peer_stats = rig.routes.peer_stats()["127.0.0.1"]
     assert peer_stats[0] == 100 and peer_stats[1] == sum(len(d) for d in received)
+
+
+def test_pump_gso_sends_runs_that_arrive_as_plain_datagrams():
+    r = PumpRig(gso=True)
+    try:
+        r.tun_app.setblocking(False)
+        sizes = [1400] * 9 + [700]  # a run of equal packets and a shorter last one: one GSO message
+        for size in sizes:
+            r.tun_app.send(bytes(IP(src="10.5.72.5", dst="10.5.1.9") / UDP() / (b"q" * (size - 28))))
+        r.pump.on_tun_readable()
+        got = [r.peer.recv(65535) for _ in sizes]  # the peer socket has no UDP_GRO: the kernel cuts the run
+        assert [len(d) for d in got] == sizes and all(IP(d).ttl == 63 for d in got)
+        c = r.pump.counters()
+        assert c["gso_sends"] == 1 and c["udp_sent_packets"] == 10
+    finally:
+        r.close()
+
+
+def test_pump_gro_receive_splits_runs_into_packets():
+    r = PumpRig(gro=True)
+    try:
+        one = ip_packet(src="10.5.1.2", dst="10.5.72.5")
+        run = one * 8
+        # Send a GSO run from the peer (UDP_SEGMENT cmsg); with UDP_GRO the pump receives it as one message.
+        r.peer.sendmsg([run], [(17, 103, struct.pack("H", len(one)))], 0, r.sock.getsockname())
+        time.sleep(0.05)
+        r.pump.on_socket_readable()
+        got = [r.tun_app.recv(65535) for _ in range(8)]
+        assert all(IP(d).ttl == 63 and len(d) == len(one) for d in got)
+        c = r.pump.counters()
+        assert c["tun_written_packets"] == 8 and c["gro_receives"] == 1 and c["receive_batches"] == 1
+    finally:
+        r.close()
 
 
 def test_pump_answers_unroutable_with_icmp_and_drops_ipv6(rig):
