@@ -48,6 +48,8 @@ def cluster(bed):
     for host in bed.hosts:
         bed.wait_ready(host)
         bed.add_pod(host)
+    for host in bed.hosts:  # every node has learnt every other node's lease
+        assert wait_for(lambda: metric(host.ns, "flannel_udp_routes") == len(bed.hosts) - 1, 2), bed.logs()
     yield bed
 
 
@@ -183,7 +185,7 @@ def test_hostile_datagrams_are_dropped_and_counted(cluster):
         return metric(ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun", reason=reason)
     assert wait_for(lambda: metric(ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun") >= 35, 5), \
         http_get(ns, "/metrics")[1]
-    assert drops("unknown_peer") == 5
+    assert drops("unknown_peer") == 5, http_get(ns, "/metrics")[1]
     # The 5 random datagrams land under one of the structural reasons, so those are at least 5 each.
     for reason in ("short", "not_ipv4", "bad_header", "bad_length"):
         assert drops(reason) >= 5, reason
