@@ -49,7 +49,7 @@ def cluster(bed):
         bed.wait_ready(host)
         bed.add_pod(host)
     for host in bed.hosts:  # every node has learnt every other node's lease
-        assert wait_for(lambda: metric(host.ns, "flannel_udp_routes") == len(bed.hosts) - 1, 2), bed.logs()
+        assert wait_for(lambda: metric(host.ns, "flannel_udp_routes") == len(bed.hosts) - 1, 5), bed.logs()
     yield bed
 
 
