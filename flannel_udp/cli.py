@@ -63,6 +63,9 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
 }
 
 
+ETCD_FLAGS = [name for name in RUN_FLAGS if name.startswith("etcd-")]
+
+
 def normalise_go_flags(argv: list[str], names: set[str]) -> tuple[list[str], set[str]]:
     """Go flag syntax -> argparse syntax; also returns the flags given, so that env vars do not override them."""
     out, given = [], set()
@@ -142,9 +145,6 @@ def run_command(argv: list[str], prog: str) -> int:
     setup_logging(args.v)
     if not 0 < args.subnet_lease_renew_margin < 1440:
         return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
-    if args.etcd_endpoints:
-        return fail("the etcd lease store is not available in this version of flannel-udp; "
-                    "leave -etcd-endpoints unset to use the embedded store (--lease-file)")
     if args.kube_subnet_mgr:
         return fail("the Kubernetes subnet manager is not supported by flannel-udp; use the embedded store or etcd")
     if args.lease_ttl <= 0:
@@ -159,11 +159,34 @@ def run_command(argv: list[str], prog: str) -> int:
         iface_can_reach=args.iface_can_reach, public_ip=args.public_ip,
         subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
+        etcd=etcd_options(args),
     )
     try:
         return uvloop.run(Daemon(opts).run())
     except StartupError as e:
         return fail(str(e))
+
+
+def etcd_options(args: argparse.Namespace):
+    """Giving -etcd-endpoints (or FLANNELD_ETCD_ENDPOINTS) selects etcd; otherwise the embedded store is used."""
+    if not args.etcd_endpoints:
+        return None
+    from .subnet.etcd_client import EtcdOptions
+    return EtcdOptions(endpoints=args.etcd_endpoints, prefix=args.etcd_prefix, keyfile=args.etcd_keyfile,
+                       certfile=args.etcd_certfile, cafile=args.etcd_cafile, username=args.etcd_username,
+                       password=args.etcd_password)
+
+
+def open_registry(args: argparse.Namespace):
+    """The store `leases` reads: etcd when -etcd-endpoints is given, else the embedded file (which must exist)."""
+    etcd = etcd_options(args)
+    if etcd is not None:
+        from .subnet.etcd_store import EtcdRegistry
+        return EtcdRegistry(etcd)
+    from .subnet.local_store import LocalRegistry
+    if not os.path.exists(args.lease_file):
+        raise UsageError(f"no lease file at {args.lease_file} (give -etcd-endpoints to read leases from etcd)")
+    return LocalRegistry.open_sync(args.lease_file)
 
 
 def config_command(args: argparse.Namespace) -> int:
@@ -175,6 +198,8 @@ def config_command(args: argparse.Namespace) -> int:
         return fail(f"cannot read {args.path}: {e.strerror}")
     except ConfigError as e:
         return fail(f"{args.path}: {e}")
+    if args.config_command == "put":
+        return put_config_to_etcd(args)
     rows = []
     if cfg.enable_ipv4:
         rows += [("Network", cfg.network), ("SubnetLen", cfg.subnet_len), ("SubnetMin", cfg.subnet_min),
@@ -189,16 +214,45 @@ def config_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def leases_command(args: argparse.Namespace) -> int:
-    from .subnet.lease import parse_subnet_key
-    from .subnet.local_store import LocalRegistry
+def put_config_to_etcd(args: argparse.Namespace) -> int:
+    """Store a checked net-conf.json as <prefix>/config, where every etcd-mode node reads it."""
+    from .subnet.etcd_client import EtcdConfigError
+    from .subnet.etcd_store import EtcdRegistry
     from .subnet.registry import StoreError
 
-    if not os.path.exists(args.lease_file):
-        return fail(f"no lease file at {args.lease_file}")
+    etcd = etcd_options(args)
+    if etcd is None:
+        return fail("config put: give -etcd-endpoints")
+    with open(args.path, "rb") as f:
+        text = f.read()
+
+    async def work() -> None:
+        registry = EtcdRegistry(etcd)
+        try:
+            await registry.put_network_config(text)
+        finally:
+            await registry.close()
+        print(f"stored {args.path} as {registry.config_key}")
+    try:
+        asyncio.run(work())
+        return 0
+    except (StoreError, EtcdConfigError) as e:
+        return fail(str(e))
+
+
+def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    for name in ETCD_FLAGS:
+        kind, default, help_text = RUN_FLAGS[name]
+        parser.add_argument(f"--{name}", f"-{name}", dest=name.replace("-", "_"), default=default, help=help_text)
+
+
+def leases_command(args: argparse.Namespace) -> int:
+    from .subnet.etcd_client import EtcdConfigError
+    from .subnet.lease import parse_subnet_key
+    from .subnet.registry import StoreError
 
     async def work() -> int:
-        registry = LocalRegistry.open_sync(args.lease_file)
+        registry = open_registry(args)
         try:
             leases, _ = await registry.get_subnets()
             if args.action == "delete":
@@ -220,7 +274,7 @@ def leases_command(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(work())
-    except StoreError as e:
+    except (StoreError, EtcdConfigError) as e:
         return fail(str(e))
 
 
@@ -236,10 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
         check = config_sub.add_parser("check", help="validate a net-conf.json and print the derived values")
         check.add_argument("path")
-        leases = sub.add_parser("leases", help="list (or delete) the leases in the embedded store")
+        put = config_sub.add_parser("put", help="check a net-conf.json, then store it in etcd as <prefix>/config")
+        put.add_argument("path")
+        add_etcd_arguments(put)
+        leases = sub.add_parser("leases", help="list (or delete) the leases in the embedded store or in etcd")
         leases.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
         leases.add_argument("subnet", nargs="?", help="with delete: the subnet, e.g. 10.244.1.0/24")
         leases.add_argument("--lease-file", default="/var/lib/flannel-udp/leases.db")
+        add_etcd_arguments(leases)
         demo = sub.add_parser("demo", help="build a cluster in network namespaces on this machine and show it working")
         from .demo import add_arguments
         add_arguments(demo)

@@ -13,11 +13,12 @@ from .net import iface, netlink
 from .net.tun import TunError
 from .subnet import subnetenv
 from .subnet.config import ConfigError, NetworkConfig, load_config
+from .subnet.etcd_client import EtcdConfigError, EtcdOptions
 from .subnet.lease import EventType, Events, Lease, Snapshot
 from .subnet.local_store import DEFAULT_LEASE_FILE, LocalRegistry
 from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
 from .subnet.allocation import OutOfSubnets
-from .subnet.registry import StoreError
+from .subnet.registry import Registry, StoreError, StoreUnavailable
 from .subnet.watcher import LeaseWatcher
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Options:
     healthz_port: int = 0
     udp_source_check: bool = True
     udp_offload: bool = True
+    etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
 
 
 def read_network_config(path: str) -> NetworkConfig:
@@ -58,6 +60,42 @@ def read_network_config(path: str) -> NetworkConfig:
         return load_config(text)
     except ConfigError as e:
         raise StartupError(f"invalid net conf {path}: {e}") from None
+
+
+async def read_etcd_network_config(registry) -> NetworkConfig:
+    """<prefix>/config, tried once a second while it is missing or etcd is out of reach, as upstream's getConfig."""
+    from .subnet.etcd_store import ConfigNotFound
+    last_problem = None
+    while True:
+        try:
+            text = await registry.get_network_config()
+        except (StoreUnavailable, ConfigNotFound) as e:
+            problem = str(e)
+        except StoreError as e:  # refused credentials and the like: waiting will not help
+            raise StartupError(str(e)) from None
+        else:
+            try:
+                return load_config(text)
+            except ConfigError as e:
+                raise StartupError(f"invalid network config in etcd at {registry.config_key}: {e}") from None
+        if problem != last_problem:
+            log.error("Couldn't fetch network config: %s (trying again every second)", problem)
+            last_problem = problem
+        await asyncio.sleep(STORE_RETRY)
+
+
+async def open_store(opts: Options) -> tuple[Registry, NetworkConfig]:
+    """The lease store and the network config: from etcd, or from net-conf.json with the embedded file store."""
+    if opts.etcd is None:
+        config = read_network_config(opts.net_config_path)
+        return LocalRegistry.open_sync(opts.lease_file), config
+    from .subnet.etcd_store import EtcdRegistry  # gRPC is loaded only when etcd is used
+    registry = EtcdRegistry(opts.etcd)
+    try:
+        return registry, await read_etcd_network_config(registry)
+    except BaseException:
+        await registry.close()
+        raise
 
 
 def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
@@ -87,12 +125,11 @@ class Daemon:
         try:
             if health is not None:
                 await health.start()
-            config = read_network_config(opts.net_config_path)
+            registry, config = await open_store(opts)
             ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
             backend = backend_class(config.backend_name)(nl, ext, config, source_check=opts.udp_source_check,
                                                            offload=opts.udp_offload)
-            registry = LocalRegistry.open_sync(opts.lease_file)
             previous = previous_subnet_from(subnetenv.read(opts.subnet_file))
             manager = Manager(registry, config, previous, opts.lease_ttl)
             network = await backend.register_network(manager)
@@ -106,7 +143,7 @@ class Daemon:
             await self._serve(manager, network)
             log.info("Exiting cleanly...")
             return 0
-        except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError) as e:
+        except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError, EtcdConfigError) as e:
             raise StartupError(str(e)) from None
         finally:
             if network is not None:

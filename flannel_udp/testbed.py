@@ -19,7 +19,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from .etcdserver import EtcdCluster
+
 UNDERLAY = ipaddress.ip_network("198.18.0.0/24")
+ETCD_FIRST_ADDRESS = 201  # etcd members sit on the underlay at .201, .202, ...
 
 
 class TestbedError(RuntimeError):
@@ -31,6 +34,17 @@ def sh(*args: str, check: bool = True, timeout: float = 30, capture: bool = True
     if check and result.returncode != 0:
         raise TestbedError(f"{' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
     return result
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05):
+    """Poll until predicate() is truthy or the timeout passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
 
 
 def in_ns(ns: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -70,6 +84,8 @@ class Testbed:
         self.namespaces: list[str] = []
         self.hosts: list[Host] = []
         self.extra_processes: list[subprocess.Popen] = []
+        self.etcd: EtcdCluster | None = None
+        self.etcd_ns = f"{self.prefix}-etcd"
         try:
             self._add_ns(self.underlay_ns)
             in_ns(self.underlay_ns, "ip", "link", "add", "br0", "type", "bridge")
@@ -105,18 +121,47 @@ class Testbed:
         return host
 
     def write_config(self, config: dict) -> str:
+        """net-conf.json for the embedded store; with etcd running, also stored as its <prefix>/config."""
         with open(self.config_file, "w") as f:
             json.dump(config, f)
+        if self.etcd is not None:
+            self.cli(self.etcd_ns, "config", "put", self.config_file, "--etcd-endpoints", self.etcd.endpoints)
         return self.config_file
 
+    def start_etcd(self, members: int = 1) -> EtcdCluster:
+        """Real etcd members in their own namespace on the underlay; nodes started afterwards use them as the store."""
+        self._add_ns(self.etcd_ns)
+        in_ns(self.underlay_ns, "ip", "link", "add", f"{self.prefix}et", "type", "veth", "peer", "name", "eth0",
+              "netns", self.etcd_ns)
+        in_ns(self.underlay_ns, "ip", "link", "set", f"{self.prefix}et", "master", "br0", "up")
+        addresses = [str(UNDERLAY.network_address + ETCD_FIRST_ADDRESS + i) for i in range(members)]
+        for address in addresses:
+            in_ns(self.etcd_ns, "ip", "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        in_ns(self.etcd_ns, "ip", "link", "set", "eth0", "up")
+        self.etcd = EtcdCluster(addresses, ns=self.etcd_ns)
+        if os.path.exists(self.config_file):
+            with open(self.config_file) as f:
+                self.write_config(json.load(f))
+        return self.etcd
+
+    def cli(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`flannel-udp ARGS` inside a namespace."""
+        return in_ns(ns, sys.executable, "-m", "flannel_udp", *args, check=check)
+
+    def store_args(self) -> list[str]:
+        """The flags that point a node (or `leases`) at this testbed's store: etcd when running, else the file."""
+        if self.etcd is not None:
+            return ["--etcd-endpoints", self.etcd.endpoints]
+        return ["--lease-file", self.lease_file]
+
     def start_node(self, host: Host, *extra: str, iface: str = "eth0", wait: bool = True, timeout: float = 20) -> Host:
-        """Start `flannel-udp run` inside the host's namespace on the shared embedded store."""
+        """Start `flannel-udp run` inside the host's namespace on the shared store (the embedded file, or etcd)."""
         if os.path.exists(host.subnet_file) and wait:
             os.unlink(host.subnet_file)
         host.log_path = os.path.join(self.workdir, f"{host.name}.log")
         log = open(host.log_path, "ab")
         cmd = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "flannel_udp", "run",
-               "--net-config-path", self.config_file, "--subnet-file", host.subnet_file, "--lease-file", self.lease_file,
+               "--net-config-path", self.config_file, "--subnet-file", host.subnet_file, *self.store_args(),
                "--iface", iface, *extra]
         host.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -210,6 +255,9 @@ class Testbed:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        if self.etcd is not None:
+            self.etcd.close()
+            self.etcd = None
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()

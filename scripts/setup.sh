@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Installs what flannel-udp, its demo, its tests and its benchmarks need on Debian, as root, and builds the package
+# Installs what flannel-udp, its demo, its tests (etcd-server among them) and its benchmarks need on Debian, as root, and builds the package
 # (with its Cython data plane) into ./.venv. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 iputils-ping iperf3 ethtool iptables nftables containernetworking-plugins
-          tcpdump libpcap0.8 procps gcc python3 python3-dev python3-venv)
+          tcpdump libpcap0.8 procps etcd-server openssl gcc python3 python3-dev python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 """The subnet Manager: lease acquisition, renewal and watching on top of any Registry (embedded file or etcd)."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import random
@@ -9,11 +10,12 @@ from collections.abc import AsyncIterator
 from .allocation import decide
 from .config import NetworkConfig
 from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, Snapshot
-from .registry import Registry, SubnetExists
+from .registry import Registry, StoreUnavailable, SubnetExists
 
 log = logging.getLogger(__name__)
 
 RACE_RETRIES = 10
+STORE_RETRY = 1.0
 DEFAULT_LEASE_TTL = 24 * 3600.0
 
 
@@ -31,7 +33,23 @@ class Manager:
         self.rng = rng or random.Random()
 
     async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
-        """Upstream's allocation, except that a create which loses a race is retried (upstream gives up at once)."""
+        """Upstream's allocation; an unreachable store (etcd down) is waited for, once a second, saying so once."""
+        waiting = False
+        while True:
+            try:
+                lease = await self._try_acquire(attrs)
+            except StoreUnavailable as e:
+                if not waiting:
+                    log.error("Cannot reach the lease store (%s); trying again every %.0f s", e, STORE_RETRY)
+                    waiting = True
+                await asyncio.sleep(STORE_RETRY)
+                continue
+            if waiting:
+                log.info("The lease store is reachable again")
+            return lease
+
+    async def _try_acquire(self, attrs: LeaseAttrs) -> Lease:
+        """Upstream's tryAcquireLease, except that a create which loses a race is retried (upstream gives up at once)."""
         for _ in range(RACE_RETRIES):
             leases, _rev = await self.registry.get_subnets()
             decision = decide(self.config, leases, attrs.public_ip, self.previous, self.rng)

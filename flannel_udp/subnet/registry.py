@@ -15,6 +15,10 @@ class StoreError(RuntimeError):
     """The store cannot be used (unreachable, unwritable, corrupt)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store is out of reach for now (etcd down or partitioned): worth retrying, not a reason to stop."""
+
+
 class Registry(ABC):
     @abstractmethod
     async def get_subnets(self) -> tuple[list[Lease], int]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flannel_udp.testbed import in_ns
+from flannel_udp.testbed import in_ns, wait_for
 
 HEALTH_PORT = 8471
 
@@ -31,18 +31,11 @@ def metric(ns: str, name: str, **labels) -> float:
     return total
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
-@pytest.fixture
-def cluster(bed):
+@pytest.fixture(params=["embedded", "etcd"])
+def cluster(bed, request):
+    """3 running nodes with a pod each, on the embedded store or on a real etcd server."""
+    if request.param == "etcd":
+        bed.start_etcd()
     for host in bed.hosts:
         bed.start_node(host, f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", wait=False)
     for host in bed.hosts:
@@ -105,7 +98,7 @@ def test_stopped_node_becomes_net_unreachable_and_late_joiner_is_reachable(clust
     subnet = ipaddress.ip_interface(gone.subnet_env()["FLANNEL_SUBNET"]).network
     assert cluster.stop_node(gone) == 0
     # Its lease outlives it (as upstream) until deleted or expired; an operator deletes it here.
-    in_ns(gone.ns, sys.executable, "-m", "flannel_udp", "leases", "delete", str(subnet), "--lease-file", cluster.lease_file)
+    in_ns(gone.ns, sys.executable, "-m", "flannel_udp", "leases", "delete", str(subnet), *cluster.store_args())
     deleted_at = time.monotonic()
     src = cluster.hosts[0].pods[0]
 
@@ -210,7 +203,7 @@ def test_sigterm_removes_flannel0_and_restart_keeps_the_subnet(cluster):
 def test_revoked_own_lease_ends_the_daemon_with_status_0(cluster):
     host = cluster.hosts[0]
     subnet = ipaddress.ip_interface(host.subnet_env()["FLANNEL_SUBNET"]).network
-    in_ns(host.ns, sys.executable, "-m", "flannel_udp", "leases", "delete", str(subnet), "--lease-file", cluster.lease_file)
+    in_ns(host.ns, sys.executable, "-m", "flannel_udp", "leases", "delete", str(subnet), *cluster.store_args())
     assert host.process.wait(5) == 0
     assert "Lease has been revoked" in cluster.node_log(host)
     assert in_ns(host.ns, "ip", "link", "show", "flannel0", check=False).returncode != 0

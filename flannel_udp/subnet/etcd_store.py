@@ -1,0 +1,187 @@
+"""The etcd lease store, byte-compatible with upstream flanneld (reference §2): a mixed cluster shares one prefix.
+
+Keys `<prefix>/subnets/10.244.1.0-24` hold upstream's lease JSON, each attached to an etcd lease of the lease TTL and
+created with a create-if-absent transaction. A key with no etcd lease is a reservation and stays one (upstream re-attaches
+a TTL to it, flannel#1329). The watch is a snapshot, then a prefix watch from its revision + 1; a broken stream is resumed
+from the last revision seen, and a watch that fell behind compaction re-lists.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import time
+from collections.abc import AsyncIterator
+
+from aetcd import exceptions as etcd_errors
+
+from .etcd_client import EtcdClient, EtcdOptions
+from .lease import (EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseError, LeaseEvent, Snapshot,
+                    lease_from_kv, make_subnet_key)
+from .registry import Registry, StoreError, StoreUnavailable, SubnetExists
+
+log = logging.getLogger(__name__)
+
+WATCH_BACKOFF_FIRST = 0.1
+WATCH_BACKOFF_MAX = 5.0
+CONFIG_NOT_FOUND = "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
+# A removal event carries only the key; the stored lease (with attrs) is reported by the LeaseWatcher.
+_REMOVED_ATTRS = '{"PublicIP":"0.0.0.0"}'
+
+
+class ConfigNotFound(StoreError):
+    def __init__(self) -> None:
+        super().__init__(CONFIG_NOT_FOUND)
+
+
+def _translate(e: etcd_errors.ClientError, endpoints: str) -> StoreError:
+    if isinstance(e, (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError)):
+        return StoreUnavailable(f"etcd at {endpoints} is unreachable: {e}")
+    if isinstance(e, etcd_errors.UnauthenticatedError):
+        return StoreError(f"etcd at {endpoints} refused the credentials: {e}")
+    return StoreError(f"etcd at {endpoints}: {e}")
+
+
+class EtcdRegistry(Registry):
+    def __init__(self, opts: EtcdOptions, client: EtcdClient | None = None) -> None:
+        self.client = client or EtcdClient(opts)
+        prefix = posixpath.normpath("/" + opts.prefix.strip("/")) if opts.prefix.strip("/") else "/"
+        # Go's path.Join, as upstream builds its keys.
+        self.config_key = posixpath.join(prefix, "config")
+        self.subnets_key = posixpath.join(prefix, "subnets")
+
+    def subnet_key(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> bytes:
+        return posixpath.join(self.subnets_key, make_subnet_key(subnet, ipv6_subnet)).encode()
+
+    async def _call(self, method, *args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except etcd_errors.RevisionCompactedError:
+            raise  # the watch handles it by re-listing
+        except etcd_errors.ClientError as e:
+            raise _translate(e, self.client.description) from None
+
+    # -- config ------------------------------------------------------------------------------------------------------
+    async def get_network_config(self) -> bytes:
+        result = await self._call(self.client.get, self.config_key.encode())
+        if result is None:
+            raise ConfigNotFound()
+        return result.value
+
+    async def put_network_config(self, text: str | bytes) -> None:
+        await self._call(self.client.put, self.config_key.encode(), text.encode() if isinstance(text, str) else text)
+
+    # -- leases ------------------------------------------------------------------------------------------------------
+    async def _expiration(self, lease_id: int) -> float | None:
+        """None for a key without an etcd lease (a reservation); else now + the lease's remaining TTL."""
+        if lease_id == 0:
+            return None
+        info = await self._call(self.client.get_lease_info, lease_id, keys=False)
+        # TTL -1: the lease is already gone, and its key with it a moment later.
+        return time.time() + max(info.TTL, 0)
+
+    async def _lease(self, key: bytes, value: bytes, lease_id: int) -> Lease | None:
+        try:
+            return lease_from_kv(key.decode("utf-8", "replace"), value, await self._expiration(lease_id))
+        except LeaseError as e:
+            log.warning("Ignoring bad subnet node %s: %s", key.decode("utf-8", "replace"), e)
+            return None
+
+    async def get_subnets(self) -> tuple[list[Lease], int]:
+        # No trailing slash on the prefix, as upstream; keys that do not parse are skipped.
+        result = await self._call(self.client.get_prefix, self.subnets_key.encode())
+        leases = await asyncio.gather(*(self._lease(kv.key, kv.value, kv.lease) for kv in result.kvs))
+        return [lease for lease in leases if lease is not None], result.header.revision
+
+    async def _grant(self, ttl: float):
+        return await self._call(self.client.lease, max(1, round(ttl)))
+
+    async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:
+        key = self.subnet_key(subnet, ipv6_subnet)
+        grant = await self._grant(ttl)
+        tx = self.client.transactions
+        created, _ = await self._call(self.client.transaction, compare=[tx.create(key) == 0],
+                                      success=[tx.put(key, attrs.to_json().encode(), lease=grant)], failure=[])
+        if not created:
+            await self._call(self.client.revoke_lease, grant.id)
+            raise SubnetExists(f"subnet {subnet} already exists")
+        return time.time() + grant.ttl
+
+    async def update_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs,
+                            ttl: float | None) -> float | None:
+        key = self.subnet_key(subnet, ipv6_subnet)
+        if ttl is None:
+            await self._call(self.client.put, key, attrs.to_json().encode())
+            return None
+        # A fresh etcd lease each time, as upstream; the old one expires on its own.
+        grant = await self._grant(ttl)
+        await self._call(self.client.put, key, attrs.to_json().encode(), lease=grant)
+        return time.time() + grant.ttl
+
+    async def put_raw(self, key: str, value: str, ttl: float | None) -> None:
+        """Write any key/value under the subnets prefix as given (reservations, and tests of hostile store content)."""
+        lease = None if ttl is None else await self._grant(ttl)
+        await self._call(self.client.put, posixpath.join(self.subnets_key, key).encode(), value.encode(), lease=lease)
+
+    async def delete_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> None:
+        await self._call(self.client.delete, self.subnet_key(subnet, ipv6_subnet))
+
+    async def revision(self) -> int:
+        return (await self._call(self.client.get_prefix, self.subnets_key.encode())).header.revision
+
+    # -- watch -------------------------------------------------------------------------------------------------------
+    async def _event(self, event) -> LeaseEvent | None:
+        key = event.kv.key.decode("utf-8", "replace")
+        if event.kind == "DELETE":  # a delete, or the expiry of the key's etcd lease
+            try:
+                return LeaseEvent(EventType.REMOVED, lease_from_kv(key, _REMOVED_ATTRS, None))
+            except LeaseError:
+                return None
+        lease = await self._lease(event.kv.key, event.kv.value, event.kv.lease)
+        return None if lease is None else LeaseEvent(EventType.ADDED, lease)
+
+    async def watch_subnets(self, since: int | None = None) -> AsyncIterator[Snapshot | Events]:
+        """Snapshot, then events; survives etcd restarts (resume from the last revision) and compaction (re-list).
+
+        With `since`, events after that revision come first, without a snapshot (unless it was compacted away).
+        While etcd is unreachable nothing is yielded, so the node keeps forwarding with the routes it has; the outage
+        is logged once, and so is the recovery.
+        """
+        revision = since
+        backoff = WATCH_BACKOFF_FIRST
+        outage = False
+        while True:
+            try:
+                if revision is None:
+                    leases, revision = await self.get_subnets()
+                    yield Snapshot(leases, revision)
+                watch = await self._call(self.client.watch_prefix, self.subnets_key.encode(), start_revision=revision + 1)
+                if outage:
+                    log.warning("etcd at %s is reachable again; following leases from revision %d",
+                                self.client.description, revision + 1)
+                    outage = False
+                backoff = WATCH_BACKOFF_FIRST
+                try:
+                    async for event in watch:
+                        revision = max(revision, event.kv.mod_revision)
+                        lease_event = await self._event(event)
+                        if lease_event is not None:
+                            yield Events([lease_event], revision)
+                finally:
+                    await watch.cancel()
+                raise StoreUnavailable("the watch stream closed")
+            except etcd_errors.RevisionCompactedError as e:
+                log.info("Lease watch fell behind compaction (%s); re-listing", e)
+                revision = None
+            except (etcd_errors.ClientError, StoreUnavailable) as e:
+                if not outage:
+                    log.error("Lost the etcd watch (%s); forwarding goes on with the last known routes, retrying", e)
+                    outage = True
+                await self.client.wait_until_reachable(backoff)
+                backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
+
+    async def close(self) -> None:
+        try:
+            await self.client.close()
+        except Exception as e:  # closing must never hide the reason the daemon is stopping
+            log.debug("closing the etcd client: %s", e)

@@ -1,0 +1,56 @@
+"""Nodes on etcd in namespaces: waiting for an etcd that is not there yet, riding out an etcd outage with the last
+known routes, and a 3-member cluster losing the member in use."""
+import time
+
+from flannel_udp.testbed import ETCD_FIRST_ADDRESS, UNDERLAY, wait_for
+
+FIRST_ETCD = f"http://{UNDERLAY.network_address + ETCD_FIRST_ADDRESS}:2379"
+
+
+def test_node_waits_for_etcd_and_its_config_then_starts(bed):
+    host = bed.hosts[0]
+    bed.start_node(host, "--etcd-endpoints", FIRST_ETCD, wait=False)
+    assert wait_for(lambda: "Couldn't fetch network config" in bed.node_log(host), 10), bed.node_log(host)
+    assert host.process.poll() is None
+    bed.start_etcd()  # and stores the config
+    bed.wait_ready(host, timeout=15)
+    log = bed.node_log(host)
+    assert "Traceback" not in log and log.count("Couldn't fetch network config") <= 2  # said once per cause
+
+
+def test_forwarding_survives_an_etcd_outage_and_new_leases_arrive_after_it(bed):
+    bed.start_etcd()
+    a, b = bed.hosts[0], bed.hosts[1]
+    for host in (a, b):
+        bed.start_node(host)
+        bed.add_pod(host)
+    assert wait_for(lambda: bed.ping(a.pods[0].ns, b.pods[0].address, timeout=0.5), 5), bed.logs()
+    member = bed.etcd.members[0]
+    bed.etcd.stop(member)
+    time.sleep(1.5)
+    assert bed.ping(a.pods[0].ns, b.pods[0].address, count=3, interval=0.2), bed.logs()  # last known routes
+    assert a.process.poll() is None and b.process.poll() is None
+    bed.etcd.start(member)
+    late = bed.hosts[2]
+    bed.start_node(late, timeout=20)
+    joined = time.monotonic()
+    late_pod = bed.add_pod(late)
+    assert wait_for(lambda: bed.ping(a.pods[0].ns, late_pod.address, timeout=0.3), 2.5), bed.logs()
+    assert time.monotonic() - joined < 3
+    assert bed.node_log(a).count("Lost the etcd watch") == 1
+
+
+def test_three_member_etcd_losing_a_member_does_not_disturb_the_nodes(bed):
+    etcd = bed.start_etcd(members=3)
+    a, b = bed.hosts[0], bed.hosts[1]
+    for host in (a, b):
+        bed.start_node(host)
+        bed.add_pod(host)
+    assert wait_for(lambda: bed.ping(a.pods[0].ns, b.pods[0].address, timeout=0.5), 5), bed.logs()
+    etcd.stop(etcd.members[0], kill=True)
+    late = bed.hosts[2]
+    bed.start_node(late, timeout=20)
+    late_pod = bed.add_pod(late)
+    assert wait_for(lambda: bed.ping(a.pods[0].ns, late_pod.address, timeout=0.3), 5), bed.logs()
+    assert bed.ping(b.pods[0].ns, late_pod.address)
+    assert a.process.poll() is None and b.process.poll() is None
