@@ -20,7 +20,8 @@ cdef enum:
     V_TRUNCATED = 11       # datagram larger than the receive buffer
     V_SEND_FAILED = 12     # the underlay refused the datagram
     V_TUN_WRITE_FAILED = 13
-    V_COUNT = 14
+    V_BAD_OFFLOAD = 14     # a TUN super-packet whose virtio header does not fit its contents
+    V_COUNT = 15
 
 
 cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:

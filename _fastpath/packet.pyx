@@ -8,7 +8,7 @@ from _fastpath.routes cimport RouteTable
 
 VERDICT_NAMES = (
     "ok", "short", "not_ipv4", "bad_header", "bad_length", "bad_checksum", "ttl_expired", "no_route", "unknown_peer",
-    "spoofed_source", "not_local", "truncated", "send_failed", "tun_write_failed",
+    "spoofed_source", "not_local", "truncated", "send_failed", "tun_write_failed", "bad_offload",
 )
 assert len(VERDICT_NAMES) == V_COUNT
 

@@ -10,6 +10,11 @@ upstream peers see exactly upstream's wire format).
 UDP -> TUN: recvmmsg a batch (with UDP_GRO, one message may hold a run of datagrams from one sender, cut at gso_size),
 check each datagram (sender is a lease's PublicIP, inner source in its subnet, inner destination in ours), TTL-1, and
 write it to the TUN.
+
+With TUN offloads (vnet_hdr: the TUN was opened with IFF_VNET_HDR and TUNSETOFFLOAD), a TUN read may be a 64 KB TCP or
+UDP super-packet: it is routed and checked once, then cut into standalone MTU-sized packets (offload.pxd) that leave as
+one UDP GSO run; and consecutive received segments of one TCP flow are glued into one TUN write (writev of the virtio
+header, the first packet and the later payloads, without copying).
 """
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -18,6 +23,7 @@ from libc.string cimport memset
 
 from posix.unistd cimport read, write
 
+from _fastpath.offload cimport *
 from _fastpath.packet cimport *
 from _fastpath.routes cimport Peer, RouteTable, ntohl, sockaddr_in
 
@@ -28,6 +34,7 @@ cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
         void* iov_base
         size_t iov_len
+    Py_ssize_t writev(int fd, const iovec* iov, int n)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -69,7 +76,7 @@ cdef extern from "<poll.h>" nogil:
 
 cdef enum:
     BATCH = 64
-    BUF_SIZE = 65536  # any IPv4 packet: datagrams are never truncated silently
+    BUF_SIZE = 65536 + 64  # any IPv4 packet plus a virtio header: datagrams are never truncated silently
     DEFAULT_BURST = 1024
     SEND_WAIT_MS = 20  # how long a full socket buffer may hold a batch before its rest is dropped
     SOL_UDP = 17
@@ -87,7 +94,15 @@ cdef class Pump:
     cdef uint32_t own_net, own_mask, own_addr
     cdef bint protect
     cdef int burst
-    cdef uint8_t* tx_bufs
+    cdef readonly bint vnet_hdr  # TUN reads and writes carry a virtio_net_hdr (TUN offloads on)
+    cdef uint8_t* tx_bufs  # BATCH + 1 buffers: one per slot, and the spare that holds a super-packet being cut
+    cdef uint8_t* tx_buf[BATCH]
+    cdef uint8_t* tx_spare
+    cdef GsoPlan plan
+    cdef Coalescer co
+    cdef iovec co_iov[COALESCE_MAX_SEGMENTS + 1]
+    cdef uint8_t vnet_out[VNET_HDR_LEN]
+    cdef uint8_t vnet_zero[VNET_HDR_LEN]
     cdef mmsghdr tx_msgs[BATCH]
     cdef iovec tx_iov[BATCH]
     cdef int32_t tx_peer[BATCH]
@@ -108,9 +123,10 @@ cdef class Pump:
     cdef uint64_t tun_read_packets, udp_sent_packets, udp_sent_bytes
     cdef uint64_t udp_received_packets, tun_written_packets, tun_written_bytes, icmp_sent
     cdef uint64_t tun_wakeups, socket_wakeups, send_batches, receive_batches, gso_sends, gro_receives
+    cdef uint64_t tso_reads, tso_segments, tun_writes, coalesced_writes
 
     def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True, int burst=DEFAULT_BURST,
-                  bint gso=False, bint gro=False):
+                  bint gso=False, bint gro=False, bint vnet_hdr=False):
         import ipaddress
         net = ipaddress.IPv4Network(own_subnet)
         self.tun_fd = tun_fd
@@ -124,15 +140,22 @@ cdef class Pump:
         self.gso = gso
         self.gro = gro
         self.gso_error = 0
-        self.tx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
+        self.vnet_hdr = vnet_hdr
+        self.tx_bufs = <uint8_t*>calloc(BATCH + 1, BUF_SIZE)
         self.rx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
         if self.tx_bufs == NULL or self.rx_bufs == NULL:
             raise MemoryError()
         memset(self.tx_msgs, 0, sizeof(self.tx_msgs))
         memset(self.rx_msgs, 0, sizeof(self.rx_msgs))
         memset(self.gso_msgs, 0, sizeof(self.gso_msgs))
+        memset(self.vnet_zero, 0, VNET_HDR_LEN)
+        self.co.count = 0
+        self.co_iov[0].iov_base = self.vnet_out
+        self.co_iov[0].iov_len = VNET_HDR_LEN
         cdef int i
+        self.tx_spare = self.tx_bufs + <size_t>BATCH * BUF_SIZE
         for i in range(BATCH):
+            self.tx_buf[i] = self.tx_bufs + <size_t>i * BUF_SIZE
             self.tx_msgs[i].msg_hdr.msg_iov = &self.tx_iov[i]
             self.tx_msgs[i].msg_hdr.msg_iovlen = 1
             self.tx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
@@ -158,45 +181,86 @@ cdef class Pump:
             self._udp_to_tun()
 
     cdef void _tun_to_udp(self) noexcept nogil:
-        cdef int handled = 0, n, verdict
-        cdef bint drained = False
-        cdef Py_ssize_t r, reply
+        cdef int handled = 0, n = 0, verdict, i
+        cdef Py_ssize_t r, length
         cdef int32_t peer
         cdef uint8_t* buf
-        while handled < self.burst and not drained:
-            n = 0
-            while n < BATCH:
-                buf = self.tx_bufs + <size_t>n * BUF_SIZE
-                r = read(self.tun_fd, buf, BUF_SIZE)
-                if r < 0:
-                    if errno != EINTR:
-                        drained = True  # EAGAIN, or an error that the next readiness will show again
-                        break
+        cdef uint8_t* pkt
+        while handled < self.burst:
+            buf = self.tx_buf[n]
+            r = read(self.tun_fd, buf, BUF_SIZE)
+            if r < 0:
+                if errno == EINTR:
                     continue
-                handled += 1
-                self.tun_read_packets += 1
-                verdict = check_ipv4(buf, r)
-                if verdict == V_OK:
-                    peer = self.routes.lookup(be32(buf + 16))
-                    if peer < 0:
-                        verdict = V_NO_ROUTE
-                        reply = build_net_unreachable(buf, r, self.own_addr, self.icmp_buf)
-                        if reply > 0 and write(self.tun_fd, self.icmp_buf, reply) == reply:
-                            self.icmp_sent += 1
-                    else:
-                        verdict = decrement_ttl(buf)
-                if verdict != V_OK:
-                    self.drops_out[verdict] += 1
+                break  # EAGAIN, or an error that the next readiness will show again
+            handled += 1
+            self.tun_read_packets += 1
+            pkt = buf
+            length = r
+            self.plan.gso_type = VNET_GSO_NONE
+            self.plan.segments = 1
+            if self.vnet_hdr:
+                pkt = buf + VNET_HDR_LEN
+                length = r - VNET_HDR_LEN
+                if length < 0 or plan_gso(buf, pkt, length, &self.plan) < 0:
+                    self.drops_out[V_BAD_OFFLOAD] += 1
                     continue
-                self.tx_iov[n].iov_base = buf
-                self.tx_iov[n].iov_len = r
-                self.tx_msgs[n].msg_hdr.msg_name = &self.routes.peers[peer].addr
-                self.tx_peer[n] = peer
-                n += 1
-                if handled >= self.burst:
-                    break
-            if n > 0:
-                self._send_batch(n)
+            verdict = check_ipv4(pkt, length)
+            if verdict == V_BAD_CHECKSUM and self.plan.gso_type != VNET_GSO_NONE:
+                verdict = V_OK  # every segment gets a fresh header checksum below
+            if verdict == V_OK:
+                peer = self.routes.lookup(be32(pkt + 16))
+                if peer < 0:
+                    verdict = V_NO_ROUTE
+                    self._answer_unreachable(pkt, length)
+                else:
+                    verdict = decrement_ttl(pkt)
+            if verdict != V_OK:
+                self.drops_out[verdict] += self.plan.segments
+                continue
+            if self.plan.gso_type == VNET_GSO_NONE:
+                n = self._queue(n, pkt, length, peer)
+                continue
+            # A super-packet: park it in the spare buffer and cut it into the slots, sending whenever they fill up.
+            self.tx_buf[n] = self.tx_spare
+            self.tx_spare = buf
+            self.tso_reads += 1
+            self.tso_segments += self.plan.segments
+            for i in range(self.plan.segments):
+                length = build_segment(pkt, r - VNET_HDR_LEN, &self.plan, i, self.tx_buf[n])
+                n = self._queue(n, self.tx_buf[n], length, peer)
+        if n > 0:
+            self._send_batch(n)
+
+    cdef int _queue(self, int n, uint8_t* pkt, Py_ssize_t length, int32_t peer) noexcept nogil:
+        """Put a packet for `peer` in slot n; send the batch when the slots are full. Returns the next free slot."""
+        self.tx_iov[n].iov_base = pkt
+        self.tx_iov[n].iov_len = length
+        self.tx_msgs[n].msg_hdr.msg_name = &self.routes.peers[peer].addr
+        self.tx_peer[n] = peer
+        if n + 1 < BATCH:
+            return n + 1
+        self._send_batch(BATCH)
+        return 0
+
+    cdef void _answer_unreachable(self, const uint8_t* pkt, Py_ssize_t length) noexcept nogil:
+        cdef Py_ssize_t reply = build_net_unreachable(pkt, length, self.own_addr, self.icmp_buf)
+        if reply > 0 and self._tun_write(self.icmp_buf, reply) == reply:
+            self.icmp_sent += 1
+
+    cdef Py_ssize_t _tun_write(self, uint8_t* pkt, Py_ssize_t length) noexcept nogil:
+        """One complete packet into the TUN (behind an all-zero virtio header when offloads are on)."""
+        cdef iovec parts[2]
+        cdef Py_ssize_t r
+        self.tun_writes += 1
+        if not self.vnet_hdr:
+            return write(self.tun_fd, pkt, length)
+        parts[0].iov_base = self.vnet_zero
+        parts[0].iov_len = VNET_HDR_LEN
+        parts[1].iov_base = pkt
+        parts[1].iov_len = length
+        r = writev(self.tun_fd, parts, 2)
+        return r - VNET_HDR_LEN if r >= VNET_HDR_LEN else -1
 
     cdef int _group(self, int first, int n, int m) noexcept nogil:
         """Fill gso_msgs[m] with packets first..: one packet, or with GSO the longest run for the same peer whose
@@ -325,11 +389,12 @@ cdef class Pump:
                     piece = seg if length - offset > seg else length - offset
                     self._deliver(buf + offset, piece, sender)
                     offset += piece
+            self._flush_coalesced()  # the receive buffers are reused by the next recvmmsg
             if n < BATCH:
                 return
 
     cdef void _deliver(self, uint8_t* buf, Py_ssize_t length, uint32_t sender) noexcept nogil:
-        """One datagram's payload from `sender`: check, TTL-1, write to the TUN, count."""
+        """One datagram's payload from `sender`: check, TTL-1, count, then write it to the TUN (or hold it to glue)."""
         cdef int32_t peer
         cdef int verdict
         cdef Peer* p
@@ -340,15 +405,45 @@ cdef class Pump:
         if verdict != V_OK:
             self.drops_in[verdict] += 1
             return
-        if write(self.tun_fd, buf, length) != length:
-            self.drops_in[V_TUN_WRITE_FAILED] += 1
-            return
-        self.tun_written_packets += 1
-        self.tun_written_bytes += length
         if peer >= 0:
             p = &self.routes.peers[peer]
             p.rx_packets += 1
             p.rx_bytes += length
+        if self.vnet_hdr:
+            if tcp_segment_continues(&self.co, buf, length):
+                coalescer_append(&self.co, buf, length)
+                self.co_iov[self.co.count].iov_base = buf + self.co.hlen
+                self.co_iov[self.co.count].iov_len = length - self.co.hlen
+                return
+            self._flush_coalesced()
+            if tcp_segment_can_start(buf, length):
+                coalescer_start(&self.co, buf, length)
+                self.co_iov[1].iov_base = buf
+                self.co_iov[1].iov_len = length
+                return
+        if self._tun_write(buf, length) != length:
+            self.drops_in[V_TUN_WRITE_FAILED] += 1
+            return
+        self.tun_written_packets += 1
+        self.tun_written_bytes += length
+
+    cdef void _flush_coalesced(self) noexcept nogil:
+        """Write the held TCP segments as one packet with a virtio GSO header (or the lone one as it is)."""
+        cdef int count = self.co.count
+        cdef Py_ssize_t expected
+        if count == 0:
+            return
+        coalescer_finish(&self.co, self.vnet_out)
+        self.co.count = 0
+        expected = VNET_HDR_LEN + self.co.total
+        self.tun_writes += 1
+        if writev(self.tun_fd, self.co_iov, count + 1) != expected:
+            self.drops_in[V_TUN_WRITE_FAILED] += count
+            return
+        if count > 1:
+            self.coalesced_writes += 1
+        self.tun_written_packets += count
+        self.tun_written_bytes += self.co.total + (count - 1) * self.co.hlen  # as the segments arrived
 
     def counters(self):
         """Totals and drops by reason and direction, for /metrics and tests."""
@@ -366,6 +461,10 @@ cdef class Pump:
             "receive_batches": self.receive_batches,
             "gso_sends": self.gso_sends,
             "gro_receives": self.gro_receives,
+            "tso_reads": self.tso_reads,
+            "tso_segments": self.tso_segments,
+            "tun_writes": self.tun_writes,
+            "coalesced_writes": self.coalesced_writes,
             "drops_tun_to_udp": {VERDICT_NAMES[i]: self.drops_out[i] for i in range(1, V_COUNT) if self.drops_out[i]},
             "drops_udp_to_tun": {VERDICT_NAMES[i]: self.drops_in[i] for i in range(1, V_COUNT) if self.drops_in[i]},
         }

@@ -1,4 +1,5 @@
-"""Side-by-side data-plane comparison in one run: plain routing, kernel VXLAN, and the udp backend.
+"""Side-by-side data-plane comparison in one run: plain routing, kernel VXLAN, and the udp backend with and without
+offloads.
 
 Each variant gets a fresh pair of host namespaces on the same underlay (veth through a bridge), one pod per host, and
 the same iperf3 runs; the figures are printed as absolute values and as ratios to kernel VXLAN of the same run, because
@@ -55,14 +56,19 @@ def setup_vxlan(bed: Testbed) -> None:
             in_ns(host.ns, "ip", "route", "replace", str(subnets[j]), "via", gw, "dev", "flannel.1", "onlink")
 
 
-def setup_udp(bed: Testbed) -> None:
+def setup_udp(bed: Testbed, *flags: str) -> None:
     bed.write_config({"Network": str(NETWORK), "Backend": {"Type": "udp"}})
     for host in bed.hosts:
-        bed.start_node(host, "--healthz-port=8471", "--healthz-ip=127.0.0.1")
+        bed.start_node(host, "--healthz-port=8471", "--healthz-ip=127.0.0.1", *flags)
     time.sleep(0.5)  # every node sees every lease
 
 
-VARIANTS = {"routed": setup_routed, "vxlan": setup_vxlan, "udp": setup_udp}
+def setup_udp_plain(bed: Testbed) -> None:
+    """The udp backend with every offload off (no TUN TSO/coalescing, no UDP GSO/GRO): the before of the offload work."""
+    setup_udp(bed, "--udp-offload=false")
+
+
+VARIANTS = {"routed": setup_routed, "vxlan": setup_vxlan, "udp": setup_udp, "udp-plain": setup_udp_plain}
 
 
 def iperf(bed: Testbed, client, server, *args: str, seconds: float) -> dict:
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5, help="iperf3 TCP duration per variant")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
-    parser.add_argument("--variants", default="routed,vxlan,udp")
+    parser.add_argument("--variants", default="routed,vxlan,udp,udp-plain",
+                        help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--offloads", choices=["on", "off", "both"], default="on", help="underlay veth TSO/GSO/GRO")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args(argv)
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:  # interleaved, so drift on a shared machine hits every variant alike
                 figures = measure(variant, args.seconds, setting == "on")
                 results.setdefault(setting, {}).setdefault(variant, []).append(figures)
-                print(f"  offloads {setting} round {round_ + 1} {variant:7} {figures['tcp_gbps']:6.2f} Gbit/s  "
+                print(f"  offloads {setting} round {round_ + 1} {variant:9} {figures['tcp_gbps']:6.2f} Gbit/s  "
                       f"{figures['udp64_received_pps'] / 1e3:7.0f} kpps", file=sys.stderr, flush=True)
     for setting in settings:
         rows = results[setting]
@@ -132,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                for v in variants}
         base = med.get("vxlan")
         print(f"\nunderlay offloads {setting}:")
-        print(f"{'variant':8} {'TCP Gbit/s':>10} {'x vxlan':>8} {'64B rx kpps':>12} {'x vxlan':>8} {'daemon CPU s/GB':>16}")
+        print(f"{'variant':9} {'TCP Gbit/s':>10} {'x vxlan':>8} {'64B rx kpps':>12} {'x vxlan':>8} {'daemon CPU s/GB':>16}")
         for v in variants:
             m = med[v]
             ratio_tcp = f"{m['tcp_gbps'] / base['tcp_gbps']:.2f}" if base else "-"
             ratio_pps = f"{m['udp64_received_pps'] / base['udp64_received_pps']:.2f}" if base else "-"
             cpu = f"{m['daemon_cpu_s_per_gb']:.2f}" if m["daemon_cpu_s_per_gb"] is not None else "-"
-            print(f"{v:8} {m['tcp_gbps']:10.2f} {ratio_tcp:>8} {m['udp64_received_pps'] / 1e3:12.0f} {ratio_pps:>8} {cpu:>16}")
+            print(f"{v:9} {m['tcp_gbps']:10.2f} {ratio_tcp:>8} {m['udp64_received_pps'] / 1e3:12.0f} {ratio_pps:>8} {cpu:>16}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

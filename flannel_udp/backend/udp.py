@@ -78,13 +78,13 @@ class UdpBackend:
         tun_fd = -1
         try:
             lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr))
-            tun_fd, tun_name = open_tun()
+            tun_fd, tun_name, tun_offloads = open_tun(offloads=self.offload)
             mtu = self.ext.mtu - ENCAP_OVERHEAD
             await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network))
             accept_local_icmp(tun_name)
             log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,
                      mtu, self.config.network, self.ext.iface_addr, self.port)
-            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check, self.offload)
+            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check, self.offload, tun_offloads)
         except BaseException:
             if tun_fd >= 0:
                 os.close(tun_fd)  # the kernel removes the device, its address and its route
@@ -122,7 +122,7 @@ def accept_local_icmp(tun_name: str) -> None:
 
 class UdpNetwork(Network):
     def __init__(self, lease: Lease, mtu: int, tun_fd: int, tun_name: str, sock: socket.socket, port: int,
-                 source_check: bool, offload: bool) -> None:
+                 source_check: bool, offload: bool, tun_offloads: int = 0) -> None:
         self.lease = lease
         self.mtu = mtu
         self.tun_fd = tun_fd
@@ -131,8 +131,10 @@ class UdpNetwork(Network):
         self.port = port
         self.routes = RouteTable()
         gro = offload and enable_gro(sock)
-        self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check, gso=offload, gro=gro)
-        log.info("UDP offloads: GSO %s, GRO %s", "on" if offload else "off", "on" if gro else "off")
+        self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check, gso=offload, gro=gro,
+                         vnet_hdr=bool(tun_offloads))
+        log.info("Offloads: UDP GSO %s, UDP GRO %s, TUN %s", "on" if offload else "off", "on" if gro else "off",
+                 f"{tun_offloads:#x} (TSO split, TCP coalescing)" if tun_offloads else "off")
         self._gso_fallback_logged = False
         loop = asyncio.get_running_loop()
         loop.add_reader(tun_fd, self.pump.on_tun_readable)
@@ -176,7 +178,8 @@ class UdpNetwork(Network):
             totals.add_metric([stage.removesuffix("_packets")], counters[stage])
         calls = CounterMetricFamily("flannel_udp_io_calls", "Readiness callbacks and batched syscalls (packets per call "
                                     "shows how well batching works)", labels=["kind"])
-        for kind in ("tun_wakeups", "socket_wakeups", "send_batches", "receive_batches", "gso_sends", "gro_receives"):
+        for kind in ("tun_wakeups", "socket_wakeups", "send_batches", "receive_batches", "gso_sends", "gro_receives",
+                     "tso_reads", "tso_segments", "tun_writes", "coalesced_writes"):
             calls.add_metric([kind], counters[kind])
         routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
         routes.add_metric([], len(self.routes))

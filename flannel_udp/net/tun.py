@@ -1,31 +1,59 @@
 """Opening the TUN device (pyroute2 makes only persistent TUNs and hands out no fd, so the ioctl is done here)."""
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import struct
 
+log = logging.getLogger(__name__)
+
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20  # Linux 6.2+; not in this machine's userspace header
+TUN_F_USO6 = 0x40
 
 
 class TunError(RuntimeError):
     pass
 
 
-def open_tun(name_template: str = "flannel%d") -> tuple[int, str]:
-    """A non-persistent, non-blocking TUN (IFF_TUN|IFF_NO_PI, as upstream); it disappears when the fd is closed."""
+def open_tun(name_template: str = "flannel%d", offloads: bool = False) -> tuple[int, str, int]:
+    """A non-persistent, non-blocking TUN (IFF_TUN|IFF_NO_PI, as upstream); it disappears when the fd is closed.
+
+    With offloads, IFF_VNET_HDR too, and the kernel may hand over TCP (and, from 6.2, UDP) super-packets with partial
+    checksums: returns the TUN_F_* flags it accepted (0 without offloads)."""
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise TunError("/dev/net/tun does not exist: load the tun module (modprobe tun) or give the container the device") from None
     except PermissionError:
         raise TunError("cannot open /dev/net/tun: permission denied (flannel-udp needs CAP_NET_ADMIN)") from None
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offloads else 0)
     try:
-        request = struct.pack("16sH22x", name_template.encode(), IFF_TUN | IFF_NO_PI)
-        reply = fcntl.ioctl(fd, TUNSETIFF, request)
+        reply = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name_template.encode(), flags))
+        accepted = set_offloads(fd) if offloads else 0
     except OSError as e:
         os.close(fd)
         raise TunError(f"cannot create TUN device {name_template}: {e.strerror}") from None
-    return fd, reply[:16].rstrip(b"\0").decode()
+    return fd, reply[:16].rstrip(b"\0").decode(), accepted
+
+
+def set_offloads(fd: int) -> int:
+    """TCP segmentation offload with checksum offload, plus UDP segmentation where the kernel knows it (6.2+)."""
+    for wanted in (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, wanted)
+            return wanted
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.info("The kernel refuses TUN offloads %#x; trying fewer", wanted)
+    return 0

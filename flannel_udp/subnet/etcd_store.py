@@ -173,7 +173,9 @@ class EtcdRegistry(Registry):
             except etcd_errors.RevisionCompactedError as e:
                 log.info("Lease watch fell behind compaction (%s); re-listing", e)
                 revision = None
-            except (etcd_errors.ClientError, StoreUnavailable) as e:
+            except (etcd_errors.ClientError, StoreError) as e:
+                # Whatever broke the watch (a restart, a dropped stream, a member going away), it must not end: the
+                # node keeps its routes and the watch resumes from the last revision once etcd answers again.
                 if not outage:
                     log.error("Lost the etcd watch (%s); forwarding goes on with the last known routes, retrying", e)
                     outage = True

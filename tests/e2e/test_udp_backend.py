@@ -31,13 +31,14 @@ def metric(ns: str, name: str, **labels) -> float:
     return total
 
 
-@pytest.fixture(params=["embedded", "etcd"])
+@pytest.fixture(params=["embedded", "etcd", "offloads-off"])
 def cluster(bed, request):
-    """3 running nodes with a pod each, on the embedded store or on a real etcd server."""
+    """3 running nodes with a pod each: on the embedded store, on a real etcd server, or with every offload off."""
     if request.param == "etcd":
         bed.start_etcd()
+    offload = ["--udp-offload=false"] if request.param == "offloads-off" else []
     for host in bed.hosts:
-        bed.start_node(host, f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", wait=False)
+        bed.start_node(host, f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", *offload, wait=False)
     for host in bed.hosts:
         bed.wait_ready(host)
         bed.add_pod(host)
@@ -82,6 +83,11 @@ def test_iperf3_tcp_both_ways(cluster):
     assert json.loads(result.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
     server.wait(5)
     assert metric(cluster.hosts[0].ns, "flannel_udp_peer_bytes_total", peer=str(cluster.hosts[1].address), direction="tx") > 1_000_000
+    # With TUN offloads the sender reads TCP super-packets and the receiver glues segments back (both directions ran).
+    offloaded = "TUN off" not in cluster.node_log(cluster.hosts[0])
+    for host in cluster.hosts[:2]:
+        assert (metric(host.ns, "flannel_udp_io_calls_total", kind="tso_reads") > 0) == offloaded
+        assert (metric(host.ns, "flannel_udp_io_calls_total", kind="coalesced_writes") > 0) == offloaded
 
 
 def test_health_endpoints(cluster):

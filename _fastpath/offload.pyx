@@ -1,0 +1,82 @@
+# cython: language_level=3
+"""Python face of offload.pxd, for table-driven tests and fuzzing; the pump calls the same inline functions."""
+import sys
+
+from libc.stdint cimport uint8_t
+
+if sys.byteorder != "little":
+    raise ImportError("the virtio_net_hdr handling assumes a little-endian machine")
+
+VNET_HEADER_LENGTH = VNET_HDR_LEN
+GSO_NONE, GSO_TCPV4, GSO_UDP_L4 = VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4
+NEEDS_CSUM = VNET_F_NEEDS_CSUM
+
+
+def split(const unsigned char[:] read):
+    """What the pump makes of one TUN read (virtio header + packet): the standalone packets it sends.
+
+    Raises ValueError where the pump would drop the read as bad_offload."""
+    if read.shape[0] < VNET_HDR_LEN:
+        raise ValueError("shorter than a virtio header")
+    data = bytearray(read)
+    cdef unsigned char[:] view = data
+    cdef GsoPlan plan
+    cdef Py_ssize_t n = view.shape[0] - VNET_HDR_LEN
+    if plan_gso(&view[0], &view[VNET_HDR_LEN], n, &plan) < 0:
+        raise ValueError("virtio header does not fit the packet")
+    if plan.gso_type == VNET_GSO_NONE:
+        return [bytes(data[VNET_HDR_LEN:])]
+    out = bytearray(65536)
+    cdef unsigned char[:] out_view = out
+    segments = []
+    cdef int i
+    cdef Py_ssize_t length
+    for i in range(plan.segments):
+        length = build_segment(&view[VNET_HDR_LEN], n, &plan, i, &out_view[0])
+        segments.append(bytes(out[:length]))
+    return segments
+
+
+def coalesce(packets):
+    """What the pump writes to the TUN for these received packets, in order: virtio header + packet per write."""
+    keep = [bytearray(p) for p in packets]  # the coalescer rewrites the first packet of a run in place
+    writes = []
+    cdef Coalescer c
+    cdef uint8_t vnet[VNET_HDR_LEN]
+    cdef unsigned char[:] view
+    c.count = 0
+    run = []
+
+    def flush():
+        if c.count == 0:
+            return
+        coalescer_finish(&c, vnet)
+        first = keep[run[0]]
+        body = bytes(first[:c.hlen + c.mss]) if c.count > 1 else bytes(first)
+        for index in run[1:]:
+            body += bytes(keep[index][c.hlen:])
+        writes.append(bytes(vnet[:VNET_HDR_LEN]) + body)
+        c.count = 0
+        run.clear()
+
+    for index, packet in enumerate(keep):
+        view = packet
+        if packet and tcp_segment_continues(&c, &view[0], len(packet)):
+            coalescer_append(&c, &view[0], len(packet))
+            run.append(index)
+            continue
+        flush()
+        if packet and tcp_segment_can_start(&view[0], len(packet)):
+            coalescer_start(&c, &view[0], len(packet))
+            run.append(index)
+            continue
+        writes.append(bytes(VNET_HDR_LEN) + bytes(packet))
+    flush()
+    return writes
+
+
+def internet_checksum(const unsigned char[:] data):
+    """RFC 1071 checksum of data (complemented), as the fast path computes it."""
+    if data.shape[0] == 0:
+        return 0xFFFF
+    return ~sum16(&data[0], data.shape[0]) & 0xFFFF
