@@ -1,5 +1,4 @@
-"""Side-by-side data-plane comparison in one run: plain routing, kernel VXLAN, and the udp backend with and without
-offloads.
+"""Side-by-side data-plane comparison in one run: routing, kernel VXLAN, the udp backend with and without offloads.
 
 Each variant gets a fresh pair of host namespaces on the same underlay (veth through a bridge), one pod per host, and
 the same iperf3 runs; the figures are printed as absolute values and as ratios to kernel VXLAN of the same run, because

@@ -28,8 +28,12 @@ class Network(ABC):
 
 
 def backend_class(name: str):
+    """Upstream looks the type up lower-cased; `hostgw` without the dash is unknown there too."""
+    from .hostgw import HostGwBackend
     from .udp import UdpBackend
-    registry = {"udp": UdpBackend}
+    from .vxlan import VxlanBackend
+    registry = {"udp": UdpBackend, "vxlan": VxlanBackend, "host-gw": HostGwBackend}
+    name = name.lower()
     try:
         return registry[name]
     except KeyError:

@@ -16,10 +16,11 @@ from _fastpath.routes import RouteTable
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..net.tun import open_tun
-from ..subnet.config import NetworkConfig, lookup_key
+from ..subnet.config import NetworkConfig
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
 from . import BackendError, Network
+from .options import int_option
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,7 @@ TUN_TXQUEUELEN = 5000
 
 
 def parse_options(backend: dict[str, Any]) -> int:
-    port = lookup_key(backend, "Port", DEFAULT_PORT)
-    if port is None:
-        port = DEFAULT_PORT
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise BackendError(f"error decoding UDP backend config: Port must be an integer from 1 to 65535, got {port!r}")
-    return port
+    return int_option(backend, "UDP", "Port", DEFAULT_PORT, 1, 65535)
 
 
 def open_socket(address: str, port: int) -> socket.socket:

@@ -134,3 +134,99 @@ def route_get(ipr: IPRoute, dst: str) -> dict | None:
     except NetlinkError:
         return None
     return {"oif": msg.get_attr("RTA_OIF"), "src": msg.get_attr("RTA_PREFSRC"), "gateway": msg.get_attr("RTA_GATEWAY")}
+
+
+# -- kernel backends: vxlan devices, neighbours, FDB ----------------------------------------------------------------
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+AF_BRIDGE = 7
+
+
+@dataclass(frozen=True)
+class VxlanInfo:
+    index: int
+    vni: int
+    local: str | None
+    link: int | None
+    port: int | None
+    gbp: bool
+    learning: bool
+    mac: str
+    mtu: int
+
+
+def vxlan_info(ipr: IPRoute, name: str) -> VxlanInfo | None | bool:
+    """The vxlan device `name`; None if there is no such link, False if it exists but is no vxlan."""
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        return None
+    link = ipr.get_links(found[0])[0]
+    if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
+        return False
+    data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+    return VxlanInfo(link["index"], data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_LOCAL"),
+                     data.get_attr("IFLA_VXLAN_LINK"), data.get_attr("IFLA_VXLAN_PORT"),
+                     data.get_attr("IFLA_VXLAN_GBP") is not None, bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+                     link.get_attr("IFLA_ADDRESS"), link.get_attr("IFLA_MTU"))
+
+
+def create_vxlan(ipr: IPRoute, name: str, vni: int, local: str, link: int, port: int, learning: bool, gbp: bool,
+                 mac: str, mtu: int) -> int:
+    kwargs = {"vxlan_id": vni, "vxlan_local": local, "vxlan_link": link, "vxlan_learning": int(learning)}
+    if port:
+        kwargs["vxlan_port"] = port
+    if gbp:
+        kwargs["vxlan_gbp"] = True
+    ipr.link("add", ifname=name, kind="vxlan", address=mac, mtu=mtu, **kwargs)
+    return ipr.link_lookup(ifname=name)[0]
+
+
+def delete_link(ipr: IPRoute, index: int) -> None:
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as e:
+        if e.code != 19:  # ENODEV: already gone
+            raise
+
+
+def keep_only_address(ipr: IPRoute, index: int, address: str, prefixlen: int, inside: ipaddress.IPv4Network) -> None:
+    """Upstream's EnsureV4AddressOnLink: our address on the link, any other of its IPv4 addresses inside `inside` gone."""
+    wanted = ipaddress.ip_interface(f"{address}/{prefixlen}")
+    for a in addresses(ipr, index):
+        if a.address in inside and (a.address, a.prefixlen) != (wanted.ip, prefixlen):
+            ipr.addr("del", index=index, address=str(a.address), prefixlen=a.prefixlen)
+    replace_address(ipr, index, address, prefixlen)
+
+
+def replace_neighbour(ipr: IPRoute, index: int, ip: str, mac: str) -> None:
+    ipr.neigh("replace", ifindex=index, dst=ip, lladdr=mac, state=NUD_PERMANENT)
+
+
+def delete_neighbour(ipr: IPRoute, index: int, ip: str, mac: str) -> None:
+    ipr.neigh("del", ifindex=index, dst=ip, lladdr=mac)
+
+
+def replace_fdb(ipr: IPRoute, index: int, mac: str, dst: str) -> None:
+    ipr.fdb("replace", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF, state=NUD_PERMANENT)
+
+
+def delete_fdb(ipr: IPRoute, index: int, mac: str, dst: str) -> None:
+    ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF, state=NUD_PERMANENT)
+
+
+def neighbours(ipr: IPRoute, index: int) -> list[tuple[str, str]]:
+    return [(m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")) for m in ipr.get_neighbours(ifindex=index, family=2)]
+
+
+def fdb_entries(ipr: IPRoute, index: int) -> list[tuple[str, str]]:
+    return [(m.get_attr("NDA_LLADDR"), m.get_attr("NDA_DST")) for m in ipr.get_neighbours(family=AF_BRIDGE, ifindex=index)
+            if m.get_attr("NDA_DST")]
+
+
+def write_sysctl(path: str, value: str) -> bool:
+    try:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+        return True
+    except OSError:
+        return False

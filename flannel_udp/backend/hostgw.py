@@ -1,0 +1,97 @@
+"""The host-gw backend (upstream pkg/backend/hostgw + route_network.go): a route per remote host-gw lease via its
+public IP on the external interface. No device, no encapsulation; the nodes must share a layer-2 segment."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client.core import GaugeMetricFamily
+
+from ..net import netlink
+from ..net.iface import ExternalInterface
+from ..subnet.config import NetworkConfig
+from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
+from ..subnet.manager import Manager
+from . import BackendError, Network
+
+log = logging.getLogger(__name__)
+
+ROUTE_CHECK_PERIOD = 10.0  # upstream's routeCheckRetries period: missing routes are put back this often
+
+
+class HostGwBackend:
+    backend_type = "host-gw"
+
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, **_unused) -> None:
+        if ext.ext_addr != ext.iface_addr:
+            raise BackendError("your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
+                               "which is not supported by host-gw backend")
+        if not config.enable_ipv4 or config.enable_ipv6:
+            raise BackendError("this host-gw backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
+        self.netlink = nl
+        self.ext = ext
+        self.config = config
+
+    async def register_network(self, manager: Manager) -> RoutedNetwork:
+        lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr, backend_type=self.backend_type))
+        return RoutedNetwork(self.netlink, lease, self.ext.mtu, self.ext.index, self.backend_type)
+
+
+class RoutedNetwork(Network):
+    """Routes to peers' subnets via their public IPs, kept in line with lease events and re-checked periodically."""
+
+    def __init__(self, nl: netlink.Netlink, lease: Lease, mtu: int, link_index: int, backend_type: str) -> None:
+        self.netlink = nl
+        self.lease = lease
+        self.mtu = mtu
+        self.link_index = link_index
+        self.backend_type = backend_type
+        self.routes: dict[str, str] = {}  # remote subnet -> gateway (its public IP)
+        self._ignored_types: set[str] = set()
+        self._checker = asyncio.get_running_loop().create_task(self._check_routes())
+
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        for event in events:
+            lease = event.lease
+            if lease.attrs.backend_type != self.backend_type and event.type is EventType.ADDED:
+                if lease.attrs.backend_type not in self._ignored_types:
+                    self._ignored_types.add(lease.attrs.backend_type)
+                    log.warning("Ignoring leases of backend type %r (this node runs %s), e.g. %s",
+                                lease.attrs.backend_type or "udp", self.backend_type, lease.subnet)
+                continue
+            subnet = str(lease.subnet)
+            if event.type is EventType.ADDED:
+                gateway = str(lease.attrs.public_ip)
+                self.routes[subnet] = gateway
+                try:
+                    await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)
+                    log.info("Route %s via %s", subnet, gateway)
+                except netlink.NetlinkError as e:  # e.g. a next hop that is not on-link: logged, as upstream
+                    log.error("Cannot add route %s via %s: %s", subnet, gateway, e)
+            elif self.routes.pop(subnet, None) is not None:
+                try:
+                    await self.netlink.call(netlink.delete_route, subnet)
+                    log.info("Route %s removed", subnet)
+                except netlink.NetlinkError as e:
+                    log.error("Cannot remove route %s: %s", subnet, e)
+
+    async def _check_routes(self) -> None:
+        while True:
+            await asyncio.sleep(ROUTE_CHECK_PERIOD)
+            try:
+                present = {(r["dst"], r["gateway"]) for r in await self.netlink.call(netlink.routes)}
+                for subnet, gateway in list(self.routes.items()):
+                    if (subnet, gateway) not in present:
+                        await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)
+                        log.info("Route recovered: %s via %s", subnet, gateway)
+            except netlink.NetlinkError as e:
+                log.error("Route check failed: %s", e)
+
+    def collect_metrics(self):
+        routes = GaugeMetricFamily("flannel_backend_routes", "Routes to peer subnets installed by the backend")
+        routes.add_metric([], len(self.routes))
+        return [routes]
+
+    async def close(self) -> None:
+        # Nothing is removed on exit, as upstream: traffic keeps flowing across a restart.
+        self._checker.cancel()
