@@ -12,9 +12,13 @@ import ipaddress
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from flannel_udp.testbed import Host, Testbed, in_ns
 
@@ -67,7 +71,42 @@ def setup_udp_plain(bed: Testbed) -> None:
     setup_udp(bed, "--udp-offload=false")
 
 
-VARIANTS = {"routed": setup_routed, "vxlan": setup_vxlan, "udp": setup_udp, "udp-plain": setup_udp_plain}
+# The ceiling a userspace data plane can be held to here (../shared/reference): a one-peer C tunnel in the same wire
+# format with the same offloads and no checks. Built on the fly when its source is beside the project; not product code.
+LIMIT_TUNNEL_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "limit-tunnel.c"
+_limit_tunnel_binary: str | None = None
+
+
+def limit_tunnel_binary() -> str:
+    global _limit_tunnel_binary
+    if _limit_tunnel_binary is None:
+        if not LIMIT_TUNNEL_SOURCE.exists() or shutil.which("gcc") is None:
+            raise RuntimeError(f"limit-c needs gcc and {LIMIT_TUNNEL_SOURCE}")
+        out = os.path.join(tempfile.mkdtemp(prefix="flannel-udp-bench-"), "limit-tunnel")
+        subprocess.run(["gcc", "-O2", "-o", out, str(LIMIT_TUNNEL_SOURCE)], check=True)
+        _limit_tunnel_binary = out
+    return _limit_tunnel_binary
+
+
+def setup_limit_c(bed: Testbed) -> None:
+    mtu = bed.mtu - 28
+    subnets = [fake_subnet_env(h, i + 1, mtu) for i, h in enumerate(bed.hosts)]
+    for i, host in enumerate(bed.hosts):
+        peer = bed.hosts[1 - i]
+        bed.popen(host.ns, limit_tunnel_binary(), "flannel0", str(host.address), "8285", str(peer.address),
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while in_ns(host.ns, "ip", "link", "show", "flannel0", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("limit-tunnel did not create flannel0")
+            time.sleep(0.05)
+        in_ns(host.ns, "ip", "addr", "add", f"{subnets[i].network_address}/32", "dev", "flannel0")
+        in_ns(host.ns, "ip", "link", "set", "flannel0", "mtu", str(mtu), "up")
+        in_ns(host.ns, "ip", "route", "add", str(NETWORK), "dev", "flannel0")
+
+
+VARIANTS = {"routed": setup_routed, "vxlan": setup_vxlan, "udp": setup_udp, "udp-plain": setup_udp_plain,
+            "limit-c": setup_limit_c}
 
 
 def iperf(bed: Testbed, client, server, *args: str, seconds: float) -> dict:
