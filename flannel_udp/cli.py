@@ -301,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         demo = sub.add_parser("demo", help="build a cluster in network namespaces on this machine and show it working")
         from .demo import add_arguments
         add_arguments(demo)
+        capture = sub.add_parser("capture", help="decode overlay traffic on the underlay, flannel0 or a pcap, with the "
+                                 "data plane's verdicts")
+        from .capture import add_arguments as add_capture_arguments
+        add_capture_arguments(capture)
+        add_etcd_arguments(capture)
         sub.add_parser("version", help="print the version")
         args = parser.parse_args(argv)
         if args.command == "config":
@@ -309,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "delete" and not args.subnet:
                 raise UsageError("flannel-udp leases delete: give the subnet to delete")
             return leases_command(args)
+        if args.command == "capture":
+            from .capture import CaptureError, run_capture
+            try:
+                return run_capture(args)
+            except CaptureError as e:
+                return fail(str(e))
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args)
