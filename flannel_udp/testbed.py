@@ -23,6 +23,12 @@ from .etcdserver import EtcdCluster
 
 UNDERLAY = ipaddress.ip_network("198.18.0.0/24")
 ETCD_FIRST_ADDRESS = 201  # etcd members sit on the underlay at .201, .202, ...
+CNI_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, ...
+
+
+def cni_plugin_path() -> str:
+    """The `flannel` CNI plugin installed beside this Python (a console script of this package)."""
+    return os.path.join(os.path.dirname(sys.executable), "flannel")
 
 
 class TestbedError(RuntimeError):
@@ -204,28 +210,34 @@ class Testbed:
         return code
 
     def add_pod(self, host: Host) -> Pod:
-        """A pod on the host's cni0 bridge, addressed from FLANNEL_SUBNET (what the CNI bridge plugin would do)."""
-        env = host.subnet_env()
-        subnet = ipaddress.ip_interface(env["FLANNEL_SUBNET"])
-        mtu = env["FLANNEL_MTU"]
-        if not host.pods:
-            in_ns(host.ns, "ip", "link", "add", "cni0", "type", "bridge")
-            in_ns(host.ns, "ip", "addr", "add", str(subnet), "dev", "cni0")
-            in_ns(host.ns, "ip", "link", "set", "cni0", "mtu", mtu, "up")
+        """A pod namespace wired up by the `flannel` CNI plugin (which runs Debian's bridge and host-local plugins):
+        a veth on the host's cni0 and an address from its FLANNEL_SUBNET, exactly as a container runtime would."""
         index = len(host.pods) + 1
         name = f"{host.name}p{index}"
         ns = f"{self.prefix}-{name}"
         self._add_ns(ns)
-        address = subnet.ip + 1 + index
-        in_ns(host.ns, "ip", "link", "add", f"veth{index}", "mtu", mtu, "type", "veth", "peer", "name", "eth0",
-              "mtu", mtu, "netns", ns)
-        in_ns(host.ns, "ip", "link", "set", f"veth{index}", "master", "cni0", "up")
-        in_ns(ns, "ip", "addr", "add", f"{address}/{subnet.network.prefixlen}", "dev", "eth0")
-        in_ns(ns, "ip", "link", "set", "eth0", "up")
-        in_ns(ns, "ip", "route", "add", "default", "via", str(subnet.ip))
+        result = json.loads(self.cni(host, "ADD", name, ns).stdout)
+        address = ipaddress.ip_interface(result["ips"][0]["address"]).ip
         pod = Pod(name, ns, address)
         host.pods.append(pod)
         return pod
+
+    def cni_config(self, host: Host) -> dict:
+        # Masquerading pod traffic is flanneld's job (-ip-masq); inside the cluster pods keep their addresses.
+        return {"cniVersion": "1.0.0", "name": "flannel-udp", "type": "flannel", "subnetFile": host.subnet_file,
+                "dataDir": os.path.join(self.workdir, "cni", host.name),
+                "ipam": {"dataDir": os.path.join(self.workdir, "ipam", host.name)}, "delegate": {"ipMasq": False}}
+
+    def cni(self, host: Host, command: str, container: str, ns: str, config: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run the `flannel` CNI plugin in the host's namespace, as a container runtime would."""
+        env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=container, CNI_NETNS=f"/var/run/netns/{ns}",
+                   CNI_IFNAME="eth0", CNI_PATH=CNI_PLUGIN_DIR)
+        result = subprocess.run(["ip", "netns", "exec", host.ns, cni_plugin_path()], input=json.dumps(config or self.cni_config(host)),
+                                capture_output=True, text=True, env=env, timeout=30)
+        if check and result.returncode != 0:
+            raise TestbedError(f"CNI {command} for {container} failed: {result.stdout} {result.stderr}")
+        return result
 
     def set_underlay_offloads(self, enabled: bool) -> None:
         """veth passes 64 KB GSO packets that a physical NIC would not; benchmarks run both ways."""

@@ -1,0 +1,170 @@
+"""The CNI plugin of type `flannel` (an executable named `flannel` for a CNI bin directory), as upstream's flannel CNI
+plugin: read subnet.env, build the delegate network config (by default the `bridge` plugin: cni0, isGateway, ipMasq
+unless flannel masquerades, mtu = FLANNEL_MTU, host-local IPAM over FLANNEL_SUBNET with a route to the whole
+network), keep it per container for DEL, and run the delegate plugin found on CNI_PATH.
+
+Protocol (CNI spec): CNI_COMMAND and friends in the environment, the network config on stdin, the result (or an error
+object) on stdout. Unlike upstream, CHECK is delegated too (upstream's is a no-op).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
+SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+# CNI error codes (spec): 4 invalid network config, 7 invalid environment variables, 11 try again later, 999 other.
+INVALID_CONFIG, INVALID_ENV, TRY_AGAIN, OTHER = 4, 7, 11, 999
+
+
+class CniError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+def read_subnet_env(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = dict(line.strip().split("=", 1) for line in f if "=" in line)
+    except OSError as e:
+        raise CniError(TRY_AGAIN, f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
+                       "is flanneld running on this node?") from None
+    missing = [k for k in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ") if k not in values]
+    if missing:
+        raise CniError(INVALID_CONFIG, f"{path} is missing {', '.join(missing)}")
+    return values
+
+
+def subnet_of(cidr: str) -> str:
+    import ipaddress
+    return str(ipaddress.ip_interface(cidr).network)
+
+
+def delegate_config(conf: dict, env: dict) -> dict:
+    """The config handed to the delegate plugin, built as upstream's doCmdAdd does."""
+    delegate = dict(conf.get("delegate") or {})
+    if "type" in delegate and not isinstance(delegate["type"], str):
+        raise CniError(INVALID_CONFIG, "'delegate' dictionary, if present, must have (string) 'type' field")
+    for reserved in ("name", "ipam"):
+        if reserved in delegate:
+            raise CniError(INVALID_CONFIG, f"'delegate' dictionary must not have '{reserved}' field, it'll be set by flannel")
+    delegate["name"] = conf.get("name")
+    delegate.setdefault("type", "bridge")
+    delegate.setdefault("ipMasq", env["FLANNEL_IPMASQ"] != "true")  # flannel masquerades, or the bridge must
+    delegate.setdefault("mtu", int(env["FLANNEL_MTU"]))
+    if delegate["type"] == "bridge":
+        delegate.setdefault("isGateway", True)
+    if conf.get("cniVersion"):
+        delegate["cniVersion"] = conf["cniVersion"]
+    if conf.get("runtimeConfig"):
+        delegate["runtimeConfig"] = conf["runtimeConfig"]
+    ipam = dict(conf.get("ipam") or {})
+    ipam.setdefault("type", "host-local")
+    ipam["ranges"] = [[{"subnet": subnet_of(env["FLANNEL_SUBNET"])}]]
+    route = {"dst": env["FLANNEL_NETWORK"]}
+    if delegate["type"] == "bridge" and delegate.get("isGateway"):
+        # The kernel route goes via the bridge's address either way; naming it makes the result say so, which the
+        # bridge plugin's CHECK compares against the routing table.
+        route["gw"] = env["FLANNEL_SUBNET"].split("/")[0]
+    ipam["routes"] = list(ipam.get("routes") or []) + [route]
+    delegate["ipam"] = ipam
+    return delegate
+
+
+def find_plugin(name: str) -> str:
+    for directory in os.environ.get("CNI_PATH", "").split(os.pathsep):
+        candidate = os.path.join(directory, name)
+        if directory and os.access(candidate, os.X_OK):
+            return candidate
+    raise CniError(INVALID_ENV, f"failed to find plugin {name!r} in path {os.environ.get('CNI_PATH', '')!r}")
+
+
+def run_delegate(config: dict) -> str:
+    """Run the delegate with our environment (same CNI_COMMAND) and its config on stdin; its output is ours."""
+    result = subprocess.run([find_plugin(config["type"])], input=json.dumps(config), capture_output=True, text=True)
+    if result.returncode != 0:
+        try:
+            error = json.loads(result.stdout)
+            raise CniError(error.get("code", OTHER), f"delegate {config['type']}: {error.get('msg', '')}",
+                           error.get("details", ""))
+        except (ValueError, AttributeError):
+            raise CniError(OTHER, f"delegate {config['type']} failed: {(result.stderr or result.stdout).strip()}") from None
+    return result.stdout
+
+
+def scratch_path(conf: dict) -> str:
+    container = os.environ.get("CNI_CONTAINERID", "")
+    if not container or "/" in container:
+        raise CniError(INVALID_ENV, "CNI_CONTAINERID is missing or invalid")
+    return os.path.join(conf.get("dataDir") or DEFAULT_DATA_DIR, container)
+
+
+def command_add(conf: dict) -> str:
+    env = read_subnet_env(conf.get("subnetFile") or DEFAULT_SUBNET_FILE)
+    delegate = delegate_config(conf, env)
+    path = scratch_path(conf)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "w") as f:  # kept for DEL, which may come after subnet.env changed or vanished
+        json.dump(delegate, f)
+    os.chmod(path, 0o600)
+    return run_delegate(delegate)
+
+
+def saved_delegate(conf: dict) -> dict | None:
+    try:
+        with open(scratch_path(conf)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
+
+
+def command_del(conf: dict) -> str:
+    delegate = saved_delegate(conf)
+    if delegate is None:
+        return ""  # per spec: already gone is fine
+    run_delegate(delegate)
+    os.unlink(scratch_path(conf))
+    return ""
+
+
+def command_check(conf: dict) -> str:
+    delegate = saved_delegate(conf)
+    if delegate is None:
+        raise CniError(OTHER, f"no delegate config kept for container {os.environ.get('CNI_CONTAINERID')}")
+    if "prevResult" in conf:
+        delegate["prevResult"] = conf["prevResult"]
+    return run_delegate(delegate)
+
+
+def main() -> int:
+    command = os.environ.get("CNI_COMMAND", "")
+    version = "1.0.0"
+    try:
+        if command == "VERSION":
+            print(json.dumps({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}))
+            return 0
+        try:
+            conf = json.loads(sys.stdin.read())
+        except ValueError as e:
+            raise CniError(INVALID_CONFIG, f"failed to load netconf: {e}") from None
+        if not isinstance(conf, dict):
+            raise CniError(INVALID_CONFIG, "failed to load netconf: not a JSON object")
+        version = conf.get("cniVersion") or version
+        handlers = {"ADD": command_add, "DEL": command_del, "CHECK": command_check}
+        if command not in handlers:
+            raise CniError(INVALID_ENV, f"unknown CNI_COMMAND {command!r}")
+        sys.stdout.write(handlers[command](conf))
+        return 0
+    except CniError as e:
+        print(json.dumps({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details}))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
