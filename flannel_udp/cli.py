@@ -159,7 +159,9 @@ def run_command(argv: list[str], prog: str) -> int:
         iface_can_reach=args.iface_can_reach, public_ip=args.public_ip,
         subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
-        etcd=etcd_options(args),
+        etcd=etcd_options(args), ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
+        iptables_forward_rules=args.iptables_forward_rules, iptables_resync=args.iptables_resync,
+        ip_blackhole_route=args.ip_blackhole_route,
     )
     try:
         return uvloop.run(Daemon(opts).run())
@@ -306,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         from .capture import add_arguments as add_capture_arguments
         add_capture_arguments(capture)
         add_etcd_arguments(capture)
+        clean = sub.add_parser("cleanup", help="remove what a node set up in this network namespace (run it stopped)")
+        clean.add_argument("--subnet-file", "-subnet-file", default="/run/flannel/subnet.env",
+                           help="where the node's subnet (for its blackhole route) is read")
         sub.add_parser("version", help="print the version")
         args = parser.parse_args(argv)
         if args.command == "config":
@@ -314,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "delete" and not args.subnet:
                 raise UsageError("flannel-udp leases delete: give the subnet to delete")
             return leases_command(args)
+        if args.command == "cleanup":
+            from .cleanup import run_cleanup
+            return run_cleanup(args.subnet_file)
         if args.command == "capture":
             from .capture import CaptureError, run_capture
             try:

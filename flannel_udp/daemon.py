@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from .backend import BackendError, backend_class
 from .health import HealthServer, NodeState
 from .net import iface, netlink
+from .net.rules import RulesError, TrafficRules
 from .net.tun import TunError
 from .subnet import subnetenv
 from .subnet.config import ConfigError, NetworkConfig, load_config
@@ -43,6 +45,10 @@ class Options:
     public_ip: str = ""
     subnet_lease_renew_margin: int = 60  # minutes
     ip_masq: bool = False
+    ip_masq_fully_random_disable: bool = False
+    iptables_forward_rules: bool = True
+    iptables_resync: int = 5
+    ip_blackhole_route: bool = False
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     udp_source_check: bool = True
@@ -98,6 +104,12 @@ async def open_store(opts: Options) -> tuple[Registry, NetworkConfig]:
         raise
 
 
+def previous_network_from(values: dict[str, list]):
+    """FLANNEL_NETWORK of an old subnet.env: the network whose masquerade rules may be stale."""
+    entries = values.get("FLANNEL_NETWORK", [])
+    return ipaddress.ip_network(entries[0], strict=False) if len(entries) == 1 else None
+
+
 def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
     if isinstance(result, Snapshot):
         return all(lease.subnet != own.subnet for lease in result.leases)
@@ -130,20 +142,27 @@ class Daemon:
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
             backend = backend_class(config.backend_name)(nl, ext, config, source_check=opts.udp_source_check,
                                                            offload=opts.udp_offload)
-            previous = previous_subnet_from(subnetenv.read(opts.subnet_file))
+            old_env = subnetenv.read(opts.subnet_file)
+            previous = previous_subnet_from(old_env)
             manager = Manager(registry, config, previous, opts.lease_ttl)
             network = await backend.register_network(manager)
             self.state.network = network
             self.state.lease_expiration = network.lease.expiration
+            rules = TrafficRules(config.network, network.lease.subnet, masq=opts.ip_masq,
+                                 forward=opts.iptables_forward_rules, nftables=config.enable_nftables,
+                                 fully_random_disabled=opts.ip_masq_fully_random_disable,
+                                 previous=(previous_network_from(old_env), previous[0]))
+            await asyncio.to_thread(rules.setup)
 
             subnetenv.write_atomically(opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq))
             self.state.ready = True
             log.info("Wrote subnet file %s (subnet %s); ready", opts.subnet_file, network.lease.subnet)
 
-            await self._serve(manager, network)
+            await self._serve(manager, network, rules, nl)
             log.info("Exiting cleanly...")
             return 0
-        except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError, EtcdConfigError) as e:
+        except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError, EtcdConfigError,
+                RulesError) as e:
             raise StartupError(str(e)) from None
         finally:
             if network is not None:
@@ -163,14 +182,28 @@ class Daemon:
             signal.signal(s, signal.SIG_DFL)
         self.stopping.set()
 
-    async def _serve(self, manager: Manager, network) -> None:
+    async def _serve(self, manager: Manager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
         async with asyncio.TaskGroup() as tasks:
             watch = tasks.create_task(self._follow_leases(manager, network))
             renew = tasks.create_task(self._renew(manager, network))
+            resync = tasks.create_task(self._resync(rules, nl, str(network.lease.subnet)))
             stop = tasks.create_task(self.stopping.wait())
             done, _ = await asyncio.wait({watch, renew, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (watch, renew, stop):
+            for task in (watch, renew, resync, stop):
                 task.cancel()
+
+    async def _resync(self, rules: TrafficRules, nl: netlink.Netlink, own_subnet: str) -> None:
+        """Every -iptables-resync seconds (the first time after one period, as upstream): put back missing rules,
+        and with -ip-blackhole-route a missing `blackhole <own subnet>`."""
+        period = max(self.opts.iptables_resync, 1)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await asyncio.to_thread(rules.resync)
+                if self.opts.ip_blackhole_route and await nl.call(netlink.ensure_blackhole, own_subnet):
+                    log.info("Added blackhole route %s", own_subnet)
+            except (RulesError, OSError, netlink.NetlinkError) as e:
+                log.error("Resync of rules and routes failed (trying again): %s", e)
 
     async def _follow_leases(self, manager: Manager, network) -> None:
         watcher = LeaseWatcher(network.lease.subnet)

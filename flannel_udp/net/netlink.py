@@ -230,3 +230,24 @@ def write_sysctl(path: str, value: str) -> bool:
         return True
     except OSError:
         return False
+
+
+RTN_BLACKHOLE = 6
+
+
+def ensure_blackhole(ipr: IPRoute, dst: str) -> bool:
+    """`blackhole <dst>` unless a blackhole route for dst exists; True if it was added."""
+    net = ipaddress.ip_network(dst)
+    for msg in ipr.get_routes(family=2, table=MAIN_TABLE):
+        if msg["type"] == RTN_BLACKHOLE and msg["dst_len"] == net.prefixlen and msg.get_attr("RTA_DST") == str(net.network_address):
+            return False
+    ipr.route("add", dst=dst, table=MAIN_TABLE, type=RTN_BLACKHOLE)
+    return True
+
+
+def delete_blackhole(ipr: IPRoute, dst: str) -> bool:
+    try:
+        ipr.route("del", dst=dst, table=MAIN_TABLE, type=RTN_BLACKHOLE)
+        return True
+    except NetlinkError:
+        return False
