@@ -1,16 +1,24 @@
-"""`flannel-udp demo`: a small cluster in network namespaces, shown working, then removed (also on Ctrl-C)."""
+"""`flannel-udp demo`: a small cluster in network namespaces, shown working, then removed (also on Ctrl-C), or kept
+(`--keep`) until `flannel-udp demo down`."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
 
-from .testbed import Testbed, TestbedError, in_ns
+from .testbed import Testbed, TestbedError, in_ns, teardown_saved
+
+STATE_FILE = "/run/flannel-udp-demo.json"  # what `demo --keep` left running, for `demo down`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["up", "down"], default="up",
+                        help="up (default): build, show, remove; down: remove what `--keep` left")
+    parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"], default="udp", help="data plane (default udp)")
+    parser.add_argument("--keep", action="store_true", help="leave the cluster running; `flannel-udp demo down` removes it")
     parser.add_argument("--nodes", type=int, default=3, help="number of hosts (default 3)")
     parser.add_argument("--pods", type=int, default=2, help="pods per host (default 2)")
     parser.add_argument("--network", default="10.244.0.0/16", help="overlay network (default 10.244.0.0/16)")
@@ -22,6 +30,11 @@ def step(message: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.action == "down":
+        return demo_down()
+    if args.keep and os.path.exists(STATE_FILE):
+        print(f"error: a kept demo is still running ({STATE_FILE}); run `flannel-udp demo down` first", file=sys.stderr)
+        return 1
     if not 2 <= args.nodes <= 50 or not 1 <= args.pods <= 20:
         print("error: --nodes must be 2..50 and --pods 1..20", file=sys.stderr)
         return 1
@@ -31,15 +44,15 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         step(f"Building {args.nodes} hosts on an underlay bridge (198.18.0.0/24) in network namespaces")
         bed = Testbed(hosts=args.nodes)
-        bed.write_config({"Network": args.network, "Backend": {"Type": "udp"}})
-        step(f"Starting a flannel-udp node in each host (udp backend, embedded store {bed.lease_file})")
+        bed.write_config({"Network": args.network, "Backend": {"Type": args.backend}})
+        step(f"Starting a flannel-udp node in each host ({args.backend} backend, embedded store {bed.lease_file})")
         for host in bed.hosts:
             bed.start_node(host, wait=False)
         for host in bed.hosts:
             bed.wait_ready(host)
             env = host.subnet_env()
             print(f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']} FLANNEL_MTU={env['FLANNEL_MTU']}")
-        step(f"Creating {args.pods} pods per host on cni0")
+        step(f"Creating {args.pods} pods per host through the flannel CNI plugin (bridge cni0, host-local IPAM)")
         for host in bed.hosts:
             for _ in range(args.pods):
                 bed.add_pod(host)
@@ -66,7 +79,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         if args.iperf_seconds > 0:
             a, b = bed.hosts[0].pods[0], bed.hosts[1].pods[0]
-            step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the udp backend")
+            step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the {args.backend} backend")
             server = bed.popen(b.ns, "iperf3", "-s", "-1", stdout=subprocess_devnull(), stderr=subprocess_devnull())
             time.sleep(0.5)
             result = in_ns(a.ns, "iperf3", "-c", str(b.address), "-t", str(args.iperf_seconds), "-J", check=False,
@@ -78,7 +91,13 @@ def run_demo(args: argparse.Namespace) -> int:
             except (ValueError, KeyError):
                 print(f"    iperf3 failed: {result.stderr.strip() or result.stdout[-300:]}")
                 failures += 1
-        step("Done; removing the cluster" + ("" if not failures else f" ({failures} checks failed)"))
+        if args.keep:
+            bed.save_state(STATE_FILE)
+            step(f"Done; the cluster keeps running (namespaces {bed.prefix}-*, logs in {bed.workdir}); "
+                 "remove it with `flannel-udp demo down`" + ("" if not failures else f" ({failures} checks failed)"))
+            bed = None  # not closed: kept
+        else:
+            step("Done; removing the cluster" + ("" if not failures else f" ({failures} checks failed)"))
         return 0 if failures == 0 else 1
     except TestbedError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -94,3 +113,13 @@ def run_demo(args: argparse.Namespace) -> int:
 def subprocess_devnull():
     import subprocess
     return subprocess.DEVNULL
+
+
+def demo_down() -> int:
+    if not os.path.exists(STATE_FILE):
+        print("no kept demo cluster (nothing to remove)")
+        return 0
+    removed = teardown_saved(STATE_FILE)
+    os.unlink(STATE_FILE)
+    print(f"removed the demo cluster: {removed} namespaces")
+    return 0

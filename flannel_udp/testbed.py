@@ -275,8 +275,42 @@ class Testbed:
         self.namespaces.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def save_state(self, path: str) -> None:
+        """What is running, so that another process can remove it (`demo down`): namespaces, our PIDs, the folder."""
+        pids = [h.process.pid for h in self.hosts if h.process is not None and h.process.poll() is None]
+        pids += [p.pid for p in self.extra_processes if p.poll() is None]
+        if self.etcd is not None:
+            pids += [m.process.pid for m in self.etcd.members if m.process is not None]
+        with open(path, "w") as f:
+            json.dump({"namespaces": self.namespaces, "pids": pids, "workdir": self.workdir,
+                       "etcd_workdir": self.etcd.workdir if self.etcd else None}, f)
+
     def __enter__(self) -> Testbed:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def teardown_saved(path: str) -> int:
+    """Remove a cluster recorded by save_state: stop its processes (by PID, only if still ours), then its namespaces."""
+    with open(path) as f:
+        state = json.load(f)
+    for pid in state["pids"]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue  # already gone
+        if b"flannel_udp" in cmdline or b"iperf3" in cmdline or b"etcd" in cmdline:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for pid in state["pids"]:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for ns in reversed(state["namespaces"]):
+        sh("ip", "netns", "del", ns, check=False)
+    for folder in (state["workdir"], state.get("etcd_workdir")):
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    return len(state["namespaces"])

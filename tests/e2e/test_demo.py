@@ -1,0 +1,62 @@
+"""The demo as a newcomer runs it: every backend, --keep then `demo down`, and Ctrl-C leaving nothing behind."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def namespaces() -> set[str]:
+    return {line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()}
+
+
+def demo(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "flannel_udp", "demo", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
+def test_demo_shows_a_working_cluster_and_removes_it(backend):
+    before = namespaces()
+    result = demo("--nodes", "3", "--pods", "2", "--backend", backend, "--iperf-seconds", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "FAIL" not in out and out.count(" ok") >= 30  # 6 pods: 30 pairs
+    assert f"through the {backend} backend" in out and "Gbit/s" in out and "SUBNET" in out
+    assert namespaces() == before
+
+
+def test_kept_demo_is_removed_by_demo_down():
+    before = namespaces()
+    result = demo("--nodes", "2", "--pods", "1", "--iperf-seconds", "0", "--keep")
+    assert result.returncode == 0, result.stderr
+    assert len(namespaces() - before) == 5  # underlay, 2 hosts, 2 pods
+    assert demo("--keep", "--nodes", "2").returncode == 1  # one kept demo at a time
+    down = demo("down")
+    assert down.returncode == 0 and "removed the demo cluster: 5 namespaces" in down.stdout
+    assert namespaces() == before
+    assert "nothing to remove" in demo("down").stdout
+
+
+def test_ctrl_c_removes_everything():
+    before = namespaces()
+    process = subprocess.Popen([sys.executable, "-m", "flannel_udp", "demo", "--nodes", "3", "--iperf-seconds", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(namespaces() - before) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted; removing the cluster" in err
+    assert namespaces() == before
+    assert not any(p for p in os.listdir("/proc") if p.isdigit() and _is_demo_node(p))
+
+
+def _is_demo_node(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"flannel_udp\x00run" in cmdline and b"flannel-udp-fu" in cmdline
