@@ -20,6 +20,6 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv"
     python3 -m venv .venv
 fi
-echo "==> pip install -e '.[test]' (builds _fastpath)"
+echo "==> pip install -e '.[test,bench]' (builds _fastpath)"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,bench]'

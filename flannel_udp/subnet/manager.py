@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 RACE_RETRIES = 10
 STORE_RETRY = 1.0
+RACE_BACKOFF = 0.05  # seconds, times the attempt number: the upper bound of the pause after a lost race
 DEFAULT_LEASE_TTL = 24 * 3600.0
 
 
@@ -50,7 +51,7 @@ class Manager:
 
     async def _try_acquire(self, attrs: LeaseAttrs) -> Lease:
         """Upstream's tryAcquireLease, except that a create which loses a race is retried (upstream gives up at once)."""
-        for _ in range(RACE_RETRIES):
+        for attempt in range(RACE_RETRIES):
             leases, _rev = await self.registry.get_subnets()
             decision = decide(self.config, leases, attrs.public_ip, self.previous, self.rng)
             for stale in decision.delete:
@@ -67,6 +68,9 @@ class Manager:
                     expiration = await self.registry.create_subnet(decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl)
                 except SubnetExists:
                     log.info("Subnet %s was taken by another node meanwhile, trying again", decision.subnet)
+                    # A short random pause spreads a crowd of nodes starting together, so that the next listing
+                    # already shows what the winners took instead of the same 100 candidates again.
+                    await asyncio.sleep(self.rng.uniform(0, RACE_BACKOFF * (attempt + 1)))
                     continue
                 log.info("Allocated lease (%s) to current node (%s)", decision.subnet, attrs.public_ip)
             return Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None)

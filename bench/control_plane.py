@@ -1,0 +1,122 @@
+"""Control-plane scale: N simulated nodes acquire leases at once (one /16 cut into /26 subnets, 1,023 of them) and each
+follows the others with its own lease watch; reported is the time until every node has seen every other lease, for
+each store and each N.
+
+    .venv/bin/python -m bench.control_plane --nodes 100,300,1000 --stores embedded,etcd
+
+Nodes are asyncio tasks in this process, each with its own Manager and its own watch stream; they share a pool of store
+connections (--connections), as a pool of node processes would share the machine. The embedded store is a fresh
+SQLite file; etcd is a real etcd server started on loopback for the run. Nothing is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from flannel_udp.etcdserver import EtcdCluster
+from flannel_udp.subnet.config import load_config
+from flannel_udp.subnet.etcd_client import EtcdOptions
+from flannel_udp.subnet.etcd_store import EtcdRegistry
+from flannel_udp.subnet.lease import LeaseAttrs
+from flannel_udp.subnet.local_store import LocalRegistry
+from flannel_udp.subnet.manager import Manager
+from flannel_udp.subnet.watcher import LeaseWatcher
+
+CONFIG = '{"Network": "10.100.0.0/16", "SubnetLen": 26}'
+UNDERLAY = ipaddress.ip_network("198.18.0.0/15")
+
+
+async def simulate(registries: list, nodes: int, timeout: float) -> dict:
+    config = load_config(CONFIG)
+    started = time.monotonic()
+    acquired: list[float] = []
+    converged: list[float] = []
+
+    async def node(i: int) -> None:
+        registry = registries[i % len(registries)]
+        lease = await Manager(registry, config).acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1))
+        acquired.append(time.monotonic() - started)
+        watcher = LeaseWatcher(lease.subnet)
+        watch = registry.watch_subnets()
+        try:
+            async for result in watch:
+                watcher.apply(result)
+                if len(watcher.leases) == nodes - 1:
+                    converged.append(time.monotonic() - started)
+                    return
+        finally:
+            await watch.aclose()
+
+    await asyncio.wait_for(asyncio.gather(*(node(i) for i in range(nodes))), timeout)
+    return {"nodes": nodes, "all_acquired_s": max(acquired), "all_converged_s": max(converged),
+            "median_node_converged_s": statistics.median(converged)}
+
+
+async def run_embedded(nodes: int, connections: int, timeout: float) -> dict:
+    folder = tempfile.mkdtemp(prefix="flannel-udp-scale-")
+    registries = [LocalRegistry.open_sync(f"{folder}/leases.db") for _ in range(min(connections, nodes))]
+    try:
+        return await simulate(registries, nodes, timeout)
+    finally:
+        for registry in registries:
+            await registry.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def run_etcd(endpoints: str, prefix: str, nodes: int, connections: int, timeout: float) -> dict:
+    registries = [EtcdRegistry(EtcdOptions(endpoints=endpoints, prefix=prefix)) for _ in range(min(connections, nodes))]
+    try:
+        return await simulate(registries, nodes, timeout)
+    finally:
+        for registry in registries:
+            await registry.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", default="100,300,1000", help="comma list of cluster sizes (at most 1023)")
+    parser.add_argument("--stores", default="embedded,etcd", help="comma list of: embedded, etcd")
+    parser.add_argument("--connections", type=int, default=32, help="store connections shared by the simulated nodes")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one size may take")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # the simulated nodes' own chatter is not the point
+    sizes = [int(n) for n in args.nodes.split(",")]
+    stores = args.stores.split(",")
+    if any(not 2 <= n <= 1023 for n in sizes) or any(s not in ("embedded", "etcd") for s in stores):
+        parser.error("--nodes from 2 to 1023; --stores of embedded, etcd")
+    results: dict = {s: [] for s in stores}
+    etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in stores else None
+    try:
+        print(f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14}")
+        for store in stores:
+            for n in sizes:
+                if store == "embedded":
+                    figures = asyncio.run(run_embedded(n, args.connections, args.timeout))
+                else:
+                    figures = asyncio.run(run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.connections, args.timeout))
+                results[store].append(figures)
+                print(f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
+                      f"{figures['median_node_converged_s']:14.2f}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if etcd is not None:
+            etcd.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""`python -m bench`: the backends side by side, each run as users run it (the real daemon on the embedded store), on the
+same namespace underlay, in the same run.
+
+Per backend and underlay setting (veth defaults; TSO/GSO/GRO off): TCP with 1 and 4 streams both ways (iperf3 -J),
+64-byte UDP packets per second sent and received with the loss, round-trip latency p50/p99/max (ping every 10 ms),
+CPU per gigabyte (the daemons' own, and all softirq time from /proc/stat), and the daemons' resident memory. Every
+figure is the median of --repeat runs with min and max, and each backend is also given as a ratio to host-gw (plain
+routing) of the same run. Backends are interleaved within each repetition, because the machine is shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from flannel_udp.testbed import Testbed, in_ns, wait_for
+
+BACKENDS = ("host-gw", "vxlan", "udp")
+NETWORK = "10.244.0.0/16"
+# What is reported, in this order: (key, label, unit, higher is better)
+FIGURES = [
+    ("tcp1_gbps", "TCP 1 stream", "Gbit/s", True),
+    ("tcp1_reverse_gbps", "TCP 1 stream -R", "Gbit/s", True),
+    ("tcp4_gbps", "TCP 4 streams", "Gbit/s", True),
+    ("tcp4_reverse_gbps", "TCP 4 streams -R", "Gbit/s", True),
+    ("udp64_sent_kpps", "UDP 64 B sent", "kpps", True),
+    ("udp64_received_kpps", "UDP 64 B received", "kpps", True),
+    ("udp64_loss_percent", "UDP 64 B loss", "%", False),
+    ("rtt_p50_ms", "RTT p50", "ms", False),
+    ("rtt_p99_ms", "RTT p99", "ms", False),
+    ("rtt_max_ms", "RTT max", "ms", False),
+    ("daemon_cpu_s_per_gb", "daemon CPU", "s/GB", False),
+    ("softirq_cpu_s_per_gb", "softirq CPU", "s/GB", False),
+    ("daemon_rss_mib", "daemon RSS", "MiB", False),
+]
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def iperf(bed: Testbed, client, server, seconds: float, *args: str) -> dict:
+    srv = bed.popen(server.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: "5201" in in_ns(server.ns, "ss", "-ltn").stdout, 3)
+    try:
+        result = in_ns(client.ns, "iperf3", "-c", str(server.address), "-t", str(seconds), "-J", *args, check=False,
+                       timeout=seconds + 30)
+        return json.loads(result.stdout)
+    finally:
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def softirq_seconds() -> float:
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[7]) / os.sysconf("SC_CLK_TCK")  # cpu user nice system idle iowait irq softirq
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def latency(bed: Testbed, client, server, count: int) -> dict:
+    out = in_ns(client.ns, "ping", "-i", "0.01", "-c", str(count), "-W", "1", str(server.address), check=False,
+                timeout=count * 0.05 + 20).stdout
+    rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", out))
+    if not rtts:
+        return {"rtt_p50_ms": None, "rtt_p99_ms": None, "rtt_max_ms": None}
+    return {"rtt_p50_ms": rtts[len(rtts) // 2], "rtt_p99_ms": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
+            "rtt_max_ms": rtts[-1]}
+
+
+def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> dict:
+    """One fresh 2-host cluster running the real daemon with this backend; every figure of FIGURES."""
+    with Testbed(hosts=2) as bed:
+        bed.set_underlay_offloads(offloads)
+        bed.write_config({"Network": NETWORK, "Backend": {"Type": backend}})
+        for host in bed.hosts:
+            bed.start_node(host)
+        a, b = (bed.add_pod(h) for h in bed.hosts)
+        if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
+            raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
+        daemons = [h.process.pid for h in bed.hosts]
+        figures: dict = {}
+        moved = 0
+        cpu_before, softirq_before = sum(cpu_seconds(p) for p in daemons), softirq_seconds()
+        for key, args in (("tcp1_gbps", ()), ("tcp1_reverse_gbps", ("-R",)), ("tcp4_gbps", ("-P", "4")),
+                          ("tcp4_reverse_gbps", ("-P", "4", "-R"))):
+            result = iperf(bed, a, b, seconds, *args)
+            figures[key] = result["end"]["sum_received"]["bits_per_second"] / 1e9
+            moved += result["end"]["sum_received"]["bytes"]
+        cpu_after, softirq_after = sum(cpu_seconds(p) for p in daemons), softirq_seconds()
+        gigabytes = moved / 1e9
+        figures["daemon_cpu_s_per_gb"] = (cpu_after - cpu_before) / gigabytes if gigabytes else None
+        figures["softirq_cpu_s_per_gb"] = (softirq_after - softirq_before) / gigabytes if gigabytes else None
+        figures["daemon_rss_mib"] = max(rss_mib(p) for p in daemons)
+        udp = iperf(bed, a, b, min(seconds, 3), "-u", "-b", "0", "-l", "64")["end"]["sum"]
+        figures["udp64_sent_kpps"] = udp["packets"] / udp["seconds"] / 1e3
+        figures["udp64_loss_percent"] = udp["lost_percent"]
+        figures["udp64_received_kpps"] = figures["udp64_sent_kpps"] * (1 - udp["lost_percent"] / 100)
+        figures.update(latency(bed, a, b, ping_count))
+        return figures
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key, *_ in FIGURES:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = ({"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None)
+    return out
+
+
+def table(setting: str, summary: dict, backends: list[str]) -> str:
+    base = summary.get("host-gw")
+    lines = [f"\nunderlay {setting}: median [min..max] per figure; x = ratio to host-gw of the same run"]
+    header = f"{'figure':24}" + "".join(f"{b:>34}" for b in backends)
+    lines += [header, "-" * len(header)]
+    no_ratio = {"daemon_cpu_s_per_gb", "daemon_rss_mib", "udp64_loss_percent"}  # host-gw's are ~0: a ratio says nothing
+    for key, label, unit, _ in FIGURES:
+        cells = []
+        for backend in backends:
+            f = summary[backend][key]
+            if f is None:
+                cells.append(f"{'-':>34}")
+                continue
+            ratio = ""
+            if key not in no_ratio and base and base[key] and base[key]["median"]:
+                ratio = f" x{f['median'] / base[key]['median']:.2f}"
+            cells.append(f"{f['median']:.2f} [{f['min']:.2f}..{f['max']:.2f}]{ratio}".rjust(34))
+        lines.append(f"{label + ' ' + unit:24}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def tool_versions() -> dict:
+    def first_line(*cmd):
+        try:
+            return subprocess.run(list(cmd), capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+    return {"iperf3": first_line("iperf3", "--version"), "ping": first_line("ping", "-V"),
+            "python": platform.python_version(), "etcd": first_line("etcd", "--version")}
+
+
+def plot(path: str, report: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: .venv/bin/pip install '.[bench]'")
+    panels = [("tcp1_gbps", "TCP 1 stream (Gbit/s)"), ("tcp4_gbps", "TCP 4 streams (Gbit/s)"),
+              ("udp64_received_kpps", "64 B UDP received (kpps)"), ("rtt_p99_ms", "RTT p99 (ms)"),
+              ("daemon_cpu_s_per_gb", "daemon CPU (s/GB)"), ("softirq_cpu_s_per_gb", "softirq CPU (s/GB)")]
+    settings = list(report["settings"])
+    columns = 3
+    rows_per_setting = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows_per_setting * len(settings), columns,
+                             figsize=(4.2 * columns, 3.2 * rows_per_setting * len(settings)), squeeze=False)
+    for block, setting in enumerate(settings):
+        backends = report["settings"][setting]["backends"]
+        names = list(backends)
+        for index, (key, title) in enumerate(panels):
+            ax = axes[block * rows_per_setting + index // columns][index % columns]
+            medians = [(backends[n][key] or {}).get("median", 0) for n in names]
+            lows = [m - (backends[n][key] or {}).get("min", m) for n, m in zip(names, medians)]
+            highs = [(backends[n][key] or {}).get("max", m) - m for n, m in zip(names, medians)]
+            ax.bar(names, medians, yerr=[lows, highs], color=["#777777", "#4477aa", "#cc6633"][:len(names)], capsize=3)
+            ax.set_title(f"{title}\nunderlay {setting}", fontsize=9)
+            ax.tick_params(labelsize=8)
+    fig.suptitle(f"flannel-udp backends, {report['machine']['date']}, {report['machine']['cores']} cores, "
+                 f"kernel {report['machine']['kernel']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Compare the backends side by side.")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma list of: " + ", ".join(BACKENDS))
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure (median, min, max)")
+    parser.add_argument("--seconds", type=float, default=5, help="iperf3 duration per TCP test")
+    parser.add_argument("--underlay", choices=["defaults", "offloads-off", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="one short repetition, veth defaults only (< 60 s)")
+    parser.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in the README)")
+    parser.add_argument("--plot", metavar="FILE.png", help="bar charts of the main figures")
+    args = parser.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        parser.error(f"unknown backend(s): {', '.join(unknown) or '(none given)'}")
+    if args.quick:
+        args.repeat, args.seconds, args.underlay = 1, 1, "defaults"
+    ping_count = 100 if args.quick else 500
+    settings = ["defaults", "offloads-off"] if args.underlay == "both" else [args.underlay]
+    # SIGTERM takes the same clean path as Ctrl-C: every testbed is closed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    machine = {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(), "cores": os.cpu_count(),
+               "cpu": platform.processor() or platform.machine(), "tools": tool_versions()}
+    print(f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
+          f"{args.repeat} x {args.seconds:g}s per TCP test", flush=True)
+    runs: dict = {s: {b: [] for b in backends} for s in settings}
+    started = time.monotonic()
+    try:
+        for setting in settings:
+            for repetition in range(args.repeat):
+                for backend in backends:
+                    progress(f"underlay {setting}, repetition {repetition + 1}/{args.repeat}: {backend}")
+                    runs[setting][backend].append(measure(backend, setting == "defaults", args.seconds, ping_count))
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything built was removed", file=sys.stderr)
+        return 130
+    report = {"machine": machine, "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends},
+              "settings": {}}
+    for setting in settings:
+        summary = {b: summarise(runs[setting][b]) for b in backends}
+        report["settings"][setting] = {"backends": summary, "runs": runs[setting]}
+        print(table(setting, summary, backends))
+    report["backends"] = report["settings"][settings[0]]["backends"]  # the first setting, for quick lookups
+    print(f"\n(took {time.monotonic() - started:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(args.plot, report)
+    return 0
