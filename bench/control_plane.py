@@ -99,10 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14}")
         for store in stores:
             for n in sizes:
-                if store == "embedded":
-                    figures = asyncio.run(run_embedded(n, args.connections, args.timeout))
-                else:
-                    figures = asyncio.run(run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.connections, args.timeout))
+                try:
+                    if store == "embedded":
+                        figures = asyncio.run(run_embedded(n, args.connections, args.timeout))
+                    else:
+                        figures = asyncio.run(run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.connections,
+                                                       args.timeout))
+                except asyncio.TimeoutError:
+                    print(f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47}", flush=True)
+                    results[store].append({"nodes": n, "timeout_s": args.timeout})
+                    continue
                 results[store].append(figures)
                 print(f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
                       f"{figures['median_node_converged_s']:14.2f}", flush=True)
