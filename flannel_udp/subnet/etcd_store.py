@@ -172,7 +172,7 @@ class EtcdRegistry(Registry):
                         if lease_event is not None:
                             yield Events([lease_event], revision)
                 finally:
-                    await watch.cancel()
+                    await _bounded(watch.cancel(), "cancelling the etcd watch")
                 raise StoreUnavailable("the watch stream closed")
             except etcd_errors.RevisionCompactedError as e:
                 log.info("Lease watch fell behind compaction (%s); re-listing", e)
@@ -187,7 +187,24 @@ class EtcdRegistry(Registry):
                 backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
     async def close(self) -> None:
-        try:
-            await self.client.close()
-        except Exception as e:  # closing must never hide the reason the daemon is stopping
-            log.debug("closing the etcd client: %s", e)
+        if not await _bounded(self.client.close(), "closing the etcd client"):
+            # aetcd's close queues a message for a watch stream that may be gone: never let that hold a shutdown.
+            channel = self.client.channel
+            if channel is not None:
+                await _bounded(channel.close(), "closing the etcd channel")
+
+
+CLOSE_TIMEOUT = 2.0
+
+
+async def _bounded(awaitable, what: str) -> bool:
+    """Await a clean-up step for at most CLOSE_TIMEOUT; False if it failed or hung (logged, never raised): a dead
+    stream behind aetcd's bounded request queue can make such steps wait forever."""
+    try:
+        await asyncio.wait_for(awaitable, CLOSE_TIMEOUT)
+        return True
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:  # a timeout or whatever the client raises while tearing down
+        log.debug("%s: %r", what, e)
+        return False

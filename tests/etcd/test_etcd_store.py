@@ -15,6 +15,7 @@ from flannel_udp.subnet.etcd_client import EtcdOptions
 from flannel_udp.subnet.etcd_store import CONFIG_NOT_FOUND, ConfigNotFound, EtcdRegistry
 from flannel_udp.subnet.lease import EventType, Events, LeaseAttrs, Snapshot
 from flannel_udp.subnet.manager import Manager
+from flannel_udp.subnet.registry import StoreUnavailable
 from flannel_udp.subnet.watcher import LeaseWatcher
 
 net = ipaddress.ip_network
@@ -238,7 +239,12 @@ async def test_watch_survives_an_etcd_restart_and_reports_what_changed_meanwhile
                 cluster.stop(member)
                 await asyncio.sleep(2.5)  # long enough for the watch to back off several times
                 cluster.start(member)
-                await other.create_subnet(net("10.1.6.0/24"), None, LeaseAttrs(ip("1.2.3.5")), DAY)
+                for _ in range(50):  # etcd may say it serves a moment before it accepts connections
+                    try:
+                        await other.create_subnet(net("10.1.6.0/24"), None, LeaseAttrs(ip("1.2.3.5")), DAY)
+                        break
+                    except StoreUnavailable:
+                        await asyncio.sleep(0.1)
                 written = time.monotonic()
                 result = await asyncio.wait_for(pending, 5)
             assert time.monotonic() - written < 2.0
