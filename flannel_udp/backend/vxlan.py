@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..net import netlink
 from ..net.iface import ExternalInterface
-from ..subnet.config import NetworkConfig
+from ..subnet.config import NetworkConfig, lookup_key
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
 from . import BackendError, Network
@@ -165,7 +165,7 @@ class VxlanNetwork(Network):
                             attrs.backend_type or "udp", lease.subnet)
             return None
         data = attrs.backend_data if isinstance(attrs.backend_data, dict) else {}
-        mac = data.get("VtepMAC") or data.get("vtepMAC") or data.get("vtepmac")
+        mac = lookup_key(data, "VtepMAC")  # case-insensitive, as Go decodes it upstream
         if not isinstance(mac, str) or len(mac.split(":")) != 6:
             log.error("Ignoring vxlan lease %s: BackendData has no valid VtepMAC (%r)", lease.subnet, attrs.backend_data)
             return None

@@ -79,7 +79,7 @@ def test_hostile_datagrams_get_the_data_planes_verdicts(udp_cluster):
     out = finish(capture)
     verdicts = out.split("VERDICT")[1]
     assert "spoofed_source" in verdicts and "short" in verdicts and "bad_length" in verdicts, out
-    assert f"DROP spoofed_source" in out and f"UDP {victim.pods[0].address}:" in out
+    assert "DROP spoofed_source" in out and f"UDP {victim.pods[0].address}:" in out
     out2 = finish(capture2)
     assert out2.count("DROP unknown_peer") == 5, out2
     assert all(host.process.poll() is None for host in bed.hosts)

@@ -2,7 +2,6 @@
 chains through iptables-restore, resync, stale rules of a previous network, nftables mode, the blackhole route, and
 `flannel-udp cleanup`."""
 import ipaddress
-import time
 
 from flannel_udp.testbed import in_ns, wait_for
 
