@@ -130,6 +130,7 @@ class EtcdClient(aetcd.Client):
         self._credentials = tls_credentials(opts) if opts.tls else None
         if self._credentials is None:
             log.warning("no certificate provided: connecting to etcd with http. This is insecure")
+        self._connect_lock: asyncio.Lock | None = None
         super().__init__(host=self.endpoints[0].host, port=self.endpoints[0].port,
                          username=opts.username or None, password=opts.password or None, timeout=RPC_TIMEOUT,
                          options=CHANNEL_OPTIONS)
@@ -139,8 +140,16 @@ class EtcdClient(aetcd.Client):
         return ",".join(f"{e.host}:{e.port}" for e in self.endpoints)
 
     async def connect(self) -> None:
+        # Many calls start at once (a listing asks TTLs concurrently): one of them dials, the others wait for it.
         if self._connected.is_set():
             return
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if not self._connected.is_set():
+                await self._dial()
+
+    async def _dial(self) -> None:
         options = dict(self._options)
         if self._credentials is not None:
             # The certificate is checked against the first endpoint's name, whatever member answers.
