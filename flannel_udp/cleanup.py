@@ -27,21 +27,27 @@ def remove_devices(ipr) -> list[str]:
 
 
 def remove_rules() -> list[str]:
-    try:
-        iptables = Iptables()
-    except RulesError:
-        return []
-    any_net = ipaddress.ip_network("0.0.0.0/32")
-    # Deleting the jumps, then flushing and deleting the chains, takes every rule whatever network it was built for.
-    return iptables.remove_chains(masq_rules(any_net, any_net, False) + forward_rules(any_net))
+    removed = []
+    for binary, any_net in (("iptables", "0.0.0.0/32"), ("ip6tables", "::/128")):
+        try:
+            tool = Iptables(binary)
+        except RulesError:
+            continue
+        net = ipaddress.ip_network(any_net)
+        # Deleting the jumps, then flushing and deleting the chains, takes every rule whatever network it was built for.
+        removed += tool.remove_chains(masq_rules(net, net, False) + forward_rules(net))
+    return removed
 
 
 def remove_blackhole(ipr, subnet_file: str) -> list[str]:
-    entries = subnetenv.read(subnet_file).get("FLANNEL_SUBNET", [])
-    if len(entries) != 1:
-        return []
-    subnet = str(ipaddress.ip_network(entries[0], strict=False))
-    return [f"route blackhole {subnet}"] if netlink.delete_blackhole(ipr, subnet) else []
+    removed = []
+    for name in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET"):
+        entries = subnetenv.read(subnet_file).get(name, [])
+        if len(entries) == 1:
+            subnet = str(ipaddress.ip_network(entries[0], strict=False))
+            if netlink.delete_blackhole(ipr, subnet):
+                removed.append(f"route blackhole {subnet}")
+    return removed
 
 
 def cleanup(subnet_file: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -36,7 +37,7 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "iface-regex": ("list", None, "regex on interface addresses, then names; repeatable"),
     "iface-can-reach": ("str", "", "use the interface that routes to this IP"),
     "public-ip": ("str", "", "IP other nodes send to (default: the interface address)"),
-    "public-ipv6": ("str", "", "IPv6 public address (not used by the udp backend)"),
+    "public-ipv6": ("str", "", "IPv6 address other nodes send IPv6 pod traffic to (dual stack; default: the interface's)"),
     "subnet-lease-renew-margin": ("int", 60, "minutes before expiry to renew the lease (1..1439)"),
     "ip-masq": ("bool", False, "set up masquerade rules for traffic leaving the overlay"),
     "ip-masq-fully-random-disable": ("bool", False, "do not use --random-fully in masquerade rules"),
@@ -156,7 +157,7 @@ def run_command(argv: list[str], prog: str) -> int:
     opts = Options(
         net_config_path=args.net_config_path, subnet_file=args.subnet_file, lease_file=args.lease_file,
         lease_ttl=float(args.lease_ttl), iface=args.iface, iface_regex=args.iface_regex,
-        iface_can_reach=args.iface_can_reach, public_ip=args.public_ip,
+        iface_can_reach=args.iface_can_reach, public_ip=args.public_ip, public_ipv6=args.public_ipv6,
         subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
         etcd=etcd_options(args), ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
@@ -250,7 +251,6 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
 
 def leases_command(args: argparse.Namespace) -> int:
     from .subnet.etcd_client import EtcdConfigError
-    from .subnet.lease import parse_subnet_key
     from .subnet.registry import StoreError
 
     async def work() -> int:
@@ -258,18 +258,26 @@ def leases_command(args: argparse.Namespace) -> int:
         try:
             leases, _ = await registry.get_subnets()
             if args.action == "delete":
-                subnets = parse_subnet_key(args.subnet.replace("/", "-"))
-                if subnets is None or all(lease.subnet != subnets[0] for lease in leases):
+                try:  # FLANNEL_SUBNET's form (10.244.6.1/24) names the lease too
+                    wanted = ipaddress.ip_network(args.subnet, strict=False)
+                except ValueError:
+                    return fail(f"not a subnet: {args.subnet}")
+                # The IPv4 subnet names a lease; a dual-stack lease's key also holds its IPv6 subnet.
+                match = next((lease for lease in leases if wanted in (lease.subnet, lease.ipv6_subnet)), None)
+                if match is None:
                     return fail(f"no lease for subnet {args.subnet}")
-                await registry.delete_subnet(*subnets)
+                await registry.delete_subnet(match.subnet, match.ipv6_subnet)
                 print(f"deleted lease {args.subnet}")
                 return 0
             now = time.time()
-            print(f"{'SUBNET':20} {'PUBLIC IP':16} {'BACKEND':9} EXPIRES IN")
+            dual = any(lease.ipv6_subnet is not None for lease in leases)
+            v6_header = f" {'IPV6 SUBNET':24} {'PUBLIC IPV6':24}" if dual else ""
+            print(f"{'SUBNET':20} {'PUBLIC IP':16}{v6_header} {'BACKEND':9} EXPIRES IN")
             for lease in leases:
                 left = lease.seconds_left(now)
                 expires = "never (reservation)" if left is None else f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
-                print(f"{str(lease.subnet):20} {str(lease.attrs.public_ip):16} {lease.attrs.backend_type or 'udp':9} {expires}")
+                v6 = f" {str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24}" if dual else ""
+                print(f"{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} {expires}")
             return 0
         finally:
             await registry.close()

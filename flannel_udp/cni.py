@@ -33,7 +33,10 @@ def read_subnet_env(path: str) -> dict:
     except OSError as e:
         raise CniError(TRY_AGAIN, f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
                        "is flanneld running on this node?") from None
-    missing = [k for k in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ") if k not in values]
+    required = ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
+    if "FLANNEL_IPV6_SUBNET" in values:
+        required.append("FLANNEL_IPV6_NETWORK")
+    missing = [k for k in required if k not in values]
     if missing:
         raise CniError(INVALID_CONFIG, f"{path} is missing {', '.join(missing)}")
     return values
@@ -64,13 +67,19 @@ def delegate_config(conf: dict, env: dict) -> dict:
         delegate["runtimeConfig"] = conf["runtimeConfig"]
     ipam = dict(conf.get("ipam") or {})
     ipam.setdefault("type", "host-local")
-    ipam["ranges"] = [[{"subnet": subnet_of(env["FLANNEL_SUBNET"])}]]
-    route = {"dst": env["FLANNEL_NETWORK"]}
-    if delegate["type"] == "bridge" and delegate.get("isGateway"):
-        # The kernel route goes via the bridge's address either way; naming it makes the result say so, which the
-        # bridge plugin's CHECK compares against the routing table.
-        route["gw"] = env["FLANNEL_SUBNET"].split("/")[0]
-    ipam["routes"] = list(ipam.get("routes") or []) + [route]
+    # One range (and one route to the cluster network) per family in subnet.env, IPv4 first, as upstream.
+    ipam["ranges"], routes = [], []
+    for subnet_key, network_key in (("FLANNEL_SUBNET", "FLANNEL_NETWORK"), ("FLANNEL_IPV6_SUBNET", "FLANNEL_IPV6_NETWORK")):
+        if not env.get(subnet_key):
+            continue
+        ipam["ranges"].append([{"subnet": subnet_of(env[subnet_key])}])
+        route = {"dst": env[network_key]}
+        if delegate["type"] == "bridge" and delegate.get("isGateway"):
+            # The kernel route goes via the bridge's address either way; naming it makes the result say so, which
+            # the bridge plugin's CHECK compares against the routing table.
+            route["gw"] = env[subnet_key].split("/")[0]
+        routes.append(route)
+    ipam["routes"] = list(ipam.get("routes") or []) + routes
     delegate["ipam"] = ipam
     return delegate
 

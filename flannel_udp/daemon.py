@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .backend import BackendError, backend_class
 from .health import HealthServer, NodeState
 from .net import iface, netlink
-from .net.rules import RulesError, TrafficRules
+from .net.rules import FamilyNetworks, RulesError, TrafficRules
 from .net.tun import TunError
 from .subnet import subnetenv
 from .subnet.config import ConfigError, NetworkConfig, load_config
@@ -43,6 +43,7 @@ class Options:
     iface_regex: list[str] = field(default_factory=list)
     iface_can_reach: str = ""
     public_ip: str = ""
+    public_ipv6: str = ""
     subnet_lease_renew_margin: int = 60  # minutes
     ip_masq: bool = False
     ip_masq_fully_random_disable: bool = False
@@ -104,10 +105,18 @@ async def open_store(opts: Options) -> tuple[Registry, NetworkConfig]:
         raise
 
 
-def previous_network_from(values: dict[str, list]):
-    """FLANNEL_NETWORK of an old subnet.env: the network whose masquerade rules may be stale."""
-    entries = values.get("FLANNEL_NETWORK", [])
+def previous_network_from(values: dict[str, list], name: str = "FLANNEL_NETWORK"):
+    """FLANNEL_NETWORK (or FLANNEL_IPV6_NETWORK) of an old subnet.env: the network whose masquerade rules may be stale."""
+    entries = values.get(name, [])
     return ipaddress.ip_network(entries[0], strict=False) if len(entries) == 1 else None
+
+
+def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) -> list[FamilyNetworks]:
+    families = [FamilyNetworks(config.network, lease.subnet, previous_network_from(old_env), previous[0])]
+    if config.enable_ipv6 and lease.ipv6_subnet is not None:
+        families.append(FamilyNetworks(config.ipv6_network, lease.ipv6_subnet,
+                                       previous_network_from(old_env, "FLANNEL_IPV6_NETWORK"), previous[1]))
+    return families
 
 
 def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
@@ -138,25 +147,30 @@ class Daemon:
             if health is not None:
                 await health.start()
             registry, config = await open_store(opts)
-            ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip)
+            backend_cls = backend_class(config.backend_name)
+            # The IPv6 side is looked for only where a backend carries IPv6 (udp refuses EnableIPv6 itself).
+            dual_stack = config.enable_ipv6 and getattr(backend_cls, "dual_stack", False)
+            ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip,
+                                opts.public_ipv6, dual_stack)
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
-            backend = backend_class(config.backend_name)(nl, ext, config, source_check=opts.udp_source_check,
-                                                           offload=opts.udp_offload)
+            if dual_stack:
+                log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
+            backend = backend_cls(nl, ext, config, source_check=opts.udp_source_check, offload=opts.udp_offload)
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
             manager = Manager(registry, config, previous, opts.lease_ttl)
             network = await backend.register_network(manager)
             self.state.network = network
             self.state.lease_expiration = network.lease.expiration
-            rules = TrafficRules(config.network, network.lease.subnet, masq=opts.ip_masq,
+            rules = TrafficRules(rule_families(config, network.lease, old_env, previous), masq=opts.ip_masq,
                                  forward=opts.iptables_forward_rules, nftables=config.enable_nftables,
-                                 fully_random_disabled=opts.ip_masq_fully_random_disable,
-                                 previous=(previous_network_from(old_env), previous[0]))
+                                 fully_random_disabled=opts.ip_masq_fully_random_disable)
             await asyncio.to_thread(rules.setup)
 
             subnetenv.write_atomically(opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq))
             self.state.ready = True
-            log.info("Wrote subnet file %s (subnet %s); ready", opts.subnet_file, network.lease.subnet)
+            log.info("Wrote subnet file %s (subnet %s%s); ready", opts.subnet_file, network.lease.subnet,
+                     f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "")
 
             await self._serve(manager, network, rules, nl)
             log.info("Exiting cleanly...")
@@ -186,13 +200,14 @@ class Daemon:
         async with asyncio.TaskGroup() as tasks:
             watch = tasks.create_task(self._follow_leases(manager, network))
             renew = tasks.create_task(self._renew(manager, network))
-            resync = tasks.create_task(self._resync(rules, nl, str(network.lease.subnet)))
+            own_subnets = [str(s) for s in (network.lease.subnet, network.lease.ipv6_subnet) if s is not None]
+            resync = tasks.create_task(self._resync(rules, nl, own_subnets))
             stop = tasks.create_task(self.stopping.wait())
             done, _ = await asyncio.wait({watch, renew, stop}, return_when=asyncio.FIRST_COMPLETED)
             for task in (watch, renew, resync, stop):
                 task.cancel()
 
-    async def _resync(self, rules: TrafficRules, nl: netlink.Netlink, own_subnet: str) -> None:
+    async def _resync(self, rules: TrafficRules, nl: netlink.Netlink, own_subnets: list[str]) -> None:
         """Every -iptables-resync seconds (the first time after one period, as upstream): put back missing rules,
         and with -ip-blackhole-route a missing `blackhole <own subnet>`."""
         period = max(self.opts.iptables_resync, 1)
@@ -200,8 +215,9 @@ class Daemon:
             await asyncio.sleep(period)
             try:
                 await asyncio.to_thread(rules.resync)
-                if self.opts.ip_blackhole_route and await nl.call(netlink.ensure_blackhole, own_subnet):
-                    log.info("Added blackhole route %s", own_subnet)
+                for own_subnet in own_subnets if self.opts.ip_blackhole_route else []:
+                    if await nl.call(netlink.ensure_blackhole, own_subnet):
+                        log.info("Added blackhole route %s", own_subnet)
             except (RulesError, OSError, netlink.NetlinkError) as e:
                 log.error("Resync of rules and routes failed (trying again): %s", e)
 

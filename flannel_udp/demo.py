@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -22,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3, help="number of hosts (default 3)")
     parser.add_argument("--pods", type=int, default=2, help="pods per host (default 2)")
     parser.add_argument("--network", default="10.244.0.0/16", help="overlay network (default 10.244.0.0/16)")
+    parser.add_argument("--ipv6-network", default="", metavar="CIDR",
+                        help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (vxlan and host-gw)")
     parser.add_argument("--iperf-seconds", type=float, default=3, help="length of the throughput sample (0: skip)")
 
 
@@ -44,14 +45,18 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         step(f"Building {args.nodes} hosts on an underlay bridge (198.18.0.0/24) in network namespaces")
         bed = Testbed(hosts=args.nodes)
-        bed.write_config({"Network": args.network, "Backend": {"Type": args.backend}})
+        config = {"Network": args.network, "Backend": {"Type": args.backend}}
+        if args.ipv6_network:
+            config.update(EnableIPv6=True, IPv6Network=args.ipv6_network)
+        bed.write_config(config)
         step(f"Starting a flannel-udp node in each host ({args.backend} backend, embedded store {bed.lease_file})")
         for host in bed.hosts:
             bed.start_node(host, wait=False)
         for host in bed.hosts:
             bed.wait_ready(host)
             env = host.subnet_env()
-            print(f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']} FLANNEL_MTU={env['FLANNEL_MTU']}")
+            v6 = f" FLANNEL_IPV6_SUBNET={env['FLANNEL_IPV6_SUBNET']}" if "FLANNEL_IPV6_SUBNET" in env else ""
+            print(f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']}{v6} FLANNEL_MTU={env['FLANNEL_MTU']}")
         step(f"Creating {args.pods} pods per host through the flannel CNI plugin (bridge cni0, host-local IPAM)")
         for host in bed.hosts:
             for _ in range(args.pods):
@@ -60,36 +65,20 @@ def run_demo(args: argparse.Namespace) -> int:
         step("Leases")
         print(in_ns(bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file).stdout)
 
-        step("Ping matrix (pod to pod across hosts; ok = 1 echo answered)")
         pods = [pod for host in bed.hosts for pod in host.pods]
         time.sleep(0.5)  # routes follow the leases within the store's poll interval
-        width = max(len(p.name) for p in pods) + 2
-        print(" " * width + "".join(f"{p.name:>{width}}" for p in pods))
-        failures = 0
-        for src in pods:
-            cells = []
-            for dst in pods:
-                if src is dst:
-                    cells.append(f"{'-':>{width}}")
-                    continue
-                ok = bed.ping(src.ns, dst.address, count=1, timeout=2)
-                failures += not ok
-                cells.append(f"{'ok' if ok else 'FAIL':>{width}}")
-            print(f"{src.name:<{width}}" + "".join(cells))
+        failures = ping_matrix(bed, pods, "address", "IPv4")
+        if args.ipv6_network:
+            failures += ping_matrix(bed, pods, "address6", "IPv6")
 
         if args.iperf_seconds > 0:
             a, b = bed.hosts[0].pods[0], bed.hosts[1].pods[0]
             step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the {args.backend} backend")
-            server = bed.popen(b.ns, "iperf3", "-s", "-1", stdout=subprocess_devnull(), stderr=subprocess_devnull())
-            time.sleep(0.5)
-            result = in_ns(a.ns, "iperf3", "-c", str(b.address), "-t", str(args.iperf_seconds), "-J", check=False,
-                           timeout=args.iperf_seconds + 20)
-            server.wait(5)
+            report = bed.iperf3(a, b, args.iperf_seconds)
             try:
-                bps = json.loads(result.stdout)["end"]["sum_received"]["bits_per_second"]
-                print(f"    {bps / 1e9:.2f} Gbit/s")
-            except (ValueError, KeyError):
-                print(f"    iperf3 failed: {result.stderr.strip() or result.stdout[-300:]}")
+                print(f"    {report['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s")
+            except KeyError:
+                print(f"    iperf3 failed: {report.get('error', 'no report')}")
                 failures += 1
         if args.keep:
             bed.save_state(STATE_FILE)
@@ -110,9 +99,23 @@ def run_demo(args: argparse.Namespace) -> int:
             bed.close()
 
 
-def subprocess_devnull():
-    import subprocess
-    return subprocess.DEVNULL
+def ping_matrix(bed: Testbed, pods: list, attribute: str, family: str) -> int:
+    """Print who reaches whom over one address family; returns the number of failed pairs."""
+    step(f"{family} ping matrix (pod to pod across hosts; ok = 1 echo answered)")
+    width = max(len(p.name) for p in pods) + 2
+    print(" " * width + "".join(f"{p.name:>{width}}" for p in pods))
+    failures = 0
+    for src in pods:
+        cells = []
+        for dst in pods:
+            if src is dst:
+                cells.append(f"{'-':>{width}}")
+                continue
+            ok = bed.ping(src.ns, getattr(dst, attribute), count=1, timeout=2)
+            failures += not ok
+            cells.append(f"{'ok' if ok else 'FAIL':>{width}}")
+        print(f"{src.name:<{width}}" + "".join(cells))
+    return failures
 
 
 def demo_down() -> int:

@@ -1,7 +1,7 @@
 """A cluster of hosts and pods in network namespaces on this machine, shared by the demo, the benchmarks and the tests.
 
 Layout: one underlay namespace holding a bridge; each host namespace joins it through a veth (`eth0`, an address in
-198.18.0.0/24); each pod namespace hangs off its host's `cni0` bridge with an address from the host's FLANNEL_SUBNET.
+198.18.0.0/24 and one in fd00:198:18::/64 for dual-stack runs); each pod namespace hangs off its host's `cni0` bridge with an address from the host's FLANNEL_SUBNET.
 Everything lives in namespaces named with a unique prefix and is removed by close(), also after a failure. The root
 namespace is never touched.
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .etcdserver import EtcdCluster
 
 UNDERLAY = ipaddress.ip_network("198.18.0.0/24")
+UNDERLAY6 = ipaddress.ip_network("fd00:198:18::/64")  # unique-local: never routed beyond this machine
 ETCD_FIRST_ADDRESS = 201  # etcd members sit on the underlay at .201, .202, ...
 CNI_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, ...
 
@@ -62,6 +63,7 @@ class Pod:
     name: str
     ns: str
     address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None = None  # dual stack only
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Host:
     name: str
     ns: str
     address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address
     subnet_file: str
     process: subprocess.Popen | None = None
     log_path: str = ""
@@ -119,10 +122,13 @@ class Testbed:
               "mtu", str(self.mtu), "netns", ns)
         in_ns(self.underlay_ns, "ip", "link", "set", peer, "master", "br0", "up")
         address = UNDERLAY.network_address + index
+        address6 = UNDERLAY6.network_address + index
         in_ns(ns, "ip", "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        # nodad: usable at once, instead of after a second of duplicate detection on a link we built ourselves.
+        in_ns(ns, "ip", "-6", "addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
         in_ns(ns, "ip", "link", "set", "eth0", "up")
-        in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        host = Host(name, ns, address, os.path.join(self.workdir, f"{name}-subnet.env"))
+        in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        host = Host(name, ns, address, address6, os.path.join(self.workdir, f"{name}-subnet.env"))
         self.hosts.append(host)
         return host
 
@@ -175,6 +181,24 @@ class Testbed:
             self.wait_ready(host, timeout)
         return host
 
+    def start_cluster(self, *extra: str, pods_per_host: int = 1) -> None:
+        """Every host's node started at once (they race for leases, as a real cluster's do), then pods on each."""
+        for host in self.hosts:
+            self.start_node(host, *extra, wait=False)
+        for host in self.hosts:
+            self.wait_ready(host)
+            for _ in range(pods_per_host):
+                self.add_pod(host)
+
+    def run_node_expecting_failure(self, host: Host, *extra: str, iface: str = "eth0", timeout: float = 20) -> str:
+        """Start a node that must refuse to run: exit status 1; returns the last line it printed."""
+        self.start_node(host, *extra, iface=iface, wait=False)
+        code = host.process.wait(timeout)
+        host.process = None
+        if code != 1:
+            raise TestbedError(f"node {host.name} exited with {code}, not 1: {self.node_log(host)[-2000:]}")
+        return self.node_log(host).strip().splitlines()[-1]
+
     def wait_ready(self, host: Host, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while not os.path.exists(host.subnet_file):
@@ -217,8 +241,12 @@ class Testbed:
         ns = f"{self.prefix}-{name}"
         self._add_ns(ns)
         result = json.loads(self.cni(host, "ADD", name, ns).stdout)
-        address = ipaddress.ip_interface(result["ips"][0]["address"]).ip
-        pod = Pod(name, ns, address)
+        addresses = [ipaddress.ip_interface(ip["address"]).ip for ip in result["ips"]]
+        pod = Pod(name, ns, next(a for a in addresses if a.version == 4), next((a for a in addresses if a.version == 6), None))
+        if pod.address6 is not None:
+            # The bridge's new IPv6 gateway address answers neighbour solicitations only after duplicate address
+            # detection (up to ~2 s); a pod's first packets would be lost until then.
+            wait_for(lambda: "tentative" not in in_ns(host.ns, "ip", "-6", "addr", "show", "dev", "cni0").stdout, 5)
         host.pods.append(pod)
         return pod
 
@@ -250,6 +278,23 @@ class Testbed:
         result = in_ns(ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(timeout), "-q", str(target),
                        check=False, timeout=count * (interval + timeout) + 5)
         return result.returncode == 0
+
+    def iperf3(self, client: Pod, server: Pod, seconds: float = 1, *flags: str, ipv6: bool = False) -> dict:
+        """One iperf3 run from pod to pod (a one-shot server in `server`); iperf3's JSON report, or {} if it failed."""
+        target = server.address6 if ipv6 else server.address
+        process = self.popen(server.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        result = in_ns(client.ns, "iperf3", "-c", str(target), "-t", f"{seconds:g}", "-J", *flags, check=False,
+                       timeout=seconds + 20)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return {}
 
     def popen(self, ns: str, *args: str, **kwargs) -> subprocess.Popen:
         process = subprocess.Popen(["ip", "netns", "exec", ns, *args], **kwargs)

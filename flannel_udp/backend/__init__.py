@@ -27,6 +27,14 @@ class Network(ABC):
     async def close(self) -> None: ...
 
 
+def check_families(config, ext) -> None:
+    """The kernel backends run IPv4 or dual stack; an IPv6 side needs an IPv6 address on the external interface."""
+    if not config.enable_ipv4:
+        raise BackendError("IPv6-only networks are not supported: set EnableIPv4 too (dual stack)")
+    if config.enable_ipv6 and ext.ext_addr6 is None:
+        raise BackendError(f"EnableIPv6 is set but no IPv6 address was chosen on {ext.name}")
+
+
 def backend_class(name: str):
     """Upstream looks the type up lower-cased; `hostgw` without the dash is unknown there too."""
     from .hostgw import HostGwBackend

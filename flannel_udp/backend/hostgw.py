@@ -1,5 +1,6 @@
 """The host-gw backend (upstream pkg/backend/hostgw + route_network.go): a route per remote host-gw lease via its
-public IP on the external interface. No device, no encapsulation; the nodes must share a layer-2 segment."""
+public IP on the external interface. No device, no encapsulation; the nodes must share a layer-2 segment. In dual stack,
+also a route per remote IPv6 subnet via the peer's PublicIPv6."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import BackendError, Network
+from . import BackendError, Network, check_families
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +22,23 @@ ROUTE_CHECK_PERIOD = 10.0  # upstream's routeCheckRetries period: missing routes
 
 class HostGwBackend:
     backend_type = "host-gw"
+    dual_stack = True
 
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, **_unused) -> None:
         if ext.ext_addr != ext.iface_addr:
             raise BackendError("your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
                                "which is not supported by host-gw backend")
-        if not config.enable_ipv4 or config.enable_ipv6:
-            raise BackendError("this host-gw backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
+        check_families(config, ext)
+        if config.enable_ipv6 and ext.ext_addr6 != ext.iface_addr6:
+            raise BackendError("your PublicIPv6 differs from interface IPv6, meaning that probably you're on a NAT, "
+                               "which is not supported by host-gw backend")
         self.netlink = nl
         self.ext = ext
         self.config = config
 
     async def register_network(self, manager: Manager) -> RoutedNetwork:
-        lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr, backend_type=self.backend_type))
+        public_ipv6 = self.ext.ext_addr6 if self.config.enable_ipv6 else None
+        lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr, public_ipv6, backend_type=self.backend_type))
         return RoutedNetwork(self.netlink, lease, self.ext.mtu, self.ext.index, self.backend_type)
 
 
@@ -59,27 +64,36 @@ class RoutedNetwork(Network):
                     log.warning("Ignoring leases of backend type %r (this node runs %s), e.g. %s",
                                 lease.attrs.backend_type or "udp", self.backend_type, lease.subnet)
                 continue
-            subnet = str(lease.subnet)
-            if event.type is EventType.ADDED:
-                gateway = str(lease.attrs.public_ip)
-                self.routes[subnet] = gateway
-                try:
-                    await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)
-                    log.info("Route %s via %s", subnet, gateway)
-                except netlink.NetlinkError as e:  # e.g. a next hop that is not on-link: logged, as upstream
-                    log.error("Cannot add route %s via %s: %s", subnet, gateway, e)
-            elif self.routes.pop(subnet, None) is not None:
-                try:
-                    await self.netlink.call(netlink.delete_route, subnet)
-                    log.info("Route %s removed", subnet)
-                except netlink.NetlinkError as e:
-                    log.error("Cannot remove route %s: %s", subnet, e)
+            for subnet, gateway in ((lease.subnet, lease.attrs.public_ip), (lease.ipv6_subnet, lease.attrs.public_ipv6)):
+                if subnet is None or (subnet.version == 6 and not self.lease.ipv6_subnet):
+                    continue  # an IPv4-only peer, or an IPv4-only node
+                if event.type is EventType.ADDED and gateway is not None:
+                    await self._add_route(str(subnet), str(gateway))
+                elif event.type is EventType.REMOVED:
+                    await self._remove_route(str(subnet))
+
+    async def _add_route(self, subnet: str, gateway: str) -> None:
+        self.routes[subnet] = gateway
+        try:
+            await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)
+            log.info("Route %s via %s", subnet, gateway)
+        except netlink.NetlinkError as e:  # e.g. a next hop that is not on-link: logged, as upstream
+            log.error("Cannot add route %s via %s: %s", subnet, gateway, e)
+
+    async def _remove_route(self, subnet: str) -> None:
+        if self.routes.pop(subnet, None) is None:
+            return
+        try:
+            await self.netlink.call(netlink.delete_route, subnet)
+            log.info("Route %s removed", subnet)
+        except netlink.NetlinkError as e:
+            log.error("Cannot remove route %s: %s", subnet, e)
 
     async def _check_routes(self) -> None:
         while True:
             await asyncio.sleep(ROUTE_CHECK_PERIOD)
             try:
-                present = {(r["dst"], r["gateway"]) for r in await self.netlink.call(netlink.routes)}
+                present = {(r["dst"], r["gateway"]) for family in (2, 10) for r in await self.netlink.call(netlink.routes, family)}
                 for subnet, gateway in list(self.routes.items()):
                     if (subnet, gateway) not in present:
                         await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)

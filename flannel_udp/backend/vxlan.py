@@ -5,6 +5,9 @@ permanent neighbour entry (remote subnet IP -> its VTEP MAC), an FDB entry (that
 onlink route to the remote subnet via its subnet IP, in that order and undone in reverse if a step fails. With
 DirectRouting a peer on the same link gets a plain route via its public IP instead. A watchdog recreates a deleted
 device and replays every peer (upstream forgets them).
+
+Dual stack adds flannel-v6.<VNI> with the same duties for the IPv6 side: local = public IPv6, the lease's IPv6
+subnet, PublicIPv6 and BackendV6Data. Each family's device is a `Vtep`; the network drives one or two of them.
 """
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig, lookup_key
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import BackendError, Network
+from . import BackendError, Network, check_families
 from .options import bool_option, int_option
 
 log = logging.getLogger(__name__)
 
 ENCAP_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
+ENCAP_OVERHEAD_V6 = 70  # an IPv6 underlay's header is 20 bytes longer
 IPV4_MIN_MTU = 68
+IPV6_MIN_MTU = 1280
 WATCHDOG_PERIOD = 0.5
 STEP_RETRIES = 5
 
@@ -42,12 +47,16 @@ class VxlanOptions:
     direct_routing: bool
 
 
-def parse_options(backend: dict, ext_mtu: int) -> VxlanOptions:
+def parse_options(backend: dict, ext_mtu: int, ipv6: bool = False) -> VxlanOptions:
     name = "VXLAN"
     mtu = int_option(backend, name, "MTU", ext_mtu, -(1 << 31), 1 << 31)
     if mtu - ENCAP_OVERHEAD < IPV4_MIN_MTU:
         raise BackendError(f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD} bytes for "
                            f"pods after the {ENCAP_OVERHEAD}-byte VXLAN overhead, below IPv4's minimum of {IPV4_MIN_MTU}")
+    if ipv6 and mtu - ENCAP_OVERHEAD_V6 < IPV6_MIN_MTU:
+        raise BackendError(f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD_V6} bytes for "
+                           f"pods after the {ENCAP_OVERHEAD_V6}-byte VXLAN-over-IPv6 overhead, below IPv6's minimum "
+                           f"of {IPV6_MIN_MTU}")
     return VxlanOptions(vni=int_option(backend, name, "VNI", 1, 0, (1 << 24) - 1),
                         port=int_option(backend, name, "Port", 0, 0, 65535), mtu=mtu,
                         gbp=bool_option(backend, name, "GBP"), learning=bool_option(backend, name, "Learning"),
@@ -63,129 +72,155 @@ def random_mac() -> str:
 
 class VxlanBackend:
     backend_type = "vxlan"
+    dual_stack = True
 
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, **_unused) -> None:
-        if not config.enable_ipv4 or config.enable_ipv6:
-            raise BackendError("this vxlan backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
+        check_families(config, ext)
         self.netlink = nl
         self.ext = ext
         self.config = config
-        self.options = parse_options(config.backend, ext.mtu)
-        self.device = f"flannel.{self.options.vni}"
+        self.options = parse_options(config.backend, ext.mtu, config.enable_ipv6)
+        vni = self.options.vni
+        self.vteps = [Vtep(4, f"flannel.{vni}", str(ext.ext_addr), self.options.mtu - ENCAP_OVERHEAD, config.network)]
+        if config.enable_ipv6:
+            self.vteps.append(Vtep(6, f"flannel-v6.{vni}", str(ext.ext_addr6), self.options.mtu - ENCAP_OVERHEAD_V6))
 
     async def register_network(self, manager: Manager) -> VxlanNetwork:
-        # The device comes first: its MAC goes into the lease.
-        index, mac = await self.netlink.call(ensure_device, self.device, self.options, self.ext)
-        attrs = LeaseAttrs(self.ext.ext_addr, backend_type=self.backend_type,
-                           backend_data={"VNI": self.options.vni, "VtepMAC": mac})
+        # The devices come first: their MACs go into the lease.
+        for vtep in self.vteps:
+            vtep.index, vtep.mac = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index)
+        v4 = self.vteps[0]
+        v6 = self.vteps[1] if len(self.vteps) > 1 else None
+        attrs = LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6 if v6 else None, backend_type=self.backend_type,
+                           backend_data={"VNI": self.options.vni, "VtepMAC": v4.mac},
+                           backend_v6_data={"VNI": self.options.vni, "VtepMAC": v6.mac} if v6 else None)
         lease = await manager.acquire_lease(attrs)
-        await self.netlink.call(configure_device, index, lease, self.config.network, mac)
-        log.info("%s is up: VNI %d, MAC %s, address %s/32, MTU %d", self.device, self.options.vni, mac,
-                 lease.subnet.network_address, self.options.mtu - ENCAP_OVERHEAD)
-        return VxlanNetwork(self.netlink, lease, self.device, index, mac, self.options, self.ext, self.config)
+        for vtep in self.vteps:
+            vtep.subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
+            await self.netlink.call(configure_device, vtep)
+            log.info("%s is up: VNI %d, MAC %s, address %s/%d, MTU %d", vtep.name, self.options.vni, vtep.mac,
+                     vtep.subnet.network_address, vtep.subnet.max_prefixlen, vtep.mtu)
+        return VxlanNetwork(self.netlink, lease, self.vteps, self.options, self.ext)
 
 
-def ensure_device(ipr, name: str, opts: VxlanOptions, ext: ExternalInterface, mac: str | None = None) -> tuple[int, str]:
-    """Reuse a compatible flannel.<VNI> (keeping its MAC, so peers' FDB entries stay right); recreate one that is not."""
-    mtu = opts.mtu - ENCAP_OVERHEAD
-    existing = netlink.vxlan_info(ipr, name)
+@dataclass
+class Vtep:
+    """One family's vxlan device and what it needs to (re)build itself."""
+    version: int       # 4 or 6: of the pod subnets it routes and of its underlay
+    name: str          # flannel.<VNI> or flannel-v6.<VNI>
+    local: str         # the public IP of that family
+    mtu: int
+    network: ipaddress.IPv4Network | None = None  # IPv4 only: other addresses inside it are removed from the device
+    index: int = 0
+    mac: str = ""
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None  # own lease's subnet of this family
+
+
+def ensure_device(ipr, vtep: Vtep, opts: VxlanOptions, link: int, mac: str | None = None) -> tuple[int, str]:
+    """Reuse a compatible device (keeping its MAC, so peers' FDB entries stay right); recreate one that is not."""
+    existing = netlink.vxlan_info(ipr, vtep.name)
     if existing:
-        compatible = (existing.vni == opts.vni and existing.local in (None, str(ext.ext_addr))
-                      and existing.link in (None, 0, ext.index) and (not opts.port or existing.port in (0, opts.port))
+        compatible = (existing.vni == opts.vni and existing.local in (None, vtep.local)
+                      and existing.link in (None, 0, link) and (not opts.port or existing.port in (0, opts.port))
                       and existing.gbp == opts.gbp and existing.learning == opts.learning)
         if compatible:
-            netlink.set_link(ipr, existing.index, mtu=mtu)
+            netlink.set_link(ipr, existing.index, mtu=vtep.mtu)
             return existing.index, existing.mac
-        log.warning("%s exists but does not match the configuration; recreating it", name)
+        log.warning("%s exists but does not match the configuration; recreating it", vtep.name)
     if existing is not None:
-        netlink.delete_link(ipr, ipr.link_lookup(ifname=name)[0])
+        netlink.delete_link(ipr, ipr.link_lookup(ifname=vtep.name)[0])
     mac = mac or random_mac()
-    index = netlink.create_vxlan(ipr, name, opts.vni, str(ext.ext_addr), ext.index, opts.port, opts.learning, opts.gbp,
-                                 mac, mtu)
-    netlink.write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
+    index = netlink.create_vxlan(ipr, vtep.name, opts.vni, vtep.local, link, opts.port, opts.learning, opts.gbp,
+                                 mac, vtep.mtu)
+    netlink.write_sysctl(f"net/ipv6/conf/{vtep.name}/accept_ra", "0")
     return index, mac
 
 
-def configure_device(ipr, index: int, lease: Lease, network: ipaddress.IPv4Network, mac: str) -> None:
-    """<subnet IP>/32 (other addresses inside the Network removed), up, and the MAC the lease advertises."""
-    netlink.keep_only_address(ipr, index, str(lease.subnet.network_address), 32, network)
-    netlink.set_link(ipr, index, up=True)
-    actual = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
-    if actual != mac:
-        raise BackendError(f"flannel device MAC {actual} differs from the advertised {mac}")
+def configure_device(ipr, vtep: Vtep) -> None:
+    """<subnet IP>/32 (/128), stale addresses removed, up, and the MAC the lease advertises."""
+    netlink.keep_only_address(ipr, vtep.index, str(vtep.subnet.network_address), vtep.subnet.max_prefixlen,
+                              vtep.network)
+    netlink.set_link(ipr, vtep.index, up=True)
+    actual = ipr.get_links(vtep.index)[0].get_attr("IFLA_ADDRESS")
+    if actual != vtep.mac:
+        raise BackendError(f"flannel device MAC {actual} differs from the advertised {vtep.mac}")
 
 
 @dataclass(frozen=True)
 class PeerState:
-    subnet: ipaddress.IPv4Network
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
     public_ip: str
     mac: str | None  # None: reached by a direct route
 
 
 class VxlanNetwork(Network):
-    def __init__(self, nl: netlink.Netlink, lease: Lease, device: str, index: int, mac: str, options: VxlanOptions,
-                 ext: ExternalInterface, config: NetworkConfig) -> None:
+    def __init__(self, nl: netlink.Netlink, lease: Lease, vteps: list[Vtep], options: VxlanOptions,
+                 ext: ExternalInterface) -> None:
         self.netlink = nl
         self.lease = lease
-        self.mtu = options.mtu - ENCAP_OVERHEAD
-        self.device = device
-        self.index = index
-        self.mac = mac
+        # One MTU for the pods of both families: the smaller device's, so a full-size packet fits either tunnel.
+        self.mtu = min(vtep.mtu for vtep in vteps)
+        self.vteps = vteps
         self.options = options
         self.ext = ext
-        self.config = config
-        self.peers: dict[ipaddress.IPv4Network, PeerState] = {}
+        self.peers: dict[str, dict] = {vtep.name: {} for vtep in vteps}  # device -> remote subnet -> PeerState
         self.device_recreations = 0
         self._ignored_types: set[str] = set()
         self._lock = asyncio.Lock()  # lease events and the watchdog's replay never interleave
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch_device())
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_devices())
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         async with self._lock:
             for event in events:
-                lease = event.lease
-                if event.type is EventType.ADDED:
-                    peer = self._peer_from(lease)
-                    if peer is None:
-                        continue
-                    old = self.peers.get(lease.subnet)
-                    if old is not None and old != peer:
-                        await self._remove(old)
-                    if await self._add(peer):
-                        self.peers[lease.subnet] = peer
-                elif lease.subnet in self.peers:
-                    await self._remove(self.peers.pop(lease.subnet))
+                if not self._is_vxlan(event):
+                    continue
+                for vtep in self.vteps:
+                    await self._apply_one(vtep, event)
 
-    def _peer_from(self, lease: Lease) -> PeerState | None:
-        attrs = lease.attrs
-        if attrs.backend_type != "vxlan":
-            if attrs.backend_type not in self._ignored_types:
-                self._ignored_types.add(attrs.backend_type)
-                log.warning("Ignoring leases of backend type %r (this node runs vxlan), e.g. %s",
-                            attrs.backend_type or "udp", lease.subnet)
-            return None
-        data = attrs.backend_data if isinstance(attrs.backend_data, dict) else {}
-        mac = lookup_key(data, "VtepMAC")  # case-insensitive, as Go decodes it upstream
-        if not isinstance(mac, str) or len(mac.split(":")) != 6:
-            log.error("Ignoring vxlan lease %s: BackendData has no valid VtepMAC (%r)", lease.subnet, attrs.backend_data)
-            return None
-        return PeerState(lease.subnet, str(attrs.public_ip), mac.lower())
+    def _is_vxlan(self, event: LeaseEvent) -> bool:
+        backend_type = event.lease.attrs.backend_type
+        if backend_type == "vxlan" or event.type is EventType.REMOVED:
+            return True
+        if backend_type not in self._ignored_types:
+            self._ignored_types.add(backend_type)
+            log.warning("Ignoring leases of backend type %r (this node runs vxlan), e.g. %s",
+                        backend_type or "udp", event.lease.subnet)
+        return False
+
+    async def _apply_one(self, vtep: Vtep, event: LeaseEvent) -> None:
+        lease = event.lease
+        subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
+        if subnet is None:
+            return  # an IPv4-only peer has nothing for the IPv6 device
+        peers = self.peers[vtep.name]
+        if event.type is EventType.REMOVED:
+            if subnet in peers:
+                await self._remove(vtep, peers.pop(subnet))
+            return
+        peer = peer_from(lease, vtep.version)
+        if peer is None:
+            return
+        old = peers.get(subnet)
+        if old is not None and old != peer:
+            await self._remove(vtep, old)
+        if await self._add(vtep, peer):
+            peers[subnet] = peer
 
     async def _directly_connected(self, public_ip: str) -> bool:
         route = await self.netlink.call(netlink.route_get, public_ip)
         return route is not None and route["gateway"] is None and route["oif"] == self.ext.index
 
-    async def _add(self, peer: PeerState) -> bool:
+    async def _add(self, vtep: Vtep, peer: PeerState) -> bool:
         """neighbour, FDB, route, each retried; a failure undoes the steps before it."""
-        subnet, gateway = str(peer.subnet), str(peer.subnet.network_address)
+        subnet, gateway, index = str(peer.subnet), str(peer.subnet.network_address), vtep.index
         if self.options.direct_routing and await self._directly_connected(peer.public_ip):
             await self.netlink.call(netlink.replace_route, subnet, gateway=peer.public_ip)
             log.info("Direct route %s via %s", subnet, peer.public_ip)
             return True
         steps = [
-            (netlink.replace_neighbour, (self.index, gateway, peer.mac), netlink.delete_neighbour, (self.index, gateway, peer.mac)),
-            (netlink.replace_fdb, (self.index, peer.mac, peer.public_ip), netlink.delete_fdb, (self.index, peer.mac, peer.public_ip)),
-            (route_via_device, (subnet, self.index, gateway), netlink.delete_route, (subnet,)),
+            (netlink.replace_neighbour, (index, gateway, peer.mac), netlink.delete_neighbour, (index, gateway, peer.mac)),
+            (netlink.replace_fdb, (index, peer.mac, peer.public_ip), netlink.delete_fdb, (index, peer.mac, peer.public_ip)),
+            (route_via_device, (subnet, index, gateway), netlink.delete_route, (subnet,)),
         ]
         done = []
         for do, do_args, undo, undo_args in steps:
@@ -195,14 +230,14 @@ class VxlanNetwork(Network):
                 log.error("Cannot add vxlan peer %s (%s, %s); undone", subnet, peer.public_ip, peer.mac)
                 return False
             done.append((undo, undo_args))
-        log.info("Peer %s via %s (VTEP %s)", subnet, peer.public_ip, peer.mac)
+        log.info("Peer %s via %s (VTEP %s on %s)", subnet, peer.public_ip, peer.mac, vtep.name)
         return True
 
-    async def _remove(self, peer: PeerState) -> None:
+    async def _remove(self, vtep: Vtep, peer: PeerState) -> None:
         subnet, gateway = str(peer.subnet), str(peer.subnet.network_address)
         await self._quietly(netlink.delete_route, subnet)
-        await self._quietly(netlink.delete_neighbour, self.index, gateway, peer.mac)
-        await self._quietly(netlink.delete_fdb, self.index, peer.mac, peer.public_ip)
+        await self._quietly(netlink.delete_neighbour, vtep.index, gateway, peer.mac)
+        await self._quietly(netlink.delete_fdb, vtep.index, peer.mac, peer.public_ip)
         log.info("Peer %s removed", subnet)
 
     async def _retry(self, fn, *args) -> bool:
@@ -225,34 +260,54 @@ class VxlanNetwork(Network):
         except (netlink.NetlinkError, OSError) as e:
             log.debug("%s%r: %s", fn.__name__, args, e)
 
-    async def _watch_device(self) -> None:
-        """Recreate a deleted (or replaced) flannel.<VNI> with the same MAC and replay every peer."""
+    async def _watch_devices(self) -> None:
+        """Recreate a deleted (or replaced) device with the same MAC and replay every peer of it."""
         while True:
             await asyncio.sleep(WATCHDOG_PERIOD)
-            try:
-                info = await self.netlink.call(netlink.vxlan_info, self.device)
-                if info and info.index == self.index:
-                    continue
-                async with self._lock:
-                    log.warning("%s disappeared; recreating it and replaying %d peers", self.device, len(self.peers))
-                    self.index, _ = await self.netlink.call(ensure_device, self.device, self.options, self.ext, self.mac)
-                    await self.netlink.call(configure_device, self.index, self.lease, self.config.network, self.mac)
-                    for peer in list(self.peers.values()):
-                        await self._add(peer)
-                    self.device_recreations += 1
-            except (netlink.NetlinkError, OSError, BackendError) as e:
-                log.error("Cannot recreate %s (trying again): %s", self.device, e)
+            for vtep in self.vteps:
+                try:
+                    info = await self.netlink.call(netlink.vxlan_info, vtep.name)
+                    if info and info.index == vtep.index:
+                        continue
+                    async with self._lock:
+                        peers = self.peers[vtep.name]
+                        log.warning("%s disappeared; recreating it and replaying %d peers", vtep.name, len(peers))
+                        vtep.index, _ = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index,
+                                                                vtep.mac)
+                        await self.netlink.call(configure_device, vtep)
+                        for peer in list(peers.values()):
+                            await self._add(vtep, peer)
+                        self.device_recreations += 1
+                except (netlink.NetlinkError, OSError, BackendError) as e:
+                    log.error("Cannot recreate %s (trying again): %s", vtep.name, e)
 
     def collect_metrics(self):
         peers = GaugeMetricFamily("flannel_backend_routes", "Routes to peer subnets installed by the backend")
-        peers.add_metric([], len(self.peers))
-        recreated = CounterMetricFamily("flannel_vxlan_device_recreations", "Times the watchdog recreated the device")
+        peers.add_metric([], sum(len(p) for p in self.peers.values()))
+        recreated = CounterMetricFamily("flannel_vxlan_device_recreations", "Times the watchdog recreated a device")
         recreated.add_metric([], self.device_recreations)
         return [peers, recreated]
 
     async def close(self) -> None:
         # Nothing is removed on exit, as upstream: the kernel keeps forwarding across a restart.
         self._watchdog.cancel()
+
+
+def peer_from(lease: Lease, version: int) -> PeerState | None:
+    """The peer's subnet, public IP and VTEP MAC of one family; None (logged) when the lease lacks them."""
+    attrs = lease.attrs
+    if version == 4:
+        subnet, public_ip, data, field_name = lease.subnet, attrs.public_ip, attrs.backend_data, "BackendData"
+    else:
+        subnet, public_ip, data, field_name = lease.ipv6_subnet, attrs.public_ipv6, attrs.backend_v6_data, "BackendV6Data"
+    if public_ip is None:
+        log.error("Ignoring vxlan lease %s: no PublicIPv6 for its IPv6 subnet %s", lease.subnet, subnet)
+        return None
+    mac = lookup_key(data if isinstance(data, dict) else {}, "VtepMAC")  # case-insensitive, as Go decodes it upstream
+    if not isinstance(mac, str) or len(mac.split(":")) != 6:
+        log.error("Ignoring vxlan lease %s: %s has no valid VtepMAC (%r)", lease.subnet, field_name, data)
+        return None
+    return PeerState(subnet, str(public_ip), mac.lower())
 
 
 def route_via_device(ipr, subnet: str, index: int, gateway: str) -> None:

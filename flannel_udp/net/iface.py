@@ -25,10 +25,14 @@ class ExternalInterface:
     iface_addr: ipaddress.IPv4Address
     ext_addr: ipaddress.IPv4Address  # the public IP peers send to
     mtu: int
+    # Dual stack only: the interface's IPv6 address and the public IPv6 peers send IPv6 pod traffic to.
+    iface_addr6: ipaddress.IPv6Address | None = None
+    ext_addr6: ipaddress.IPv6Address | None = None
 
 
-def _usable_addresses(ipr: IPRoute, index: int) -> list[netlink.AddrInfo]:
-    usable = [a for a in netlink.addresses(ipr, index) if a.address.version == 4 and not a.flags & IFA_F_DEPRECATED
+def _usable_addresses(ipr: IPRoute, index: int, version: int = 4) -> list[netlink.AddrInfo]:
+    family = 2 if version == 4 else 10
+    usable = [a for a in netlink.addresses(ipr, index, family) if not a.flags & IFA_F_DEPRECATED
               and not a.address.is_loopback and not a.address.is_multicast and not a.address.is_unspecified]
     # Global before link-local, permanent before dynamic, non-temporary first (upstream's sort).
     return sorted(usable, key=lambda a: (a.address.is_link_local, not a.flags & IFA_F_PERMANENT, bool(a.flags & IFA_F_TEMPORARY)))
@@ -47,8 +51,9 @@ def _by_name(ipr: IPRoute, name: str, addr: ipaddress.IPv4Address | None = None)
 
 
 def _by_ip(ipr: IPRoute, addr: ipaddress.IPv4Address) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+    family = 2 if addr.version == 4 else 10
     for link in netlink.links(ipr):
-        if any(a.address == addr for a in netlink.addresses(ipr, link.index)):
+        if any(a.address == addr for a in netlink.addresses(ipr, link.index, family)):
             return link, addr
     raise InterfaceError(f"no interface with address {addr}")
 
@@ -79,26 +84,61 @@ def _by_reach(ipr: IPRoute, target: str) -> tuple[netlink.LinkInfo, ipaddress.IP
     return _by_name(ipr, link.name, ipaddress.IPv4Address(route["src"]) if route["src"] else None)
 
 
-def _by_default_route(ipr: IPRoute) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
-    default = next((r for r in netlink.routes(ipr) if r["dst"] == "0.0.0.0/0"), None)
+def _default_route_link(ipr: IPRoute, family: int = 2) -> netlink.LinkInfo:
+    default = next((r for r in netlink.routes(ipr, family) if r["dst"] in ("0.0.0.0/0", "::/0")), None)
     if default is None:
-        raise InterfaceError("unable to find default route")
+        raise InterfaceError("unable to find default route" + (" for IPv6" if family == 10 else ""))
     link = netlink.link_by_index(ipr, default["oif"]) if default["oif"] else None
     if link is None:
         raise InterfaceError("found default route but could not determine interface")
-    return _by_name(ipr, link.name)
+    return link
 
 
-def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, public_ip: str) -> ExternalInterface:
-    """Runs on the netlink thread. Raises InterfaceError with upstream's message."""
-    ext_addr = None
-    if public_ip:
-        try:
-            ext_addr = ipaddress.IPv4Address(public_ip)
-        except ValueError:
-            raise InterfaceError(f"invalid public IP address: {public_ip}") from None
+def _by_default_route(ipr: IPRoute) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+    return _by_name(ipr, _default_route_link(ipr).name)
 
-    if not ifaces and not regexes and not can_reach:
+
+def _parse_public(value: str, version: int):
+    if not value:
+        return None
+    try:
+        return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+    except ValueError:
+        raise InterfaceError(f"invalid public IP{'v6' if version == 6 else ''} address: {value}") from None
+
+
+def _ipv6_side(ipr: IPRoute, link: netlink.LinkInfo, public_ipv6: str, ifaces: list[str], by_default_route: bool,
+               by_public_ip: bool):
+    """Dual stack: the IPv6 address of the interface the IPv4 side chose, and the public IPv6 (upstream requires both
+    families on one interface)."""
+    ext6 = _parse_public(public_ipv6, 6)
+    if by_default_route:
+        link6 = _default_route_link(ipr, 10)
+        if link6.index != link.index:
+            raise InterfaceError(f"the IPv6 default route uses {link6.name}, the IPv4 one {link.name}: "
+                                 "dual stack needs both on one interface")
+    fixed = next((ipaddress.IPv6Address(v) for v in ifaces if _is_ip(v, 6)), None)
+    if fixed is None and ext6 is not None and by_public_ip:
+        fixed = ext6  # interface found by -public-ip: the public IPv6 must be on it too
+    if fixed is not None:
+        owner, _ = _by_ip(ipr, fixed)
+        if owner.index != link.index:
+            raise InterfaceError(f"v6 interface {owner.name} must be the same with v4 interface {link.name}")
+        return fixed, ext6 or fixed
+    usable = _usable_addresses(ipr, link.index, 6)
+    if not usable:
+        raise InterfaceError(f"failed to find IPv6 address for interface {link.name}")
+    return usable[0].address, ext6 or usable[0].address
+
+
+def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, public_ip: str,
+           public_ipv6: str = "", ipv6: bool = False) -> ExternalInterface:
+    """Runs on the netlink thread. Raises InterfaceError with upstream's message. With ipv6 (dual stack) the interface
+    must also carry an IPv6 address, which becomes the IPv6 side's address."""
+    ext_addr = _parse_public(public_ip, 4)
+    v4_ifaces = [v for v in ifaces if not _is_ip(v, 6)]
+    default_mode = not ifaces and not regexes and not can_reach
+    if default_mode:
         if ext_addr is not None:
             try:
                 link, addr = _by_ip(ipr, ext_addr)
@@ -108,7 +148,7 @@ def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, 
             link, addr = _by_default_route(ipr)
     else:
         attempts = [(lambda v=v: _by_ip(ipr, ipaddress.IPv4Address(v)) if _is_ip(v) else _by_name(ipr, v), f"-iface {v}")
-                    for v in ifaces]
+                    for v in v4_ifaces]
         attempts += [(lambda r=r: _by_regex(ipr, r), f"-iface-regex {r}") for r in regexes]
         if can_reach:
             attempts.append((lambda: _by_reach(ipr, can_reach), f"-iface-can-reach {can_reach}"))
@@ -124,12 +164,16 @@ def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, 
                                  + "; ".join(failures) + ")")
     if not link.mtu:
         raise InterfaceError(f"failed to determine MTU for {addr} interface")
-    return ExternalInterface(link.name, link.index, addr, ext_addr or addr, link.mtu)
+    addr6 = ext6 = None
+    if ipv6:
+        addr6, ext6 = _ipv6_side(ipr, link, public_ipv6, ifaces, by_default_route=default_mode and ext_addr is None,
+                                 by_public_ip=default_mode and ext_addr is not None)
+    return ExternalInterface(link.name, link.index, addr, ext_addr or addr, link.mtu, addr6, ext6)
 
 
-def _is_ip(value: str) -> bool:
+def _is_ip(value: str, version: int = 4) -> bool:
     try:
-        ipaddress.IPv4Address(value)
+        ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
         return True
     except ValueError:
         return False

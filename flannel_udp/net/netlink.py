@@ -164,7 +164,8 @@ def vxlan_info(ipr: IPRoute, name: str) -> VxlanInfo | None | bool:
     if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
         return False
     data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
-    return VxlanInfo(link["index"], data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_LOCAL"),
+    local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")
+    return VxlanInfo(link["index"], data.get_attr("IFLA_VXLAN_ID"), local,
                      data.get_attr("IFLA_VXLAN_LINK"), data.get_attr("IFLA_VXLAN_PORT"),
                      data.get_attr("IFLA_VXLAN_GBP") is not None, bool(data.get_attr("IFLA_VXLAN_LEARNING")),
                      link.get_attr("IFLA_ADDRESS"), link.get_attr("IFLA_MTU"))
@@ -172,7 +173,8 @@ def vxlan_info(ipr: IPRoute, name: str) -> VxlanInfo | None | bool:
 
 def create_vxlan(ipr: IPRoute, name: str, vni: int, local: str, link: int, port: int, learning: bool, gbp: bool,
                  mac: str, mtu: int) -> int:
-    kwargs = {"vxlan_id": vni, "vxlan_local": local, "vxlan_link": link, "vxlan_learning": int(learning)}
+    local_key = "vxlan_local6" if ":" in local else "vxlan_local"  # the underlay's family follows the local address
+    kwargs = {"vxlan_id": vni, local_key: local, "vxlan_link": link, "vxlan_learning": int(learning)}
     if port:
         kwargs["vxlan_port"] = port
     if gbp:
@@ -189,11 +191,13 @@ def delete_link(ipr: IPRoute, index: int) -> None:
             raise
 
 
-def keep_only_address(ipr: IPRoute, index: int, address: str, prefixlen: int, inside: ipaddress.IPv4Network) -> None:
-    """Upstream's EnsureV4AddressOnLink: our address on the link, any other of its IPv4 addresses inside `inside` gone."""
+def keep_only_address(ipr: IPRoute, index: int, address: str, prefixlen: int, inside: ipaddress.IPv4Network | None) -> None:
+    """Upstream's EnsureV4AddressOnLink / EnsureV6AddressOnLink: our address on the link; any other IPv4 address of it
+    inside `inside` gone, or for IPv6 every other address that is not link-local."""
     wanted = ipaddress.ip_interface(f"{address}/{prefixlen}")
-    for a in addresses(ipr, index):
-        if a.address in inside and (a.address, a.prefixlen) != (wanted.ip, prefixlen):
+    for a in addresses(ipr, index, 2 if wanted.version == 4 else 10):
+        stale = a.address in inside if wanted.version == 4 else not a.address.is_link_local
+        if stale and (a.address, a.prefixlen) != (wanted.ip, prefixlen):
             ipr.addr("del", index=index, address=str(a.address), prefixlen=a.prefixlen)
     replace_address(ipr, index, address, prefixlen)
 
@@ -214,8 +218,8 @@ def delete_fdb(ipr: IPRoute, index: int, mac: str, dst: str) -> None:
     ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF, state=NUD_PERMANENT)
 
 
-def neighbours(ipr: IPRoute, index: int) -> list[tuple[str, str]]:
-    return [(m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")) for m in ipr.get_neighbours(ifindex=index, family=2)]
+def neighbours(ipr: IPRoute, index: int, family: int = 2) -> list[tuple[str, str]]:
+    return [(m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")) for m in ipr.get_neighbours(ifindex=index, family=family)]
 
 
 def fdb_entries(ipr: IPRoute, index: int) -> list[tuple[str, str]]:
@@ -238,7 +242,7 @@ RTN_BLACKHOLE = 6
 def ensure_blackhole(ipr: IPRoute, dst: str) -> bool:
     """`blackhole <dst>` unless a blackhole route for dst exists; True if it was added."""
     net = ipaddress.ip_network(dst)
-    for msg in ipr.get_routes(family=2, table=MAIN_TABLE):
+    for msg in ipr.get_routes(family=2 if net.version == 4 else 10, table=MAIN_TABLE):
         if msg["type"] == RTN_BLACKHOLE and msg["dst_len"] == net.prefixlen and msg.get_attr("RTA_DST") == str(net.network_address):
             return False
     ipr.route("add", dst=dst, table=MAIN_TABLE, type=RTN_BLACKHOLE)

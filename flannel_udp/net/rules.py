@@ -43,7 +43,12 @@ def _comment(text: str) -> tuple[str, ...]:
     return ("-m", "comment", "--comment", text)
 
 
+def multicast_of(network) -> str:
+    return "224.0.0.0/4" if network.version == 4 else "ff00::/8"
+
+
 def masq_rules(cluster: ipaddress.IPv4Network, pod: ipaddress.IPv4Network, random_fully: bool) -> list[Rule]:
+    """Upstream's set; for IPv6 (ip6tables) the same with ff00::/8 as the multicast range."""
     c, net, sub = _comment(MASQ_COMMENT), str(cluster), str(pod)
     fully = ("--random-fully",) if random_fully else ()
     chain = "FLANNEL-POSTRTG"
@@ -53,7 +58,7 @@ def masq_rules(cluster: ipaddress.IPv4Network, pod: ipaddress.IPv4Network, rando
         Rule("nat", chain, ("-s", sub, "-d", net) + c + ("-j", "RETURN")),
         Rule("nat", chain, ("-s", net, "-d", sub) + c + ("-j", "RETURN")),
         Rule("nat", chain, ("!", "-s", net, "-d", sub) + c + ("-j", "RETURN")),
-        Rule("nat", chain, ("-s", net, "!", "-d", "224.0.0.0/4") + c + ("-j", "MASQUERADE") + fully),
+        Rule("nat", chain, ("-s", net, "!", "-d", multicast_of(cluster)) + c + ("-j", "MASQUERADE") + fully),
         Rule("nat", chain, ("!", "-s", net, "-d", net) + c + ("-j", "MASQUERADE") + fully),
     ]
 
@@ -73,12 +78,14 @@ def restore_payload(lines_by_table: dict[str, list[str]]) -> str:
 
 
 class Iptables:
-    """The iptables binaries of this namespace, as upstream drives them through go-iptables and iptables-restore."""
+    """The iptables (or ip6tables) binaries of this namespace, as upstream drives them through go-iptables and
+    iptables-restore."""
 
-    def __init__(self) -> None:
-        if shutil.which("iptables") is None or shutil.which("iptables-restore") is None:
-            raise RulesError("failed to setup IPTables. iptables binary was not found")
-        version = self._run("iptables", "--version").stdout
+    def __init__(self, binary: str = "iptables") -> None:
+        self.binary = binary
+        if shutil.which(binary) is None or shutil.which(f"{binary}-restore") is None:
+            raise RulesError(f"failed to setup IPTables. {binary} binary was not found")
+        version = self._run(binary, "--version").stdout
         match = re.search(r"v(\d+)\.(\d+)\.(\d+)", version)
         numbers = tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
         self.recent = numbers >= (1, 6, 2)  # --random-fully and iptables-restore --wait exist from 1.6.2
@@ -88,22 +95,22 @@ class Iptables:
         return subprocess.run(list(args), input=stdin, capture_output=True, text=True, timeout=30)
 
     def exists(self, rule: Rule) -> bool:
-        return self._run("iptables", "-w", "-t", rule.table, "-C", rule.chain, *rule.spec).returncode == 0
+        return self._run(self.binary, "-w", "-t", rule.table, "-C", rule.chain, *rule.spec).returncode == 0
 
     def chain_exists(self, table: str, chain: str) -> bool:
-        return self._run("iptables", "-w", "-t", table, "-S", chain).returncode == 0
+        return self._run(self.binary, "-w", "-t", table, "-S", chain).returncode == 0
 
     def ensure_chain(self, table: str, chain: str) -> None:
         """Create the chain, or flush it if it exists (upstream's ClearChain)."""
-        if self._run("iptables", "-w", "-t", table, "-N", chain).returncode != 0:
-            self._run("iptables", "-w", "-t", table, "-F", chain)
+        if self._run(self.binary, "-w", "-t", table, "-N", chain).returncode != 0:
+            self._run(self.binary, "-w", "-t", table, "-F", chain)
 
     def restore(self, payload: str) -> None:
         if not payload:
             return
-        result = self._run("iptables-restore", "--noflush", *(["--wait"] if self.recent else []), stdin=payload)
+        result = self._run(f"{self.binary}-restore", "--noflush", *(["--wait"] if self.recent else []), stdin=payload)
         if result.returncode != 0:
-            raise RulesError(f"iptables-restore failed: {result.stderr.strip()}")
+            raise RulesError(f"{self.binary}-restore failed: {result.stderr.strip()}")
 
     def install(self, rules: list[Rule]) -> None:
         """Upstream's bootstrap: (re)create the chains, then per rule `-D` if present and `-A`, in one restore."""
@@ -136,12 +143,13 @@ class Iptables:
 
     def remove_chains(self, rules: list[Rule]) -> list[str]:
         """Delete the rules, then flush and delete their own chains (for cleanup)."""
-        removed = [f"iptables -t {r.table} -D {r.chain} ..." for r in self.delete([r for r in rules if r.chain in BUILTIN_CHAINS])]
+        removed = [f"{self.binary} -t {r.table} -D {r.chain} ..."
+                   for r in self.delete([r for r in rules if r.chain in BUILTIN_CHAINS])]
         for table, chain in dict.fromkeys((r.table, r.chain) for r in rules if r.chain not in BUILTIN_CHAINS):
             if self.chain_exists(table, chain):
-                self._run("iptables", "-w", "-t", table, "-F", chain)
-                self._run("iptables", "-w", "-t", table, "-X", chain)
-                removed.append(f"iptables chain {table}/{chain}")
+                self._run(self.binary, "-w", "-t", table, "-F", chain)
+                self._run(self.binary, "-w", "-t", table, "-X", chain)
+                removed.append(f"{self.binary} chain {table}/{chain}")
         return removed
 
 
@@ -160,27 +168,30 @@ def nft_supports_fully_random() -> bool:
     return subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True, timeout=30).returncode == 0
 
 
-def nft_script(cluster: ipaddress.IPv4Network, pod: ipaddress.IPv4Network, masq: bool, forward: bool,
+def nft_script(families: list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]], masq: bool, forward: bool,
                fully_random: bool) -> str:
-    net, sub = str(cluster), str(pod)
+    """Both tables always (upstream creates them whatever the families); chains and rules for each (cluster, pod)."""
     lines = [f'add table {family} {name} {{ comment "rules for {name}" ; }}' for family, name in NFT_TABLES]
-    if forward:
-        lines += ['add chain ip flannel-ipv4 forward { type filter hook forward priority filter ; '
-                  'comment "chain to accept flannel traffic" ; }',
-                  "flush chain ip flannel-ipv4 forward",
-                  f"add rule ip flannel-ipv4 forward ip saddr {net} accept",
-                  f"add rule ip flannel-ipv4 forward ip daddr {net} accept"]
-    if masq:
-        fully = " fully-random" if fully_random else ""
-        lines += ['add chain ip flannel-ipv4 postrtg { type nat hook postrouting priority srcnat ; '
-                  'comment "chain to manage traffic masquerading by flannel" ; }',
-                  "flush chain ip flannel-ipv4 postrtg",
-                  "add rule ip flannel-ipv4 postrtg meta mark 0x4000 return",
-                  f"add rule ip flannel-ipv4 postrtg ip saddr {sub} ip daddr {net} return",
-                  f"add rule ip flannel-ipv4 postrtg ip saddr {net} ip daddr {sub} return",
-                  f"add rule ip flannel-ipv4 postrtg ip saddr != {sub} ip daddr {net} return",
-                  f"add rule ip flannel-ipv4 postrtg ip saddr {net} ip daddr != 224.0.0.0/4 masquerade{fully}",
-                  f"add rule ip flannel-ipv4 postrtg ip saddr != {net} ip daddr {net} masquerade{fully}"]
+    for cluster, pod in families:
+        family, table = NFT_TABLES[0] if cluster.version == 4 else NFT_TABLES[1]
+        at, net, sub = f"{family} {table}", str(cluster), str(pod)
+        if forward:
+            lines += [f'add chain {at} forward {{ type filter hook forward priority filter ; '
+                      'comment "chain to accept flannel traffic" ; }',
+                      f"flush chain {at} forward",
+                      f"add rule {at} forward {family} saddr {net} accept",
+                      f"add rule {at} forward {family} daddr {net} accept"]
+        if masq:
+            fully = " fully-random" if fully_random else ""
+            lines += [f'add chain {at} postrtg {{ type nat hook postrouting priority srcnat ; '
+                      'comment "chain to manage traffic masquerading by flannel" ; }',
+                      f"flush chain {at} postrtg",
+                      f"add rule {at} postrtg meta mark 0x4000 return",
+                      f"add rule {at} postrtg {family} saddr {sub} {family} daddr {net} return",
+                      f"add rule {at} postrtg {family} saddr {net} {family} daddr {sub} return",
+                      f"add rule {at} postrtg {family} saddr != {sub} {family} daddr {net} return",
+                      f"add rule {at} postrtg {family} saddr {net} {family} daddr != {multicast_of(cluster)} masquerade{fully}",
+                      f"add rule {at} postrtg {family} saddr != {net} {family} daddr {net} masquerade{fully}"]
     return "\n".join(lines) + "\n"
 
 
@@ -194,53 +205,69 @@ def delete_nft_tables() -> list[str]:
     return removed
 
 
+@dataclass(frozen=True)
+class FamilyNetworks:
+    """One address family's networks: the cluster Network, the own pod subnet, and those of the previous run."""
+    cluster: ipaddress.IPv4Network | ipaddress.IPv6Network
+    pod: ipaddress.IPv4Network | ipaddress.IPv6Network
+    previous_cluster: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    previous_pod: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+
 @dataclass
 class TrafficRules:
-    """The node's rule sets, installed at start and resynced; nothing is removed on exit (upstream)."""
-    cluster: ipaddress.IPv4Network
-    pod: ipaddress.IPv4Network
+    """The node's rule sets (IPv4 through iptables, IPv6 through ip6tables, or both through nft), installed at start
+    and resynced; nothing is removed on exit (upstream)."""
+    families: list[FamilyNetworks]
     masq: bool
     forward: bool
     nftables: bool
     fully_random_disabled: bool = False
-    previous: tuple[ipaddress.IPv4Network | None, ipaddress.IPv4Network | None] = (None, None)
 
     def __post_init__(self) -> None:
         if self.nftables:
             if shutil.which("nft") is None:
                 raise RulesError("EnableNFTables is set but the nft binary was not found")
-            self.iptables = None
         else:
-            self.iptables = Iptables()
-        self.rules: list[Rule] = []
+            self.tools = {f.cluster.version: Iptables("iptables" if f.cluster.version == 4 else "ip6tables")
+                          for f in self.families}
+        self.rule_sets: list[tuple[Iptables, list[Rule]]] = []
 
     def setup(self) -> None:
         if self.nftables:
             self._clean_iptables_mode()
             fully = not self.fully_random_disabled and nft_supports_fully_random()
-            result = nft(nft_script(self.cluster, self.pod, self.masq, self.forward, fully))
+            result = nft(nft_script([(f.cluster, f.pod) for f in self.families], self.masq, self.forward, fully))
             if result.returncode != 0:
                 raise RulesError(f"nft failed: {result.stderr.strip()}")
             return
         delete_nft_tables()  # the other mode's leftovers, as upstream
-        random_fully = self.iptables.recent and not self.fully_random_disabled
-        old_net, old_pod = self.previous
-        if self.masq and old_net is not None and old_pod is not None and (old_net, old_pod) != (self.cluster, self.pod):
-            stale = self.iptables.delete(masq_rules(old_net, old_pod, random_fully) + masq_rules(old_net, old_pod, False))
-            if stale:
-                log.info("Removed %d masquerade rules of the previous network %s / subnet %s", len(stale), old_net, old_pod)
-        self.rules = (masq_rules(self.cluster, self.pod, random_fully) if self.masq else []) + \
-                     (forward_rules(self.cluster) if self.forward else [])
-        if self.rules:
-            self.iptables.install(self.rules)
+        for f in self.families:
+            tool = self.tools[f.cluster.version]
+            random_fully = tool.recent and not self.fully_random_disabled
+            old_net, old_pod = f.previous_cluster, f.previous_pod
+            if self.masq and old_net is not None and old_pod is not None and (old_net, old_pod) != (f.cluster, f.pod):
+                stale = tool.delete(masq_rules(old_net, old_pod, random_fully) + masq_rules(old_net, old_pod, False))
+                if stale:
+                    log.info("Removed %d masquerade rules of the previous network %s / subnet %s", len(stale),
+                             old_net, old_pod)
+            rules = (masq_rules(f.cluster, f.pod, random_fully) if self.masq else []) + \
+                    (forward_rules(f.cluster) if self.forward else [])
+            if rules:
+                tool.install(rules)
+                self.rule_sets.append((tool, rules))
 
     def resync(self) -> None:
         """Put back what someone removed (iptables mode only, as upstream)."""
-        if self.iptables is not None and self.rules and self.iptables.ensure(self.rules):
-            log.warning("Some iptables rules were missing; reinstalled the set")
+        for tool, rules in self.rule_sets:
+            if tool.ensure(rules):
+                log.warning("Some %s rules were missing; reinstalled the set", tool.binary)
 
     def _clean_iptables_mode(self) -> None:
         if shutil.which("iptables") is None:
             raise RulesError("failed to setup IPTables. iptables binary was not found")
-        for chain in ("FLANNEL-POSTRTG", "FLANNEL-FWD"):
-            subprocess.run(["iptables", "-w", "-t", "nat", "-F", chain], capture_output=True, timeout=30)
+        for binary in ("iptables", "ip6tables"):
+            if shutil.which(binary) is None:
+                continue
+            for chain in ("FLANNEL-POSTRTG", "FLANNEL-FWD"):
+                subprocess.run([binary, "-w", "-t", "nat", "-F", chain], capture_output=True, timeout=30)

@@ -72,7 +72,8 @@ class Manager:
                     # already shows what the winners took instead of the same 100 candidates again.
                     await asyncio.sleep(self.rng.uniform(0, RACE_BACKOFF * (attempt + 1)))
                     continue
-                log.info("Allocated lease (%s) to current node (%s)", decision.subnet, attrs.public_ip)
+                log.info("Allocated lease (%s%s) to current node (%s)", decision.subnet,
+                         f", {decision.ipv6_subnet}" if decision.ipv6_subnet else "", attrs.public_ip)
             return Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None)
         raise AcquireError(f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)")
 

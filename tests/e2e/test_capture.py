@@ -59,10 +59,7 @@ def test_pod_ping_and_tcp_are_decoded_with_node_subnets(udp_cluster, tmp_path):
 
     capture = start_capture(bed, h2, "--iface", "eth0", "--pod", str(p2.address), "--proto", "tcp", "--count", "3",
                             "--duration", "15")
-    server = bed.popen(p2.ns, "iperf3", "-s", "-1")
-    time.sleep(0.3)
-    in_ns(p1.ns, "iperf3", "-c", str(p2.address), "-t", "1", "-J", timeout=30)
-    server.wait(5)
+    assert bed.iperf3(p1, p2, 1)
     out = finish(capture)
     assert f"TCP {p1.address}:" in out and f" > {p2.address}:5201 [S]" in out and "DROP" not in out
 

@@ -68,3 +68,30 @@ def test_errors_are_cni_error_objects(bed):
     assert json.loads(bad.stdout)["msg"] == "'delegate' dictionary must not have 'name' field, it'll be set by flannel"
     version = bed.cni(host, "VERSION", "c3", pod_ns, check=False)
     assert "1.0.0" in json.loads(version.stdout)["supportedVersions"]
+
+
+def test_dual_stack_subnet_env_gives_both_families_and_check_passes(bed):
+    host = bed.hosts[0]
+    with open(host.subnet_file, "w") as f:
+        f.write("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"
+                "FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n")
+    config = bed.cni_config(host)
+    pod_ns = f"{bed.prefix}-cnipod"
+    bed._add_ns(pod_ns)
+    result = json.loads(bed.cni(host, "ADD", "c6", pod_ns, config).stdout)
+    kept = json.load(open(os.path.join(config["dataDir"], "c6")))
+    assert kept["ipam"]["ranges"] == [[{"subnet": "10.244.7.0/24"}], [{"subnet": "fd00:10:244:7::/64"}]]
+    assert {"dst": "fd00:10:244::/56", "gw": "fd00:10:244:7::1"} in kept["ipam"]["routes"]
+    v6 = [ipaddress.ip_interface(ip["address"]) for ip in result["ips"] if ":" in ip["address"]]
+    assert len(v6) == 1 and v6[0].network == ipaddress.ip_network("fd00:10:244:7::/64")
+    assert "fd00:10:244::/56 via fd00:10:244:7::1" in in_ns(pod_ns, "ip", "-6", "route").stdout
+    assert bed.cni(host, "CHECK", "c6", pod_ns, dict(config, prevResult=result), check=False).returncode == 0
+    assert bed.cni(host, "DEL", "c6", pod_ns, config).returncode == 0
+
+    # An IPv6 subnet without its network is a broken file, and the error says which line is missing.
+    with open(host.subnet_file) as f:
+        text = f.read().replace("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n", "")
+    with open(host.subnet_file, "w") as f:
+        f.write(text)
+    error = json.loads(bed.cni(host, "ADD", "c7", pod_ns, config, check=False).stdout)
+    assert error["msg"] == f"{host.subnet_file} is missing FLANNEL_IPV6_NETWORK"

@@ -15,11 +15,7 @@ NETWORK = "10.244.0.0/16"
 @pytest.fixture(params=["vxlan", "host-gw"])
 def kernel_cluster(bed, request):
     bed.write_config({"Network": NETWORK, "Backend": {"Type": request.param}})
-    for host in bed.hosts:
-        bed.start_node(host, wait=False)
-    for host in bed.hosts:
-        bed.wait_ready(host)
-        bed.add_pod(host)
+    bed.start_cluster()
     bed.backend = request.param
     assert wait_for(lambda: all(routes_to_peers(bed, h) == len(bed.hosts) - 1 for h in bed.hosts), 5), bed.logs()
     yield bed
@@ -57,11 +53,7 @@ def test_pods_ping_every_direction_and_tcp_flows(kernel_cluster):
         for dst in pods:
             if src is not dst:
                 assert bed.ping(src.ns, dst.address, count=2, interval=0.1), f"{src.name} -> {dst.name}\n{bed.logs()}"
-    server = bed.popen(pods[1].ns, "iperf3", "-s", "-1")
-    time.sleep(0.3)
-    result = in_ns(pods[0].ns, "iperf3", "-c", str(pods[1].address), "-t", "1", "-J", timeout=30)
-    assert json.loads(result.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-    server.wait(5)
+    assert bed.iperf3(pods[0], pods[1], 1)["end"]["sum_received"]["bytes"] > 1_000_000
 
 
 def test_kernel_state_matches_upstream(kernel_cluster):
@@ -168,10 +160,7 @@ def test_host_gw_route_follows_a_changed_public_ip(bed):
 def test_bad_backend_options_are_one_clear_line(bed, backend, message):
     bed.write_config({"Network": NETWORK, "Backend": backend})
     host = bed.hosts[0]
-    bed.start_node(host, wait=False)
-    assert host.process.wait(20) == 1
-    host.process = None
-    assert bed.node_log(host).strip().splitlines()[-1].startswith(message)
+    assert bed.run_node_expecting_failure(host).startswith(message)
     assert in_ns(host.ns, "ip", "link", "show", "flannel.1", check=False).returncode != 0
     assert str(host.address) not in leases(bed, host)
 
@@ -179,9 +168,6 @@ def test_bad_backend_options_are_one_clear_line(bed, backend, message):
 def test_host_gw_refuses_nat(bed):
     bed.write_config({"Network": NETWORK, "Backend": {"Type": "host-gw"}})
     host = bed.hosts[0]
-    bed.start_node(host, "--public-ip", "203.0.113.7", wait=False)
-    assert host.process.wait(20) == 1
-    host.process = None
-    assert bed.node_log(host).strip().splitlines()[-1] == (
+    assert bed.run_node_expecting_failure(host, "--public-ip", "203.0.113.7") == (
         "error: your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported "
         "by host-gw backend")

@@ -37,11 +37,7 @@ def cluster(bed, request):
     if request.param == "etcd":
         bed.start_etcd()
     offload = ["--udp-offload=false"] if request.param == "offloads-off" else []
-    for host in bed.hosts:
-        bed.start_node(host, f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", *offload, wait=False)
-    for host in bed.hosts:
-        bed.wait_ready(host)
-        bed.add_pod(host)
+    bed.start_cluster(f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", *offload)
     for host in bed.hosts:  # every node has learnt every other node's lease
         assert wait_for(lambda: metric(host.ns, "flannel_udp_routes") == len(bed.hosts) - 1, 5), bed.logs()
     yield bed
@@ -72,16 +68,8 @@ def test_pods_ping_every_direction_and_hosts_reach_pods(cluster):
 
 def test_iperf3_tcp_both_ways(cluster):
     a, b = cluster.hosts[0].pods[0], cluster.hosts[1].pods[0]
-    server = cluster.popen(b.ns, "iperf3", "-s", "-1")
-    time.sleep(0.3)
-    result = in_ns(a.ns, "iperf3", "-c", str(b.address), "-t", "2", "-J", timeout=30)
-    assert json.loads(result.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-    server.wait(5)
-    server = cluster.popen(b.ns, "iperf3", "-s", "-1")
-    time.sleep(0.3)
-    result = in_ns(a.ns, "iperf3", "-c", str(b.address), "-t", "2", "-R", "-J", timeout=30)
-    assert json.loads(result.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-    server.wait(5)
+    assert cluster.iperf3(a, b, 2)["end"]["sum_received"]["bytes"] > 1_000_000
+    assert cluster.iperf3(a, b, 2, "-R")["end"]["sum_received"]["bytes"] > 1_000_000
     assert metric(cluster.hosts[0].ns, "flannel_udp_peer_bytes_total", peer=str(cluster.hosts[1].address), direction="tx") > 1_000_000
     # With TUN offloads the sender reads TCP super-packets and the receiver glues segments back (both directions ran).
     offloaded = "TUN off" not in cluster.node_log(cluster.hosts[0])
@@ -225,11 +213,9 @@ def test_short_lease_is_renewed_before_it_expires(bed):
 
 
 def run_node_expecting_failure(bed, host, *extra, iface="eth0") -> str:
-    bed.start_node(host, *extra, iface=iface, wait=False)
-    assert host.process.wait(20) == 1
-    host.process = None
+    line = bed.run_node_expecting_failure(host, *extra, iface=iface)
     assert in_ns(host.ns, "ip", "link", "show", "flannel0", check=False).returncode != 0  # nothing left configured
-    return bed.node_log(host).strip().splitlines()[-1]
+    return line
 
 
 def test_missing_interface_is_one_clear_line(bed):
@@ -260,7 +246,5 @@ def test_exhausted_network_is_one_clear_line(bed):
 
 def test_unwritable_lease_file_is_one_clear_line(bed):
     host = bed.hosts[0]
-    bed.start_node(host, "--lease-file=/proc/flannel/leases.db", wait=False)
-    assert host.process.wait(20) == 1
-    host.process = None
-    assert re.match(r"error: cannot use lease file /proc/flannel/leases.db: ", bed.node_log(host).strip().splitlines()[-1])
+    line = bed.run_node_expecting_failure(host, "--lease-file=/proc/flannel/leases.db")
+    assert re.match(r"error: cannot use lease file /proc/flannel/leases.db: ", line)

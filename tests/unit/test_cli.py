@@ -1,5 +1,4 @@
 """Command-line behaviour a user sees: flanneld flag syntax, env vars, one-line errors with exit status 1."""
-import argparse
 import subprocess
 import sys
 
