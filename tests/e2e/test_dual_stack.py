@@ -164,3 +164,70 @@ def test_interface_without_ipv6_address_is_named(bed):
     in_ns(host.ns, "sysctl", "-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=1")  # no link-local address either
     assert bed.run_node_expecting_failure(host) == "error: failed to find IPv6 address for interface eth0"
 
+
+
+def test_direct_routing_gives_plain_routes_in_both_families(bed):
+    """Peers on the same link: `<subnet> via <public IP>` for each family, no neighbour or FDB entries."""
+    bed.write_config(dual_config({"Type": "vxlan", "DirectRouting": True}))
+    bed.start_cluster()
+    h1, h2 = bed.hosts[0], bed.hosts[1]
+    assert wait_for(lambda: v6_routes_to_peers(h1) == 2, 5), bed.logs()
+    v4 = {r["dst"]: r for r in json.loads(in_ns(h1.ns, "ip", "-j", "route", "show").stdout)}
+    peer4 = v4[h2.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0/")]
+    peer6 = {r["dst"]: r for r in v6_routes(h1)}[str(subnet6_of(h2))]
+    assert (peer4["gateway"], peer4["dev"]) == (str(h2.address), "eth0")
+    assert (peer6["gateway"], peer6["dev"]) == (str(h2.address6), "eth0")
+    assert "PERMANENT" not in in_ns(h1.ns, "ip", "-6", "neigh", "show", "dev", "flannel-v6.1").stdout
+    assert bed.ping(h1.pods[0].ns, h2.pods[0].address6, count=2, interval=0.1), bed.logs()
+    assert bed.ping(h1.pods[0].ns, h2.pods[0].address, count=1), bed.logs()
+
+
+def test_blackhole_routes_for_both_subnets_and_cleanup_removes_them(bed):
+    bed.write_config(dual_config({"Type": "host-gw"}))
+    host = bed.hosts[0]
+    bed.start_node(host, "-ip-blackhole-route", "-iptables-resync=1")
+    sub4 = host.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    sub6 = str(subnet6_of(host))
+    assert wait_for(lambda: sub6 in in_ns(host.ns, "ip", "-6", "route", "show", "type", "blackhole").stdout, 3.0)
+    assert sub4 in in_ns(host.ns, "ip", "route", "show", "type", "blackhole").stdout
+    assert bed.stop_node(host) == 0
+    removed = bed.cli(host.ns, "cleanup", "--subnet-file", host.subnet_file).stdout
+    assert f"removed route blackhole {sub4}" in removed and f"removed route blackhole {sub6}" in removed
+    assert "ip6tables chain filter/FLANNEL-FWD" in removed
+    assert "blackhole" not in in_ns(host.ns, "ip", "-6", "route", "show", "type", "blackhole").stdout
+
+
+def test_dual_stack_on_etcd_keys_carry_both_subnets(bed):
+    """Upstream's dual-stack key (`10.244.1.0-24&fd00:10:244:1::-64`) on a real etcd: listed with both subnets, and
+    deleting a lease by its IPv4 subnet takes the whole key, so peers drop its IPv6 route as well."""
+    bed.start_etcd()
+    bed.write_config(dual_config({"Type": "vxlan"}))
+    bed.start_cluster()
+    h1, h2 = bed.hosts[0], bed.hosts[1]
+    assert wait_for(lambda: v6_routes_to_peers(h1) == 2, 5), bed.logs()
+    assert bed.ping(h1.pods[0].ns, h2.pods[0].address6, count=2, interval=0.1), bed.logs()
+    listing = {line.split()[0]: line.split() for line in leases_listing(bed, h1)}
+    sub4 = h2.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    assert listing[sub4][1:4] == [str(h2.address), str(subnet6_of(h2)), str(h2.address6)]
+    assert bed.stop_node(h2) == 0
+    bed.cli(h1.ns, "leases", "delete", sub4, *bed.store_args())
+    assert wait_for(lambda: str(subnet6_of(h2)) not in {r["dst"] for r in v6_routes(h1)}, 2.0), bed.logs()
+    assert sub4 not in {line.split()[0] for line in leases_listing(bed, h1)}
+
+
+def leases_listing(bed, host) -> list[str]:
+    return bed.cli(host.ns, "leases", *bed.store_args()).stdout.splitlines()[1:]
+
+
+def test_restart_keeps_both_subnets_and_the_v6_device_mac(bed):
+    bed.write_config(dual_config({"Type": "vxlan"}))
+    host = bed.hosts[0]
+    bed.start_node(host)
+
+    def state():
+        env = host.subnet_env()
+        return env["FLANNEL_SUBNET"], env["FLANNEL_IPV6_SUBNET"], link(host, "flannel-v6.1")["address"]
+    before = state()
+    assert bed.stop_node(host) == 0
+    bed.start_node(host)
+    assert state() == before
