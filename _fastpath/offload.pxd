@@ -51,25 +51,34 @@ cdef inline uint32_t fold(uint64_t s) noexcept nogil:
     return <uint32_t>s
 
 
+cdef inline uint64_t add_carry(uint64_t acc, uint64_t word) noexcept nogil:
+    """One's complement addition in 64 bits: a carry out of the top wraps around to the bottom."""
+    acc += word
+    return acc + (acc < word)
+
+
 cdef inline uint32_t sum16(const uint8_t* p, Py_ssize_t n) noexcept nogil:
     """RFC 1071 sum of p[0:n] as big-endian 16-bit words, folded, not complemented.
 
-    Adds 32-bit native (little-endian) words into 64 bits and swaps the folded result: the one's complement sum does
-    not depend on byte order except for that final swap. Several times faster than a byte loop on 64 KB packets."""
-    cdef uint64_t acc = 0
+    Adds native (little-endian) 64-bit words with end-around carry in four independent accumulators, then the tail in
+    32-, 16- and 8-bit pieces, and swaps the folded result: the one's complement sum does not depend on byte order
+    except for that final swap. About 1.5x the speed of 32-bit additions, 10x a byte loop, on 64 KB packets."""
+    cdef uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, x0, x1, x2, x3, acc
     cdef uint32_t word
     cdef uint16_t half
-    while n >= 16:
-        memcpy(&word, p, 4)
-        acc += word
-        memcpy(&word, p + 4, 4)
-        acc += word
-        memcpy(&word, p + 8, 4)
-        acc += word
-        memcpy(&word, p + 12, 4)
-        acc += word
-        p += 16
-        n -= 16
+    while n >= 32:
+        memcpy(&x0, p, 8)
+        memcpy(&x1, p + 8, 8)
+        memcpy(&x2, p + 16, 8)
+        memcpy(&x3, p + 24, 8)
+        a0 = add_carry(a0, x0)
+        a1 = add_carry(a1, x1)
+        a2 = add_carry(a2, x2)
+        a3 = add_carry(a3, x3)
+        p += 32
+        n -= 32
+    acc = add_carry(add_carry(add_carry(a0, a1), a2), a3)
+    acc = ((acc << 32) >> 32) + (acc >> 32)  # now below 2^33: the 32-bit tail words cannot overflow it
     while n >= 4:
         memcpy(&word, p, 4)
         acc += word
@@ -96,16 +105,24 @@ cdef inline void set_ipv4_checksum(uint8_t* ip, Py_ssize_t ihl) noexcept nogil:
     put_be16(ip + 10, <uint16_t>(~sum16(ip, ihl) & 0xFFFF))
 
 
-cdef inline void set_l4_checksum(uint8_t* ip, Py_ssize_t ihl, Py_ssize_t total, uint8_t proto, Py_ssize_t field) noexcept nogil:
-    """The full TCP (field 16) or UDP (field 6) checksum of a complete packet; UDP's 0 is sent as 0xFFFF."""
+cdef inline void set_l4_checksum_parts(uint8_t* ip, Py_ssize_t ihl, Py_ssize_t hlen, const uint8_t* payload,
+                                       Py_ssize_t payload_len, uint8_t proto, Py_ssize_t field) noexcept nogil:
+    """The full TCP (field 16) or UDP (field 6) checksum of a packet whose headers ip[0:hlen] and payload may lie
+    apart (a zero-copy segment); UDP's 0 is sent as 0xFFFF. hlen is even, so the two sums simply add up."""
     cdef uint8_t* l4 = ip + ihl
     cdef uint16_t value
     l4[field] = 0
     l4[field + 1] = 0
-    value = <uint16_t>(~fold(<uint64_t>pseudo_header_sum(ip, proto, <uint32_t>(total - ihl)) + sum16(l4, total - ihl)) & 0xFFFF)
+    value = <uint16_t>(~fold(<uint64_t>pseudo_header_sum(ip, proto, <uint32_t>(hlen - ihl + payload_len))
+                             + sum16(l4, hlen - ihl) + sum16(payload, payload_len)) & 0xFFFF)
     if value == 0 and proto == 17:
         value = 0xFFFF
     put_be16(l4 + field, value)
+
+
+cdef inline void set_l4_checksum(uint8_t* ip, Py_ssize_t ihl, Py_ssize_t total, uint8_t proto, Py_ssize_t field) noexcept nogil:
+    """The same for a complete packet in one piece."""
+    set_l4_checksum_parts(ip, ihl, total, ip + total, 0, proto, field)
 
 
 cdef struct GsoPlan:
@@ -157,29 +174,40 @@ cdef inline int plan_gso(const uint8_t* hdr, uint8_t* pkt, Py_ssize_t n, GsoPlan
     return 0
 
 
-cdef inline Py_ssize_t build_segment(const uint8_t* pkt, Py_ssize_t n, const GsoPlan* plan, int i,
-                                     uint8_t* out) noexcept nogil:
-    """Segment i of a planned super-packet into out, as a standalone packet; returns its length."""
+cdef inline Py_ssize_t build_segment_header(const uint8_t* pkt, Py_ssize_t n, const GsoPlan* plan, int i,
+                                            uint8_t* hdr, Py_ssize_t* payload_offset) noexcept nogil:
+    """The headers (plan.hlen bytes, into hdr) of segment i of a planned super-packet, checksums complete; its payload
+    stays where it is, at pkt + payload_offset, so the segment can be sent from two pieces without copying.
+    Returns the payload length."""
     cdef Py_ssize_t offset = plan.hlen + <Py_ssize_t>i * plan.mss
     cdef Py_ssize_t payload = plan.mss if n - offset > plan.mss else n - offset
     cdef Py_ssize_t total = plan.hlen + payload
-    cdef uint8_t* l4 = out + plan.ihl
-    memcpy(out, pkt, plan.hlen)
-    memcpy(out + plan.hlen, pkt + offset, payload)
-    put_be16(out + 2, <uint16_t>total)
-    put_be16(out + 4, <uint16_t>(be16(pkt + 4) + i))  # each segment its own IP ID, as the kernel's GSO does
-    set_ipv4_checksum(out, plan.ihl)
+    cdef uint8_t* l4 = hdr + plan.ihl
+    memcpy(hdr, pkt, plan.hlen)
+    put_be16(hdr + 2, <uint16_t>total)
+    put_be16(hdr + 4, <uint16_t>(be16(pkt + 4) + i))  # each segment its own IP ID, as the kernel's GSO does
+    set_ipv4_checksum(hdr, plan.ihl)
     if plan.gso_type == VNET_GSO_TCPV4:
         put_be32(l4 + 4, be32(pkt + plan.ihl + 4) + <uint32_t>(i * plan.mss))
         if i + 1 < plan.segments:
             l4[13] &= ~(TCP_FIN | TCP_PSH)  # only the last segment may end or push the stream
         if i > 0:
             l4[13] &= ~TCP_CWR  # congestion-window-reduced is said once, on the first segment
-        set_l4_checksum(out, plan.ihl, total, 6, 16)
+        set_l4_checksum_parts(hdr, plan.ihl, plan.hlen, pkt + offset, payload, 6, 16)
     else:
         put_be16(l4 + 4, <uint16_t>(total - plan.ihl))
-        set_l4_checksum(out, plan.ihl, total, 17, 6)
-    return total
+        set_l4_checksum_parts(hdr, plan.ihl, plan.hlen, pkt + offset, payload, 17, 6)
+    payload_offset[0] = offset
+    return payload
+
+
+cdef inline Py_ssize_t build_segment(const uint8_t* pkt, Py_ssize_t n, const GsoPlan* plan, int i,
+                                     uint8_t* out) noexcept nogil:
+    """Segment i of a planned super-packet into out, in one piece; returns its length."""
+    cdef Py_ssize_t offset
+    cdef Py_ssize_t payload = build_segment_header(pkt, n, plan, i, out, &offset)
+    memcpy(out + plan.hlen, pkt + offset, payload)
+    return plan.hlen + payload
 
 
 cdef struct Coalescer:

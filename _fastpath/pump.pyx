@@ -13,7 +13,8 @@ write it to the TUN.
 
 With TUN offloads (vnet_hdr: the TUN was opened with IFF_VNET_HDR and TUNSETOFFLOAD), a TUN read may be a 64 KB TCP or
 UDP super-packet: it is routed and checked once, then cut into standalone MTU-sized packets (offload.pxd) that leave as
-one UDP GSO run; and consecutive received segments of one TCP flow are glued into one TUN write (writev of the virtio
+one UDP GSO run. The cut copies nothing: each segment is two iovecs, its rewritten headers and its payload where the
+read left it, so every read buffer of a batch stays untouched until the batch is sent. And consecutive received segments of one TCP flow are glued into one TUN write (writev of the virtio
 header, the first packet and the later payloads, without copying).
 """
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -85,6 +86,7 @@ cdef enum:
     GSO_MAX_SEGMENTS = 64  # the kernel's limit (UDP_MAX_SEGMENTS) on older kernels
     GSO_MAX_BYTES = 65000  # payload of one UDP datagram before segmentation: < 65535 - IP - UDP headers
     CTRL_WORDS = 4  # 32 bytes, 8-aligned: room for one cmsg with an int
+    HDR_SLOT = 128  # a segment's IPv4 + TCP headers: at most 60 + 60 bytes
 
 
 cdef class Pump:
@@ -95,16 +97,16 @@ cdef class Pump:
     cdef bint protect
     cdef int burst
     cdef readonly bint vnet_hdr  # TUN reads and writes carry a virtio_net_hdr (TUN offloads on)
-    cdef uint8_t* tx_bufs  # BATCH + 1 buffers: one per slot, and the spare that holds a super-packet being cut
+    cdef uint8_t* tx_bufs  # BATCH read buffers: a batch has at most one read per slot
     cdef uint8_t* tx_buf[BATCH]
-    cdef uint8_t* tx_spare
+    cdef uint8_t tx_hdr[BATCH][HDR_SLOT]  # per slot: the headers of a segment cut from a super-packet
     cdef GsoPlan plan
     cdef Coalescer co
     cdef iovec co_iov[COALESCE_MAX_SEGMENTS + 1]
     cdef uint8_t vnet_out[VNET_HDR_LEN]
     cdef uint8_t vnet_zero[VNET_HDR_LEN]
-    cdef mmsghdr tx_msgs[BATCH]
-    cdef iovec tx_iov[BATCH]
+    cdef iovec tx_iov[2 * BATCH]  # per slot: headers (or the whole packet), then payload (or nothing)
+    cdef size_t tx_len[BATCH]  # per slot: the datagram's length
     cdef int32_t tx_peer[BATCH]
     cdef mmsghdr gso_msgs[BATCH]  # one per run of packets for one peer
     cdef int gso_first[BATCH + 1]
@@ -141,11 +143,10 @@ cdef class Pump:
         self.gro = gro
         self.gso_error = 0
         self.vnet_hdr = vnet_hdr
-        self.tx_bufs = <uint8_t*>calloc(BATCH + 1, BUF_SIZE)
+        self.tx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
         self.rx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
         if self.tx_bufs == NULL or self.rx_bufs == NULL:
             raise MemoryError()
-        memset(self.tx_msgs, 0, sizeof(self.tx_msgs))
         memset(self.rx_msgs, 0, sizeof(self.rx_msgs))
         memset(self.gso_msgs, 0, sizeof(self.gso_msgs))
         memset(self.vnet_zero, 0, VNET_HDR_LEN)
@@ -153,12 +154,8 @@ cdef class Pump:
         self.co_iov[0].iov_base = self.vnet_out
         self.co_iov[0].iov_len = VNET_HDR_LEN
         cdef int i
-        self.tx_spare = self.tx_bufs + <size_t>BATCH * BUF_SIZE
         for i in range(BATCH):
             self.tx_buf[i] = self.tx_bufs + <size_t>i * BUF_SIZE
-            self.tx_msgs[i].msg_hdr.msg_iov = &self.tx_iov[i]
-            self.tx_msgs[i].msg_hdr.msg_iovlen = 1
-            self.tx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
             self.rx_iov[i].iov_base = self.rx_bufs + <size_t>i * BUF_SIZE
             self.rx_iov[i].iov_len = BUF_SIZE
             self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
@@ -181,13 +178,14 @@ cdef class Pump:
             self._udp_to_tun()
 
     cdef void _tun_to_udp(self) noexcept nogil:
-        cdef int handled = 0, n = 0, verdict, i
-        cdef Py_ssize_t r, length
+        cdef int handled = 0, n = 0, reads = 0, verdict, i
+        cdef Py_ssize_t r, length, payload, offset
         cdef int32_t peer
         cdef uint8_t* buf
         cdef uint8_t* pkt
         while handled < self.burst:
-            buf = self.tx_buf[n]
+            # Buffers 0..reads-1 hold packets queued in this batch; a read that is dropped leaves its buffer free.
+            buf = self.tx_buf[reads]
             r = read(self.tun_fd, buf, BUF_SIZE)
             if r < 0:
                 if errno == EINTR:
@@ -218,25 +216,35 @@ cdef class Pump:
             if verdict != V_OK:
                 self.drops_out[verdict] += self.plan.segments
                 continue
+            reads += 1
             if self.plan.gso_type == VNET_GSO_NONE:
-                n = self._queue(n, pkt, length, peer)
+                n = self._queue(n, pkt, length, NULL, 0, peer)
+                if n == 0:
+                    reads = 0  # the batch went out: every buffer is free again
                 continue
-            # A super-packet: park it in the spare buffer and cut it into the slots, sending whenever they fill up.
-            self.tx_buf[n] = self.tx_spare
-            self.tx_spare = buf
+            # A super-packet: each segment is its own headers plus a slice of this buffer's payload.
             self.tso_reads += 1
             self.tso_segments += self.plan.segments
             for i in range(self.plan.segments):
-                length = build_segment(pkt, r - VNET_HDR_LEN, &self.plan, i, self.tx_buf[n])
-                n = self._queue(n, self.tx_buf[n], length, peer)
+                payload = build_segment_header(pkt, length, &self.plan, i, self.tx_hdr[n], &offset)
+                n = self._queue(n, self.tx_hdr[n], self.plan.hlen, pkt + offset, payload, peer)
+                if n == 0:
+                    # Sent halfway through the cut: only this buffer is still in use; it becomes buffer 0.
+                    self.tx_buf[reads - 1] = self.tx_buf[0]
+                    self.tx_buf[0] = buf
+                    reads = 1
         if n > 0:
             self._send_batch(n)
 
-    cdef int _queue(self, int n, uint8_t* pkt, Py_ssize_t length, int32_t peer) noexcept nogil:
-        """Put a packet for `peer` in slot n; send the batch when the slots are full. Returns the next free slot."""
-        self.tx_iov[n].iov_base = pkt
-        self.tx_iov[n].iov_len = length
-        self.tx_msgs[n].msg_hdr.msg_name = &self.routes.peers[peer].addr
+    cdef int _queue(self, int n, uint8_t* head, Py_ssize_t head_len, uint8_t* payload, Py_ssize_t payload_len,
+                    int32_t peer) noexcept nogil:
+        """Put a datagram for `peer` in slot n, as one piece (payload NULL) or headers + payload; send the batch when
+        the slots are full. Returns the next free slot."""
+        self.tx_iov[2 * n].iov_base = head
+        self.tx_iov[2 * n].iov_len = head_len
+        self.tx_iov[2 * n + 1].iov_base = payload
+        self.tx_iov[2 * n + 1].iov_len = payload_len
+        self.tx_len[n] = head_len + payload_len
         self.tx_peer[n] = peer
         if n + 1 < BATCH:
             return n + 1
@@ -266,13 +274,13 @@ cdef class Pump:
         """Fill gso_msgs[m] with packets first..: one packet, or with GSO the longest run for the same peer whose
         packets all have the first one's size except a shorter last one. Returns the index after the run."""
         cdef int i = first + 1
-        cdef size_t seg = self.tx_iov[first].iov_len, total = seg, length
+        cdef size_t seg = self.tx_len[first], total = seg, length
         cdef msghdr* h = &self.gso_msgs[m].msg_hdr
         cdef cmsghdr* c
         if self.gso:
             while (i < n and self.tx_peer[i] == self.tx_peer[first] and i - first < GSO_MAX_SEGMENTS
-                   and total + self.tx_iov[i].iov_len <= GSO_MAX_BYTES):
-                length = self.tx_iov[i].iov_len
+                   and total + self.tx_len[i] <= GSO_MAX_BYTES):
+                length = self.tx_len[i]
                 if length > seg:
                     break
                 total += length
@@ -280,8 +288,8 @@ cdef class Pump:
                 if length < seg:
                     break  # only the last segment may be shorter
         h.msg_name = &self.routes.peers[self.tx_peer[first]].addr
-        h.msg_iov = &self.tx_iov[first]
-        h.msg_iovlen = i - first
+        h.msg_iov = &self.tx_iov[2 * first]
+        h.msg_iovlen = 2 * (i - first)  # the kernel cuts the run at seg bytes whatever the iovec boundaries
         if i - first > 1:
             h.msg_control = &self.gso_ctrl[m][0]
             h.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
@@ -326,7 +334,9 @@ cdef class Pump:
                     self.gso_error = errno
                     first = self.gso_first[sent]
                     for i in range(first, n):  # move the rest to the front, then send it datagram by datagram
-                        self.tx_iov[i - first] = self.tx_iov[i]
+                        self.tx_iov[2 * (i - first)] = self.tx_iov[2 * i]
+                        self.tx_iov[2 * (i - first) + 1] = self.tx_iov[2 * i + 1]
+                        self.tx_len[i - first] = self.tx_len[i]
                         self.tx_peer[i - first] = self.tx_peer[i]
                     self._send_batch(n - first)
                     return
@@ -340,9 +350,9 @@ cdef class Pump:
                 for i in range(self.gso_first[k], self.gso_first[k + 1]):
                     p = &self.routes.peers[self.tx_peer[i]]
                     p.tx_packets += 1
-                    p.tx_bytes += self.tx_iov[i].iov_len
+                    p.tx_bytes += self.tx_len[i]
                     self.udp_sent_packets += 1
-                    self.udp_sent_bytes += self.tx_iov[i].iov_len
+                    self.udp_sent_bytes += self.tx_len[i]
             sent += r
 
     cdef void _udp_to_tun(self) noexcept nogil:

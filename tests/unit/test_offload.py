@@ -256,3 +256,27 @@ def test_pump_prefixes_a_zero_virtio_header_on_plain_writes_and_icmp(vnet_rig):
     tun_app.send(b"\x00\x07" + bytes(8) + raw(IP(src=SRC, dst=DST) / TCP() / b"x"))  # hostile virtio header
     pump.on_tun_readable()
     assert pump.counters()["drops_tun_to_udp"] == {"no_route": 1, "bad_offload": 1}
+
+
+def reference_checksum(data: bytes) -> int:
+    """RFC 1071 written the slow, obvious way: big-endian 16-bit words, odd byte zero-padded, end-around carries."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=3000), st.integers(0, 7))
+def test_fast_checksum_equals_rfc1071_at_any_length_and_alignment(data, shift):
+    buffer = bytes(shift) + data  # the fast path reads unaligned words: try every offset from 8-byte alignment
+    assert internet_checksum(memoryview(buffer)[shift:]) == reference_checksum(data)
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 31, 32, 33, 63, 64, 65, 1500, 65535])
+def test_fast_checksum_carries_with_all_ones_and_all_zeros(length):
+    # All 0xFF words make every 64-bit addition carry; all zeros must give 0xFFFF.
+    for byte in (b"\xff", b"\x00", b"\x80"):
+        assert internet_checksum(byte * length) == reference_checksum(byte * length)
