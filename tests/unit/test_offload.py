@@ -29,10 +29,10 @@ def checksums_valid(packet: bytes) -> bool:
     return rebuilt.chksum == parsed.chksum and rebuilt[layer].chksum == parsed[layer].chksum
 
 
-def super_tcp(payload_len, mss, flags="PA", options=None, tos=0, ip_options=None, seq=1000, ip_id=7):
+def super_tcp(payload_len, mss, flags="PA", options=None, tos=0, ip_options=None, seq=1000, ip_id=7, salt=0):
     ip = IP(src=SRC, dst=DST, ttl=63, tos=tos, id=ip_id, flags="DF", options=ip_options or [])
     packet = bytearray(raw(ip / TCP(sport=40000, dport=5201, seq=seq, ack=77, flags=flags, options=options or [])
-                           / bytes(i % 251 for i in range(payload_len))))
+                           / bytes((i + salt) % 251 for i in range(payload_len))))
     ihl = (packet[0] & 0x0F) * 4
     hlen = ihl + (packet[ihl + 12] >> 4) * 4
     # As the kernel hands it over: the TCP checksum field holds only the pseudo-header sum.
@@ -226,6 +226,36 @@ def test_pump_cuts_a_tso_read_into_plain_datagrams(vnet_rig):
     assert all(checksums_valid(g) and IP(g).ttl == 62 for g in got)  # the node's own TTL decrement
     c = pump.counters()
     assert c["tso_reads"] == 1 and c["tso_segments"] == 11 and c["udp_sent_packets"] == 11 and c["gso_sends"] >= 1
+
+
+def test_pump_sends_every_segment_intact_when_reads_overflow_the_batch(vnet_rig):
+    """Segments point into the read buffers until their batch is sent. Here the 64 slots fill up while a super-packet
+    is being cut (30 plain reads, then 46 segments), and 31 more reads follow before the next send, the last one
+    another super-packet: were the cut buffer handed out again, that read would overwrite the payload of the first
+    one's last segments before they leave."""
+    pump, tun_app, sock, peer = vnet_rig
+    peer.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: room for the whole burst
+    tun_app.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE: the stand-in TUN queues every read
+
+    def plain(k):
+        packet = raw(IP(src=SRC, dst=DST, ttl=63) / UDP(sport=9, dport=9) / (bytes([k % 256]) * 1400))
+        return vnet() + packet, [packet]
+
+    def cut(k):
+        read, _ = super_tcp(1432 * 45 + 100, 1432, seq=1000 + k * 100000, ip_id=k * 100, salt=k * 37)
+        return read, split(read)
+    reads = [plain(k) for k in range(30)] + [cut(1)] + [plain(k) for k in range(100, 130)] + [cut(2), cut(3)]
+    expected = []
+    for read, packets in reads:
+        tun_app.send(read)
+        expected += packets
+    pump.on_tun_readable()
+    got = [peer.recv(65535) for _ in range(len(expected))]
+    assert all(checksums_valid(g) for g in got)
+    # The pump's only change to each packet: TTL 63 -> 62 (and the header checksum that goes with it).
+    assert [bytes(IP(g).payload) for g in got] == [bytes(IP(e).payload) for e in expected]
+    assert [IP(g).ttl for g in got] == [62] * len(expected)
+    assert pump.counters()["udp_sent_packets"] == len(expected) == 60 + 3 * 46
 
 
 def test_pump_glues_received_segments_into_one_tun_write(vnet_rig):
