@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_FILE = "/var/lib/flannel-udp/leases.db"
 POLL_INTERVAL = 0.2  # watchers see a change within this, well inside the 1 s promise
-EVENTS_KEPT = 10000  # older events are trimmed; a watcher further behind re-lists
+EVENTS_KEPT = 10000
+CREATE_RACE_SECONDS = 10.0  # older events are trimmed; a watcher further behind re-lists
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL);
@@ -46,17 +47,33 @@ class LocalRegistry(Registry):
         return registry
 
     def _connect(self) -> None:
+        # Nodes that start together may race to create the file: switching it to WAL can answer "database is locked"
+        # at once, without waiting on the busy timeout, so that step is tried again for a while.
+        deadline = time.monotonic() + CREATE_RACE_SECONDS
+        while True:
+            try:
+                self._db = self._open()
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise StoreError(f"cannot use lease file {self.path}: {e}") from None
+                time.sleep(0.05)
+            except (OSError, sqlite3.Error) as e:
+                raise StoreError(f"cannot use lease file {self.path}: {e}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         try:
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=30000")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
             db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot use lease file {self.path}: {e}") from None
-        self._db = db
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     async def _run(self, fn, *args):
         loop = asyncio.get_running_loop()
