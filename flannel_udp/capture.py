@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 DLT_RAW = 101
 ICMP_TYPES = {0: "echo-reply", 3: "unreachable", 8: "echo-request", 11: "time-exceeded"}
+ICMP6_TYPES = {1: "unreachable", 2: "packet-too-big", 3: "time-exceeded", 128: "echo-request", 129: "echo-reply",
+               135: "neighbour-solicitation", 136: "neighbour-advertisement"}
 
 
 class CaptureError(RuntimeError):
@@ -45,12 +47,17 @@ class Verdicts:
         self.port = port
         self.own_subnet = own_subnet
         self.by_public_ip = {str(lease.attrs.public_ip): lease for lease in leases}
+        # Dual stack: a node's IPv6 underlay address names its IPv6 subnet.
+        self.by_public_ipv6 = {str(lease.attrs.public_ipv6): lease for lease in leases if lease.attrs.public_ipv6}
         self.empty = RouteTable()
         self.tables: dict[str, object] = {}
 
     def subnet_of(self, public_ip: str | None) -> str:
         lease = self.by_public_ip.get(public_ip or "")
-        return f" [{lease.subnet}]" if lease is not None else ""
+        if lease is not None:
+            return f" [{lease.subnet}]"
+        lease = self.by_public_ipv6.get(public_ip or "")
+        return f" [{lease.ipv6_subnet}]" if lease is not None else ""
 
     def _table_without(self, subnet) -> object:
         """The route table of the node that owns `subnet`: every other lease."""
@@ -74,6 +81,8 @@ class Verdicts:
 
     def structural(self, inner: bytes) -> str:
         from _fastpath.packet import inbound_verdict
+        if inner and inner[0] >> 4 == 6:  # carried by vxlan in dual stack: the header must fit the bytes
+            return "ok" if len(inner) >= 40 and 40 + int.from_bytes(inner[4:6], "big") == len(inner) else "bad_length"
         return inbound_verdict(inner, "0.0.0.0", self.empty, "0.0.0.0/32", False)
 
     def on_tun(self, inner: bytes) -> str:
@@ -89,19 +98,16 @@ class Verdicts:
 # -- decoding ------------------------------------------------------------------------------------------------------
 def describe_inner(inner: bytes) -> tuple[str, str]:
     """A readable summary of the inner packet and its flow key."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    if len(inner) < 20 or inner[0] >> 4 != 4:
-        version = inner[0] >> 4 if inner else 0
+    from scapy.layers.inet import ICMP, IP
+    version = inner[0] >> 4 if inner else 0
+    if version == 6 and len(inner) >= 40:
+        return describe_inner6(inner)
+    if len(inner) < 20 or version != 4:
         return f"non-IPv4 (version {version}) len {len(inner)}", f"non-IPv4 v{version}"
     ip = IP(inner)
-    if TCP in ip:
-        t = ip[TCP]
-        flow = f"TCP {ip.src}:{t.sport} > {ip.dst}:{t.dport}"
-        detail = f"{flow} [{t.flags}]"
-    elif UDP in ip:
-        u = ip[UDP]
-        flow = f"UDP {ip.src}:{u.sport} > {ip.dst}:{u.dport}"
-        detail = flow
+    described = describe_transport(ip, ip.src, ip.dst)
+    if described is not None:
+        flow, detail = described
     elif ICMP in ip:
         flow = f"ICMP {ip.src} > {ip.dst}"
         kind = ICMP_TYPES.get(ip[ICMP].type, f"type {ip[ICMP].type}")
@@ -112,19 +118,70 @@ def describe_inner(inner: bytes) -> tuple[str, str]:
     return f"{detail} len {len(inner)} ttl {ip.ttl}", flow
 
 
+def describe_inner6(inner: bytes) -> tuple[str, str]:
+    """The same for an IPv6 packet (dual-stack pod traffic, carried by vxlan)."""
+    from scapy.layers.inet6 import IPv6
+    ip = IPv6(inner)
+    described = describe_transport(ip, f"[{ip.src}]", f"[{ip.dst}]")
+    if described is not None:
+        flow, detail = described
+    elif ip.nh == 58 and len(inner) >= 42:  # ICMPv6 right after the fixed header
+        icmp_type, code = inner[40], inner[41]
+        flow = f"ICMPv6 {ip.src} > {ip.dst}"
+        detail = f"{flow} {ICMP6_TYPES.get(icmp_type, f'type {icmp_type}')} (type {icmp_type} code {code})"
+    else:
+        flow = f"next-header {ip.nh} {ip.src} > {ip.dst}"
+        detail = flow
+    return f"{detail} len {len(inner)} hlim {ip.hlim}", flow
+
+
+def describe_transport(ip, src: str, dst: str) -> tuple[str, str] | None:
+    """Flow key and detail of a TCP or UDP packet (addresses as given: IPv6 ones in brackets); None for others."""
+    from scapy.layers.inet import TCP, UDP
+    if TCP in ip:
+        t = ip[TCP]
+        flow = f"TCP {src}:{t.sport} > {dst}:{t.dport}"
+        return flow, f"{flow} [{t.flags}]"
+    if UDP in ip:
+        u = ip[UDP]
+        flow = f"UDP {src}:{u.sport} > {dst}:{u.dport}"
+        return flow, flow
+    return None
+
+
+def inner_addresses(inner: bytes) -> tuple[str, str] | None:
+    """Source and destination of an IPv4 or IPv6 packet, as text; None for anything else."""
+    if len(inner) >= 20 and inner[0] >> 4 == 4:
+        return str(ipaddress.IPv4Address(inner[12:16])), str(ipaddress.IPv4Address(inner[16:20]))
+    if len(inner) >= 40 and inner[0] >> 4 == 6:
+        return str(ipaddress.IPv6Address(inner[8:24])), str(ipaddress.IPv6Address(inner[24:40]))
+    return None
+
+
+def inner_protocol(inner: bytes) -> int | None:
+    """IPv4's protocol or IPv6's first next header (ICMPv6 shown as ICMP's 1, so --proto icmp covers both)."""
+    if len(inner) >= 20 and inner[0] >> 4 == 4:
+        return inner[9]
+    if len(inner) >= 40 and inner[0] >> 4 == 6:
+        return 1 if inner[6] == 58 else inner[6]
+    return None
+
+
 def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: bool) -> Record | None:
     """The outer packet (or a TUN packet) as a Record; None for traffic that is not the overlay's."""
     from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.vxlan import VXLAN
     when = float(packet.time)
     if on_tun:
         inner = bytes(packet)
         summary, flow = describe_inner(inner)
         return Record(when, None, None, "tun", inner, verdicts.on_tun(inner), summary, flow)
-    if IP not in packet or UDP not in packet[IP]:
+    outer = packet[IP] if IP in packet else packet[IPv6] if IPv6 in packet else None  # vxlan may run over IPv6
+    if outer is None or UDP not in outer:
         return None
-    outer, udp = packet[IP], packet[IP][UDP]
-    if udp.dport == udp_port:
+    udp = outer[UDP]
+    if udp.dport == udp_port and outer.version == 4:  # the udp backend is IPv4-only
         inner = bytes(udp.payload)
         verdict = verdicts.inbound(inner, outer.src, outer.dst)
         encapsulation = "udp"
@@ -143,13 +200,13 @@ def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: b
 
 def matches(record: Record, args: argparse.Namespace) -> bool:
     inner = record.inner
-    is_v4 = len(inner) >= 20 and inner[0] >> 4 == 4
     if args.pod:
-        if not is_v4 or args.pod not in (str(ipaddress.IPv4Address(inner[12:16])), str(ipaddress.IPv4Address(inner[16:20]))):
+        addresses = inner_addresses(inner)
+        if addresses is None or args.pod not in addresses:
             return False
     if args.peer and args.peer not in (record.outer_src, record.outer_dst):
         return False
-    if args.proto and (not is_v4 or inner[9] != {"tcp": 6, "udp": 17, "icmp": 1}[args.proto]):
+    if args.proto and inner_protocol(inner) != {"tcp": 6, "udp": 17, "icmp": 1}[args.proto]:
         return False
     return True
 
@@ -248,6 +305,13 @@ def run_capture(args: argparse.Namespace) -> int:
         raise CaptureError("give exactly one source: --iface NAME (underlay or flannel0) or --read FILE")
     if args.read and not os.access(args.read, os.R_OK):
         raise CaptureError(f"cannot read {args.read}: {'no such file' if not os.path.exists(args.read) else 'permission denied'}")
+    for flag in ("pod", "peer"):  # canonical text (IPv6 compressed), compared with the decoded addresses
+        value = getattr(args, flag)
+        if value:
+            try:
+                setattr(args, flag, str(ipaddress.ip_address(value)))
+            except ValueError:
+                raise CaptureError(f"--{flag} is not an IP address: {value}") from None
     on_tun = bool(args.iface) and is_tun(args.iface)
     expression = build_filter(args, on_tun)
     check_filter(expression, on_tun)
@@ -314,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--pod", help="only packets whose inner source or destination is this IP")
     parser.add_argument("--peer", help="only packets whose outer source or destination is this IP")
-    parser.add_argument("--proto", choices=["tcp", "udp", "icmp"], help="only this inner protocol")
+    parser.add_argument("--proto", choices=["tcp", "udp", "icmp"], help="only this inner protocol (icmp: ICMPv6 too)")
     parser.add_argument("--filter", help="a BPF filter on the outer packet (on flannel0: on the packet)")
     parser.add_argument("--write", metavar="FILE", help="write the inner packets (DLT_RAW) to a pcap")
     parser.add_argument("--outer", action="store_true", help="with --write: the outer packets instead")

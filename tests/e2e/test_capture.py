@@ -103,6 +103,7 @@ def test_capture_on_flannel0_and_from_a_pcap_file(udp_cluster, tmp_path):
     (["--read", "/nonexistent.pcap"], "error: cannot read /nonexistent.pcap: no such file"),
     (["--iface", "lo", "--filter", "udp port"], "error: bad filter '(udp dst port 8285 or udp dst port 8472) and (udp port)'"),
     ([], "error: give exactly one source"),
+    (["--iface", "lo", "--pod", "10.244.1"], "error: --pod is not an IP address: 10.244.1"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
     garbage = tmp_path / "garbage.pcap"
@@ -126,3 +127,24 @@ def test_vxlan_traffic_is_decoded_too(bed):
     assert bed.ping(h1.pods[0].ns, h2.pods[0].address)
     out = finish(capture)
     assert f"vxlan vni 1: ICMP {h1.pods[0].address} > {h2.pods[0].address} echo-request" in out, out
+
+
+def test_dual_stack_vxlan_over_ipv6_is_decoded_with_ipv6_subnets(bed):
+    """Dual stack: IPv6 pod traffic rides flannel-v6.1 over the IPv6 underlay; capture shows it with the nodes' IPv6
+    subnets, and --pod / --proto icmp select it by its IPv6 address and ICMPv6."""
+    bed.write_config({"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
+                      "Backend": {"Type": "vxlan"}})
+    for host in bed.hosts[:2]:
+        bed.start_node(host)
+        bed.add_pod(host)
+    h1, h2 = bed.hosts[0], bed.hosts[1]
+    p1, p2 = h1.pods[0], h2.pods[0]
+    time.sleep(0.6)
+    capture = start_capture(bed, h2, "--iface", "eth0", "--pod", str(p2.address6), "--proto", "icmp", "--count", "2",
+                            "--duration", "15")
+    assert bed.ping(p1.ns, p2.address6)
+    out = finish(capture)
+    sub1 = h1.subnet_env()["FLANNEL_IPV6_SUBNET"].replace("::1/", "::/")
+    assert f"{h1.address6} [{sub1}] > {h2.address6} [" in out, out
+    assert f"vxlan vni 1: ICMPv6 {p1.address6} > {p2.address6} echo-request (type 128 code 0)" in out, out
+    assert "DROP" not in out and str(p1.address) not in out
