@@ -93,7 +93,8 @@ class RoutedNetwork(Network):
         while True:
             await asyncio.sleep(ROUTE_CHECK_PERIOD)
             try:
-                present = {(r["dst"], r["gateway"]) for family in (2, 10) for r in await self.netlink.call(netlink.routes, family)}
+                present = {(r["dst"], r["gateway"]) for family in (2, 10)  # AF_INET, AF_INET6
+                           for r in await self.netlink.call(netlink.routes, family)}
                 for subnet, gateway in list(self.routes.items()):
                     if (subnet, gateway) not in present:
                         await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)

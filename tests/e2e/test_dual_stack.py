@@ -231,3 +231,22 @@ def test_restart_keeps_both_subnets_and_the_v6_device_mac(bed):
     assert bed.stop_node(host) == 0
     bed.start_node(host)
     assert state() == before
+
+
+def test_host_gw_puts_back_deleted_routes_of_both_families(bed):
+    """Upstream's route check: every 10 s, a remembered route missing from the table is added again."""
+    bed.write_config(dual_config({"Type": "host-gw"}))
+    bed.start_cluster(pods_per_host=0)
+    h1, h2 = bed.hosts[0], bed.hosts[1]
+    sub4 = h2.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    sub6 = str(subnet6_of(h2))
+    assert wait_for(lambda: sub6 in {r["dst"] for r in v6_routes(h1)}, 5), bed.logs()
+    in_ns(h1.ns, "ip", "route", "del", sub4)
+    in_ns(h1.ns, "ip", "-6", "route", "del", sub6)
+
+    def restored():
+        v4 = {r["dst"]: r.get("gateway") for r in json.loads(in_ns(h1.ns, "ip", "-j", "route", "show").stdout)}
+        v6 = {r["dst"]: r.get("gateway") for r in v6_routes(h1)}
+        return v4.get(sub4) == str(h2.address) and v6.get(sub6) == str(h2.address6)
+    assert wait_for(restored, 12, interval=0.5), bed.logs()
+    assert f"Route recovered: {sub6} via {h2.address6}" in bed.node_log(h1)
