@@ -30,7 +30,8 @@ class Network(ABC):
 def check_families(config, ext) -> None:
     """The kernel backends run IPv4 or dual stack; an IPv6 side needs an IPv6 address on the external interface."""
     if not config.enable_ipv4:
-        raise BackendError("IPv6-only networks are not supported: set EnableIPv4 too (dual stack)")
+        raise BackendError("IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 "
+                           "subnet): set EnableIPv4 too (dual stack)")
     if config.enable_ipv6 and ext.ext_addr6 is None:
         raise BackendError(f"EnableIPv6 is set but no IPv6 address was chosen on {ext.name}")
 

@@ -138,7 +138,8 @@ def test_ip6tables_and_nftables_rules_cover_the_ipv6_network(bed):
 
 @pytest.mark.parametrize("config, flags, message", [
     ({"Network": NETWORK, "EnableIPv4": False, "EnableIPv6": True, "IPv6Network": IPV6_NETWORK, "Backend": {"Type": "vxlan"}}, [],
-     "error: IPv6-only networks are not supported: set EnableIPv4 too (dual stack)"),
+     "error: IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 subnet): set "
+     "EnableIPv4 too (dual stack)"),
     (dual_config({"Type": "vxlan", "MTU": 1340}), [],
      "error: error decoding VXLAN backend config: MTU 1340 leaves 1270 bytes for pods after the 70-byte "
      "VXLAN-over-IPv6 overhead, below IPv6's minimum of 1280"),
