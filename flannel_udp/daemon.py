@@ -149,7 +149,7 @@ class Daemon:
             registry, config = await open_store(opts)
             backend_cls = backend_class(config.backend_name)
             # The IPv6 side is looked for only where a backend carries IPv6 (udp refuses EnableIPv6 itself).
-            dual_stack = config.enable_ipv6 and getattr(backend_cls, "dual_stack", False)
+            dual_stack = config.enable_ipv6 and backend_cls.dual_stack
             ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip,
                                 opts.public_ipv6, dual_stack)
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)

@@ -57,6 +57,8 @@ def open_socket(address: str, port: int) -> socket.socket:
 
 
 class UdpBackend:
+    dual_stack = False  # IPv4 only, as upstream's udp backend
+
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True,
                  offload: bool = True) -> None:
         if not config.enable_ipv4 or config.enable_ipv6:
