@@ -53,7 +53,11 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "etcd-cafile": ("str", "", "etcd TLS CA"),
     "etcd-username": ("str", "", "etcd user"),
     "etcd-password": ("str", "", "etcd password"),
-    "kube-subnet-mgr": ("bool", False, "use the Kubernetes API as the lease store (not supported)"),
+    "kube-subnet-mgr": ("bool", False, "take the subnet from the node's podCIDR and the peers from the Node objects"),
+    "kube-api-url": ("str", "", "Kubernetes API server URL (not needed in a pod)"),
+    "kubeconfig-file": ("str", "", "kubeconfig file (not needed in a pod)"),
+    "kube-annotation-prefix": ("str", "flannel.alpha.coreos.com", "prefix of the node annotations"),
+    "set-node-network-unavailable": ("bool", True, "set the node's NetworkUnavailable condition to False once up"),
     "v": ("int", 0, "log verbosity (>= 1: debug)"),
     # flannel-udp's own
     "lease-file": ("str", "/var/lib/flannel-udp/leases.db", "embedded lease store shared by the nodes of this machine"),
@@ -129,6 +133,8 @@ def apply_env(args: argparse.Namespace, given: set[str]) -> None:
 def setup_logging(verbosity: int) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbosity >= 1 else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    # The HTTP client logs every request at INFO: a watch would log each reconnection attempt.
+    logging.getLogger("httpx2").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
 
 
 def fail(message: str) -> int:
@@ -146,8 +152,6 @@ def run_command(argv: list[str], prog: str) -> int:
     setup_logging(args.v)
     if not 0 < args.subnet_lease_renew_margin < 1440:
         return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
-    if args.kube_subnet_mgr:
-        return fail("the Kubernetes subnet manager is not supported by flannel-udp; use the embedded store or etcd")
     if args.lease_ttl <= 0:
         return fail("--lease-ttl must be a positive number of seconds")
 
@@ -160,7 +164,8 @@ def run_command(argv: list[str], prog: str) -> int:
         iface_can_reach=args.iface_can_reach, public_ip=args.public_ip, public_ipv6=args.public_ipv6,
         subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
-        etcd=etcd_options(args), ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
+        etcd=None if args.kube_subnet_mgr else etcd_options(args), kube=kube_options(args),
+        ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
         iptables_forward_rules=args.iptables_forward_rules, iptables_resync=args.iptables_resync,
         ip_blackhole_route=args.ip_blackhole_route,
     )
@@ -178,6 +183,16 @@ def etcd_options(args: argparse.Namespace):
     return EtcdOptions(endpoints=args.etcd_endpoints, prefix=args.etcd_prefix, keyfile=args.etcd_keyfile,
                        certfile=args.etcd_certfile, cafile=args.etcd_cafile, username=args.etcd_username,
                        password=args.etcd_password)
+
+
+def kube_options(args: argparse.Namespace):
+    """-kube-subnet-mgr selects the Kubernetes API (the etcd flags are then ignored, as upstream)."""
+    if not args.kube_subnet_mgr:
+        return None
+    from .subnet.kube_client import KubeOptions
+    return KubeOptions(api_url=args.kube_api_url, kubeconfig_file=args.kubeconfig_file,
+                       annotation_prefix=args.kube_annotation_prefix,
+                       set_node_network_unavailable=getattr(args, "set_node_network_unavailable", True))
 
 
 def open_registry(args: argparse.Namespace):
@@ -249,9 +264,51 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", f"-{name}", dest=name.replace("-", "_"), default=default, help=help_text)
 
 
+KUBE_FLAGS = ["kube-subnet-mgr", "kube-api-url", "kubeconfig-file", "kube-annotation-prefix"]
+
+
+def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
+    for name in KUBE_FLAGS:
+        kind, default, help_text = RUN_FLAGS[name]
+        dest = name.replace("-", "_")
+        if kind == "bool":
+            parser.add_argument(f"--{name}", f"-{name}", dest=dest, action="store_true", help=help_text)
+        else:
+            parser.add_argument(f"--{name}", f"-{name}", dest=dest, default=default, help=help_text)
+
+
+def print_leases(rows: list[tuple[str, object]], with_node: bool) -> None:
+    """One line per lease: [node,] subnet, public IP, [IPv6 subnet and public IPv6,] backend, time left."""
+    now = time.time()
+    dual = any(lease.ipv6_subnet is not None for _node, lease in rows)
+    node_header = f"{'NODE':24} " if with_node else ""
+    v6_header = f" {'IPV6 SUBNET':24} {'PUBLIC IPV6':24}" if dual else ""
+    print(f"{node_header}{'SUBNET':20} {'PUBLIC IP':16}{v6_header} {'BACKEND':9} EXPIRES IN")
+    for node, lease in rows:
+        left = lease.seconds_left(now)
+        if left is None:
+            expires = "never (podCIDR)" if with_node else "never (reservation)"
+        else:
+            expires = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
+        v6 = f" {str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24}" if dual else ""
+        name = f"{node:24} " if with_node else ""
+        print(f"{name}{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} "
+              f"{expires}")
+
+
 def leases_command(args: argparse.Namespace) -> int:
     from .subnet.etcd_client import EtcdConfigError
     from .subnet.registry import StoreError
+
+    if args.kube_subnet_mgr:
+        if args.action == "delete":
+            return fail("in kube mode a lease is the Node's podCIDR: delete the Node object instead")
+        from .subnet.kube_manager import list_node_leases
+        try:
+            print_leases(asyncio.run(list_node_leases(kube_options(args))), with_node=True)
+            return 0
+        except StoreError as e:
+            return fail(str(e))
 
     async def work() -> int:
         registry = open_registry(args)
@@ -269,15 +326,7 @@ def leases_command(args: argparse.Namespace) -> int:
                 await registry.delete_subnet(match.subnet, match.ipv6_subnet)
                 print(f"deleted lease {args.subnet}")
                 return 0
-            now = time.time()
-            dual = any(lease.ipv6_subnet is not None for lease in leases)
-            v6_header = f" {'IPV6 SUBNET':24} {'PUBLIC IPV6':24}" if dual else ""
-            print(f"{'SUBNET':20} {'PUBLIC IP':16}{v6_header} {'BACKEND':9} EXPIRES IN")
-            for lease in leases:
-                left = lease.seconds_left(now)
-                expires = "never (reservation)" if left is None else f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
-                v6 = f" {str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24}" if dual else ""
-                print(f"{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} {expires}")
+            print_leases([("", lease) for lease in leases], with_node=False)
             return 0
         finally:
             await registry.close()
@@ -303,11 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         put = config_sub.add_parser("put", help="check a net-conf.json, then store it in etcd as <prefix>/config")
         put.add_argument("path")
         add_etcd_arguments(put)
-        leases = sub.add_parser("leases", help="list (or delete) the leases in the embedded store or in etcd")
+        leases = sub.add_parser("leases", help="list (or delete) the leases in the embedded store, etcd or the "
+                                "Kubernetes API")
         leases.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
         leases.add_argument("subnet", nargs="?", help="with delete: the subnet, e.g. 10.244.1.0/24")
         leases.add_argument("--lease-file", default="/var/lib/flannel-udp/leases.db")
         add_etcd_arguments(leases)
+        add_kube_arguments(leases)
         demo = sub.add_parser("demo", help="build a cluster in network namespaces on this machine and show it working")
         from .demo import add_arguments
         add_arguments(demo)

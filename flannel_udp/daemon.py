@@ -14,8 +14,9 @@ from .net import iface, netlink
 from .net.rules import FamilyNetworks, RulesError, TrafficRules
 from .net.tun import TunError
 from .subnet import subnetenv
-from .subnet.config import ConfigError, NetworkConfig, load_config
+from .subnet.config import ConfigError, NetworkConfig, load_config, parse_config
 from .subnet.etcd_client import EtcdConfigError, EtcdOptions
+from .subnet.kube_client import KubeOptions
 from .subnet.lease import EventType, Events, Lease, Snapshot
 from .subnet.local_store import DEFAULT_LEASE_FILE, LocalRegistry
 from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
@@ -55,6 +56,7 @@ class Options:
     udp_source_check: bool = True
     udp_offload: bool = True
     etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
+    kube: KubeOptions | None = None  # -kube-subnet-mgr: leases are the Nodes' podCIDRs and annotations
 
 
 def read_network_config(path: str) -> NetworkConfig:
@@ -91,8 +93,32 @@ async def read_etcd_network_config(registry) -> NetworkConfig:
         await asyncio.sleep(STORE_RETRY)
 
 
-async def open_store(opts: Options) -> tuple[Registry, NetworkConfig]:
-    """The lease store and the network config: from etcd, or from net-conf.json with the embedded file store."""
+def read_kube_network_config(path: str) -> NetworkConfig:
+    """Kube mode reads net-conf.json as upstream does: parsed only (SubnetLen and the like mean nothing when
+    Kubernetes assigns the subnets), but the networks the podCIDRs must lie in have to be there."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise StartupError(f"failed to read net conf: open {path}: {e.strerror}") from None
+    try:
+        config = parse_config(text)
+    except ConfigError as e:
+        raise StartupError(f"error parsing subnet config: {e}") from None
+    if config.enable_ipv4 and config.network is None:
+        raise StartupError(f"error parsing subnet config: {path} has no Network (the cluster CIDR the podCIDRs lie in)")
+    if config.enable_ipv6 and config.ipv6_network is None:
+        raise StartupError(f"error parsing subnet config: {path} sets EnableIPv6 but has no IPv6Network")
+    return config
+
+
+async def open_store(opts: Options):
+    """The network config and what leases come from: the embedded file store, etcd (both Registries under a Manager),
+    or the Kubernetes API (a KubeManager, which is its own manager)."""
+    if opts.kube is not None:
+        from .subnet.kube_manager import KubeManager  # the Kubernetes client is loaded only in kube mode
+        config = read_kube_network_config(opts.net_config_path)
+        return await KubeManager.open(opts.kube, config), config
     if opts.etcd is None:
         config = read_network_config(opts.net_config_path)
         return LocalRegistry.open_sync(opts.lease_file), config
@@ -141,24 +167,29 @@ class Daemon:
 
         health = HealthServer(self.state, opts.healthz_ip, opts.healthz_port) if opts.healthz_port > 0 else None
         nl = netlink.Netlink()
-        registry = None
+        store = None
         network = None
         try:
             if health is not None:
                 await health.start()
-            registry, config = await open_store(opts)
+            store, config = await open_store(opts)
+            public_ip, public_ipv6 = opts.public_ip, opts.public_ipv6
+            if opts.kube is not None:
+                # node-public-ip(v6) annotations set by the admin replace -public-ip(v6), as upstream.
+                annotated, annotated6 = store.stored_public_ips()
+                public_ip, public_ipv6 = annotated or public_ip, annotated6 or public_ipv6
             backend_cls = backend_class(config.backend_name)
             # The IPv6 side is looked for only where a backend carries IPv6 (udp refuses EnableIPv6 itself).
             dual_stack = config.enable_ipv6 and backend_cls.dual_stack
-            ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, opts.public_ip,
-                                opts.public_ipv6, dual_stack)
+            ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, public_ip,
+                                public_ipv6, dual_stack)
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
             if dual_stack:
                 log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
             backend = backend_cls(nl, ext, config, source_check=opts.udp_source_check, offload=opts.udp_offload)
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
-            manager = Manager(registry, config, previous, opts.lease_ttl)
+            manager = store if opts.kube is not None else Manager(store, config, previous, opts.lease_ttl)
             network = await backend.register_network(manager)
             self.state.network = network
             self.state.lease_expiration = network.lease.expiration
@@ -171,6 +202,7 @@ class Daemon:
             self.state.ready = True
             log.info("Wrote subnet file %s (subnet %s%s); ready", opts.subnet_file, network.lease.subnet,
                      f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "")
+            await manager.complete_lease(network.lease)
 
             await self._serve(manager, network, rules, nl)
             log.info("Exiting cleanly...")
@@ -181,8 +213,8 @@ class Daemon:
         finally:
             if network is not None:
                 await network.close()
-            if registry is not None:
-                await registry.close()
+            if store is not None:
+                await store.close()
             if health is not None:
                 await health.stop()
             nl.close()
@@ -226,7 +258,7 @@ class Daemon:
         while True:
             try:
                 async for result in manager.watch_leases():
-                    if own_lease_gone(result, network.lease):
+                    if manager.watches_own_lease and own_lease_gone(result, network.lease):
                         log.warning("Lease has been revoked. Shutting down daemon.")
                         return
                     batch = watcher.apply(result)

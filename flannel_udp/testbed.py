@@ -24,6 +24,7 @@ from .etcdserver import EtcdCluster
 UNDERLAY = ipaddress.ip_network("198.18.0.0/24")
 UNDERLAY6 = ipaddress.ip_network("fd00:198:18::/64")  # unique-local: never routed beyond this machine
 ETCD_FIRST_ADDRESS = 201  # etcd members sit on the underlay at .201, .202, ...
+KUBE_ADDRESS = 200  # the Kubernetes control plane's API server sits on the underlay at .200
 CNI_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, ...
 
 
@@ -76,6 +77,7 @@ class Host:
     process: subprocess.Popen | None = None
     log_path: str = ""
     pods: list[Pod] = field(default_factory=list)
+    node_name: str = ""  # the Node object's name in kube mode
 
     def subnet_env(self) -> dict[str, str]:
         with open(self.subnet_file) as f:
@@ -95,6 +97,10 @@ class Testbed:
         self.extra_processes: list[subprocess.Popen] = []
         self.etcd: EtcdCluster | None = None
         self.etcd_ns = f"{self.prefix}-etcd"
+        self.kube = None  # a KubeControlPlane once start_kube() ran: nodes then use -kube-subnet-mgr
+        self.kube_ns = f"{self.prefix}-kube"
+        self.kubeconfig = os.path.join(self.workdir, "flannel.kubeconfig")
+        self.registered: set[str] = set()  # Node objects registered for hosts
         try:
             self._add_ns(self.underlay_ns)
             in_ns(self.underlay_ns, "ip", "link", "add", "br0", "type", "bridge")
@@ -128,7 +134,8 @@ class Testbed:
         in_ns(ns, "ip", "-6", "addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
         in_ns(ns, "ip", "link", "set", "eth0", "up")
         in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-        host = Host(name, ns, address, address6, os.path.join(self.workdir, f"{name}-subnet.env"))
+        host = Host(name, ns, address, address6, os.path.join(self.workdir, f"{name}-subnet.env"),
+                    node_name=f"{self.prefix}-{name}")
         self.hosts.append(host)
         return host
 
@@ -142,41 +149,83 @@ class Testbed:
 
     def start_etcd(self, members: int = 1) -> EtcdCluster:
         """Real etcd members in their own namespace on the underlay; nodes started afterwards use them as the store."""
-        self._add_ns(self.etcd_ns)
-        in_ns(self.underlay_ns, "ip", "link", "add", f"{self.prefix}et", "type", "veth", "peer", "name", "eth0",
-              "netns", self.etcd_ns)
-        in_ns(self.underlay_ns, "ip", "link", "set", f"{self.prefix}et", "master", "br0", "up")
         addresses = [str(UNDERLAY.network_address + ETCD_FIRST_ADDRESS + i) for i in range(members)]
-        for address in addresses:
-            in_ns(self.etcd_ns, "ip", "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
-        in_ns(self.etcd_ns, "ip", "link", "set", "eth0", "up")
+        self._join_underlay(self.etcd_ns, f"{self.prefix}et", [f"{a}/{UNDERLAY.prefixlen}" for a in addresses])
         self.etcd = EtcdCluster(addresses, ns=self.etcd_ns)
         if os.path.exists(self.config_file):
             with open(self.config_file) as f:
                 self.write_config(json.load(f))
         return self.etcd
 
+    def _join_underlay(self, ns: str, link: str, addresses: list[str]) -> None:
+        """A namespace of servers on the underlay bridge, through a veth created inside the underlay namespace."""
+        self._add_ns(ns)
+        in_ns(self.underlay_ns, "ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        in_ns(self.underlay_ns, "ip", "link", "set", link, "master", "br0", "up")
+        for address in addresses:
+            in_ns(ns, "ip", "addr", "add", address, "dev", "eth0")
+        in_ns(ns, "ip", "link", "set", "eth0", "up")
+
+    def start_kube(self, cluster_cidrs: list[str] | None = None):
+        """A real Kubernetes control plane on the underlay (.200); nodes started afterwards run -kube-subnet-mgr with
+        a token of the flannel ServiceAccount, and each host is registered as a Node when its node first starts.
+        cluster_cidrs defaults to the Network of the config written so far (kube-controller-manager's --cluster-cidr)."""
+        from .kubeserver import KubeControlPlane
+        if cluster_cidrs is None:
+            with open(self.config_file) as f:
+                config = json.load(f)
+            cluster_cidrs = [config["Network"]] + ([config["IPv6Network"]] if config.get("EnableIPv6") else [])
+        address = str(UNDERLAY.network_address + KUBE_ADDRESS)
+        addresses = [f"{address}/{UNDERLAY.prefixlen}"]
+        self._join_underlay(self.kube_ns, f"{self.prefix}kb", addresses)
+        self.kube = KubeControlPlane(self.kube_ns, address, cluster_cidrs)
+        self.kube.write_kubeconfig(self.kubeconfig, self.kube.flannel_token())
+        return self.kube
+
+    def register_node(self, host: Host, wait_cidr: bool = True, **kwargs) -> None:
+        """The host's Node object, as its kubelet would register it; kube-controller-manager gives it a podCIDR."""
+        self.kube.register_node(host.node_name, **kwargs)
+        self.registered.add(host.node_name)
+        if wait_cidr:
+            self.kube.wait_pod_cidr(host.node_name)
+
     def cli(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`flannel-udp ARGS` inside a namespace."""
         return in_ns(ns, sys.executable, "-m", "flannel_udp", *args, check=check)
 
     def store_args(self) -> list[str]:
-        """The flags that point a node (or `leases`) at this testbed's store: etcd when running, else the file."""
+        """The flags that point a node (or `leases`) at this testbed's store: the Kubernetes API or etcd when running,
+        else the file."""
+        if self.kube is not None:
+            return ["--kube-subnet-mgr", "--kubeconfig-file", self.kubeconfig]
         if self.etcd is not None:
             return ["--etcd-endpoints", self.etcd.endpoints]
         return ["--lease-file", self.lease_file]
 
-    def start_node(self, host: Host, *extra: str, iface: str = "eth0", wait: bool = True, timeout: float = 20) -> Host:
-        """Start `flannel-udp run` inside the host's namespace on the shared store (the embedded file, or etcd)."""
+    def start_node(self, host: Host, *extra: str, iface: str | None = "eth0", wait: bool = True, timeout: float = 20,
+                   env: dict[str, str] | None = None, node_name: bool = True, store: bool = True) -> Host:
+        """Start `flannel-udp run` inside the host's namespace on the shared store (the embedded file, etcd, or the
+        Kubernetes API, where the host's Node is registered first and NODE_NAME names it unless node_name is False).
+        env adds variables (an empty value removes one); store=False leaves out the store flags."""
         if os.path.exists(host.subnet_file) and wait:
             os.unlink(host.subnet_file)
         host.log_path = os.path.join(self.workdir, f"{host.name}.log")
-        log = open(host.log_path, "ab")
         cmd = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "flannel_udp", "run",
-               "--net-config-path", self.config_file, "--subnet-file", host.subnet_file, *self.store_args(),
-               "--iface", iface, *extra]
-        host.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+               "--net-config-path", self.config_file, "--subnet-file", host.subnet_file,
+               *(self.store_args() if store else []), *(["--iface", iface] if iface else []), *extra]
+        variables = dict(os.environ)
+        if self.kube is not None:
+            if node_name:
+                variables["NODE_NAME"] = host.node_name
+            if host.node_name not in self.registered:
+                self.register_node(host)
+        for name, value in (env or {}).items():
+            if value:
+                variables[name] = value
+            else:
+                variables.pop(name, None)
+        with open(host.log_path, "ab") as log:
+            host.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=variables)
         if wait:
             self.wait_ready(host, timeout)
         return host
@@ -190,9 +239,10 @@ class Testbed:
             for _ in range(pods_per_host):
                 self.add_pod(host)
 
-    def run_node_expecting_failure(self, host: Host, *extra: str, iface: str = "eth0", timeout: float = 20) -> str:
+    def run_node_expecting_failure(self, host: Host, *extra: str, iface: str = "eth0", timeout: float = 20,
+                                   **kwargs) -> str:
         """Start a node that must refuse to run: exit status 1; returns the last line it printed."""
-        self.start_node(host, *extra, iface=iface, wait=False)
+        self.start_node(host, *extra, iface=iface, wait=False, **kwargs)
         code = host.process.wait(timeout)
         host.process = None
         if code != 1:
@@ -315,6 +365,9 @@ class Testbed:
         if self.etcd is not None:
             self.etcd.close()
             self.etcd = None
+        if self.kube is not None:
+            self.kube.close()
+            self.kube = None
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
@@ -326,9 +379,12 @@ class Testbed:
         pids += [p.pid for p in self.extra_processes if p.poll() is None]
         if self.etcd is not None:
             pids += [m.process.pid for m in self.etcd.members if m.process is not None]
+        if self.kube is not None:
+            pids += self.kube.pids()
         with open(path, "w") as f:
             json.dump({"namespaces": self.namespaces, "pids": pids, "workdir": self.workdir,
-                       "etcd_workdir": self.etcd.workdir if self.etcd else None}, f)
+                       "etcd_workdir": self.etcd.workdir if self.etcd else None,
+                       "kube_workdir": self.kube.workdir if self.kube else None}, f)
 
     def __enter__(self) -> Testbed:
         return self
@@ -347,7 +403,7 @@ def teardown_saved(path: str) -> int:
                 cmdline = f.read()
         except OSError:
             continue  # already gone
-        if b"flannel_udp" in cmdline or b"iperf3" in cmdline or b"etcd" in cmdline:
+        if any(name in cmdline for name in (b"flannel_udp", b"iperf3", b"etcd", b"kube-apiserver", b"kube-controller")):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     for pid in state["pids"]:
@@ -355,7 +411,7 @@ def teardown_saved(path: str) -> int:
             time.sleep(0.05)
     for ns in reversed(state["namespaces"]):
         sh("ip", "netns", "del", ns, check=False)
-    for folder in (state["workdir"], state.get("etcd_workdir")):
+    for folder in (state["workdir"], state.get("etcd_workdir"), state.get("kube_workdir")):
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
     return len(state["namespaces"])

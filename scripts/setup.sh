@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what flannel-udp, its demo, its tests (etcd-server among them) and its benchmarks need on Debian, as root, and builds the package
-# (with its Cython data plane) into ./.venv. Safe to run again.
+# (with its Cython data plane) into ./.venv, then builds the Go servers the tests start (scripts/build-go-servers.sh).
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,7 @@ fi
 echo "==> pip install -e '.[test,bench]' (builds _fastpath)"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e '.[test,bench]'
+
+# kube-apiserver and kube-controller-manager for the Kubernetes tests, demo and benchmarks (once per machine, cached
+# outside the clone; a later run finds them and costs nothing).
+bash scripts/build-go-servers.sh

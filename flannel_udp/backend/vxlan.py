@@ -87,8 +87,13 @@ class VxlanBackend:
 
     async def register_network(self, manager: Manager) -> VxlanNetwork:
         # The devices come first: their MACs go into the lease.
+        # In kube mode the node's backend-data annotations remember the MACs of the last run: a device that has to
+        # be created anew (after a reboot) gets the same MAC, so peers' FDB entries stay right (upstream too).
+        stored = manager.stored_mac_addresses()
         for vtep in self.vteps:
-            vtep.index, vtep.mac = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index)
+            mac = stored[0] if vtep.version == 4 else stored[1]
+            vtep.index, vtep.mac = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index,
+                                                           mac or None)
         v4 = self.vteps[0]
         v6 = self.vteps[1] if len(self.vteps) > 1 else None
         attrs = LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6 if v6 else None, backend_type=self.backend_type,

@@ -25,6 +25,8 @@ class AcquireError(RuntimeError):
 
 
 class Manager:
+    watches_own_lease = True  # a lease deleted from the store (or expired) stops the node, as upstream
+
     def __init__(self, registry: Registry, config: NetworkConfig, previous: tuple[IPv4Net | None, IPv6Net | None] = (None, None),
                  lease_ttl: float = DEFAULT_LEASE_TTL, rng: random.Random | None = None) -> None:
         self.registry = registry
@@ -81,6 +83,13 @@ class Manager:
         ttl = None if lease.expiration is None else self.lease_ttl
         expiration = await self.registry.update_subnet(lease.subnet, lease.ipv6_subnet, lease.attrs, ttl)
         return Lease(lease.subnet, lease.attrs, lease.ipv6_subnet, expiration, lease.enable_ipv4, lease.enable_ipv6)
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """Nothing to do after start-up for a lease store (the Kubernetes manager sets a node condition here)."""
+
+    def stored_mac_addresses(self) -> tuple[str, str]:
+        """A lease store keeps no VTEP MACs apart from the devices themselves, which are reused as they are."""
+        return "", ""
 
     async def list_leases(self) -> list[Lease]:
         leases, _ = await self.registry.get_subnets()

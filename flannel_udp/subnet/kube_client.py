@@ -1,0 +1,106 @@
+"""Connecting to the Kubernetes API as upstream's kube subnet manager does (client-go BuildConfigFromFlags):
+-kubeconfig-file (its server replaced by -kube-api-url when both are given), else -kube-api-url alone (no credentials),
+else the in-cluster service account (KUBERNETES_SERVICE_HOST/PORT, its token and CA).
+
+The client is lightkube (PyPI): maintained, asyncio-native over httpx, typed models for Node and Pod, strategic-merge
+patches on subresources, and a watch that we drive ourselves (resume from a resourceVersion, re-list after 410).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import msgspec
+from lightkube import AsyncClient, ApiError, ConfigError as LightkubeConfigError, KubeConfig
+from lightkube.config.kubeconfig import SERVICE_ACCOUNT
+import httpx2 as httpx
+
+from .registry import StoreError, StoreUnavailable
+
+# Every request but a watch gives up after this; a watch has no read timeout (it waits for events).
+REQUEST_TIMEOUT = 10.0
+
+
+class KubeConfigError(StoreError):
+    """No usable client configuration: a user error, reported as one line."""
+
+
+@dataclass(frozen=True)
+class KubeOptions:
+    api_url: str = ""
+    kubeconfig_file: str = ""
+    annotation_prefix: str = "flannel.alpha.coreos.com"
+    set_node_network_unavailable: bool = True
+
+
+def load_config(opts: KubeOptions) -> KubeConfig:
+    prefix = "fail to create kubernetes config"
+    if opts.kubeconfig_file:
+        try:
+            with open(opts.kubeconfig_file):
+                pass
+            config = KubeConfig.from_file(opts.kubeconfig_file)
+            config.get()  # a missing current context or cluster fails here, not at the first request
+            if opts.api_url:  # client-go: the URL overrides the kubeconfig's server
+                cluster_name = config.contexts[config.current_context].cluster
+                config.clusters[cluster_name] = msgspec.structs.replace(config.clusters[cluster_name],
+                                                                        server=opts.api_url)
+            return config
+        except OSError as e:
+            raise KubeConfigError(f"{prefix}: cannot read kubeconfig {opts.kubeconfig_file}: {e.strerror}") from None
+        except (LightkubeConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise KubeConfigError(f"{prefix}: invalid kubeconfig {opts.kubeconfig_file}: {e}") from None
+    if opts.api_url:
+        return KubeConfig.from_server(opts.api_url)
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.environ.get("KUBERNETES_SERVICE_PORT"):
+        try:
+            return KubeConfig.from_service_account(SERVICE_ACCOUNT)
+        except (LightkubeConfigError, OSError) as e:
+            raise KubeConfigError(f"{prefix}: in-cluster service account at {SERVICE_ACCOUNT}: {e}") from None
+    raise KubeConfigError(f"{prefix}: invalid configuration: no configuration has been provided, try setting "
+                          "KUBERNETES_MASTER environment variable (give -kubeconfig-file or -kube-api-url, or run "
+                          "in a pod)")
+
+
+def make_client(config: KubeConfig) -> AsyncClient:
+    # trust_env=False: no proxy or ~/.kube/config from the environment; exactly the configuration chosen above.
+    return AsyncClient(config, timeout=httpx.Timeout(REQUEST_TIMEOUT), trust_env=False, lazy=False)
+
+
+def describe(error: BaseException) -> str:
+    """One line for an API error or a transport failure."""
+    if isinstance(error, ApiError):
+        return error.status.message or f"HTTP {error.status.code}"
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0]
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """A failure worth waiting out (the API server restarting or out of reach), as opposed to a refusal."""
+    if isinstance(error, ApiError):
+        return error.status.code is not None and (error.status.code >= 500 or error.status.code == 429)
+    return isinstance(error, (httpx.TransportError, OSError))
+
+
+def as_store_error(error: BaseException, what: str) -> StoreError:
+    if is_unavailable(error):
+        return StoreUnavailable(f"{what}: {describe(error)}")
+    return StoreError(f"{what}: {describe(error)}")
+
+
+async def resolve_node_name(client: AsyncClient) -> str:
+    """NODE_NAME, or the spec.nodeName of the pod POD_NAMESPACE/POD_NAME (the DaemonSet's downward API)."""
+    from lightkube.resources.core_v1 import Pod
+    name = os.environ.get("NODE_NAME", "")
+    if name:
+        return name
+    pod_name, pod_namespace = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
+    if not pod_name or not pod_namespace:
+        raise KubeConfigError("env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)")
+    try:
+        pod = await client.get(Pod, pod_name, namespace=pod_namespace)
+    except (ApiError, httpx.HTTPError, OSError) as e:
+        raise KubeConfigError(f"error retrieving pod spec for '{pod_namespace}/{pod_name}': {describe(e)}") from None
+    if not pod.spec or not pod.spec.nodeName:
+        raise KubeConfigError(f"node name not present in pod spec '{pod_namespace}/{pod_name}'")
+    return pod.spec.nodeName

@@ -1,0 +1,395 @@
+"""The Kubernetes subnet manager (upstream pkg/subnet/kube): the node's subnet is its spec.podCIDR(s), assigned by
+kube-controller-manager; the lease is published as annotations on the Node; the peers are the other Nodes.
+
+Differences from the lease-store Manager: nothing is allocated or renewed (expiration None: the renewal loop never
+runs), the own lease is not watched for revocation, and `complete_lease` sets the NetworkUnavailable condition.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+import httpx2 as httpx
+from lightkube import ApiError, AsyncClient
+from lightkube.resources.core_v1 import Node
+from lightkube.types import PatchType
+
+from .config import NetworkConfig
+from .kube_annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
+from .kube_client import KubeConfigError, KubeOptions, as_store_error, describe, load_config, make_client, \
+    resolve_node_name
+from .kube_informer import AccessDenied, NodeInformer
+from .lease import EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseEvent, Snapshot
+from .registry import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+NODE_WAIT = 30.0        # upstream: the own node must show up (with its podCIDR) within 30 s, polled every 3 s
+NODE_POLL = 3.0
+PATCH_RETRY = 3.0       # upstream retries the annotation patch every 3 s for up to 30 s
+PATCH_WAIT = 30.0
+SYNC_TIMEOUT = 600.0    # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
+DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard")  # upstream forces every other backend's lease to IPv4 only
+_FAILURES = (ApiError, httpx.HTTPError, OSError)
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+
+
+class LeaseConversionError(ValueError):
+    pass
+
+
+def contains_cidr(outer: IPv4Net | IPv6Net, inner: IPv4Net | IPv6Net) -> bool:
+    """upstream containsCIDR: the outer prefix is no longer than the inner one and holds its first address."""
+    return (outer.version == inner.version and outer.prefixlen <= inner.prefixlen
+            and inner.network_address in outer)
+
+
+def pod_cidrs(node: Node) -> tuple[IPv4Net | None, IPv6Net | None]:
+    """The node's IPv4 and IPv6 podCIDRs: spec.podCIDR alone, or each of one or two spec.podCIDRs by family."""
+    spec = node.spec
+    cidrs = list(spec.podCIDRs or []) if spec else []
+    if len(cidrs) > 2:
+        raise LeaseConversionError(f"node {node.metadata.name!r} pod cidrs should be IPv4/IPv6 only or dualstack")
+    if not cidrs:
+        cidrs = [spec.podCIDR] if spec and spec.podCIDR else []
+    v4 = v6 = None
+    for text in cidrs:
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise LeaseConversionError(f"node {node.metadata.name!r} has an invalid pod CIDR {text!r}") from None
+        if network.version == 4:
+            v4 = network
+        else:
+            v6 = network
+    return v4, v6
+
+
+def _backend_json(text: str | None, name: str):
+    if text is None or text == "":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise LeaseConversionError(f"annotation {name} is not JSON: {text[:80]!r}") from None
+
+
+def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> Lease:
+    """upstream nodeToLease: the peer's lease as its annotations and podCIDRs describe it."""
+    annotations = node.metadata.annotations or {}
+    v4, v6 = pod_cidrs(node)
+    public_ip = public_ipv6 = ipv6_subnet = None
+    backend_data = backend_v6_data = None
+    if enable_ipv4:
+        try:
+            public_ip = ipaddress.IPv4Address(annotations.get(ann.public_ip, ""))
+        except ValueError:
+            raise LeaseConversionError(f"invalid {ann.public_ip}: {annotations.get(ann.public_ip)!r}") from None
+        backend_data = _backend_json(annotations.get(ann.backend_data), ann.backend_data)
+        if v4 is None:
+            raise LeaseConversionError("missing IPv4 address on n.Spec.PodCIDRs")
+    if enable_ipv6:
+        try:
+            public_ipv6 = ipaddress.IPv6Address(annotations.get(ann.public_ipv6, ""))
+        except ValueError:
+            raise LeaseConversionError(f"invalid {ann.public_ipv6}: {annotations.get(ann.public_ipv6)!r}") from None
+        backend_v6_data = _backend_json(annotations.get(ann.backend_v6_data), ann.backend_v6_data)
+        ipv6_subnet = v6
+        if v6 is None:
+            raise LeaseConversionError("missing IPv6 address on n.Spec.PodCIDRs")
+    attrs = LeaseAttrs(public_ip, public_ipv6, annotations.get(ann.backend_type, ""), backend_data, backend_v6_data)
+    return Lease(v4, attrs, ipv6_subnet, None, enable_ipv4, enable_ipv6)
+
+
+def lease_relevant_change(old: Node, new: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
+    """upstream handleUpdateLeaseEvent: an update matters when backend data, type or public IP changed."""
+    a, b = old.metadata.annotations or {}, new.metadata.annotations or {}
+    changed = True
+    if enable_ipv4 and all(a.get(k) == b.get(k) for k in (ann.backend_data, ann.backend_type, ann.public_ip)):
+        changed = False
+    if enable_ipv6 and all(a.get(k) == b.get(k) for k in (ann.backend_v6_data, ann.backend_type, ann.public_ipv6)):
+        changed = False
+    return changed
+
+
+def _json(value) -> str:
+    """Go's json.Marshal of the backend data as the annotation holds it (`null` when there is none)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def wanted_annotations(current: dict[str, str], attrs: LeaseAttrs, ann: Annotations) -> dict[str, str]:
+    """The annotations upstream's AcquireLease writes, given the node's current ones (the overwrite annotations win)."""
+    out = {ann.backend_type: attrs.backend_type}
+    bd, v6bd = _json(attrs.backend_data), _json(attrs.backend_v6_data)
+    kind = attrs.backend_type
+    if (kind in ("vxlan", "wireguard") and bd != "null") or kind != "vxlan":
+        out[ann.backend_data] = bd
+        overwrite = current.get(ann.public_ip_overwrite, "")
+        if overwrite:
+            if current.get(ann.public_ip) != overwrite:
+                log.info("Overriding public ip with '%s' from node annotation '%s'", overwrite, ann.public_ip_overwrite)
+            out[ann.public_ip] = overwrite
+        else:
+            out[ann.public_ip] = str(attrs.public_ip)
+    if ((kind == "vxlan" and v6bd != "null") or (kind == "wireguard" and v6bd != "null" and attrs.public_ipv6)
+            or (kind == "host-gw" and attrs.public_ipv6 is not None)):
+        out[ann.backend_v6_data] = v6bd
+        overwrite = current.get(ann.public_ipv6_overwrite, "")
+        if overwrite:
+            if current.get(ann.public_ipv6) != overwrite:
+                log.info("Overriding public ipv6 with '%s' from node annotation '%s'", overwrite,
+                         ann.public_ipv6_overwrite)
+            out[ann.public_ipv6] = overwrite
+        else:
+            out[ann.public_ipv6] = str(attrs.public_ipv6)
+    out[ann.kube_managed] = "true"
+    return out
+
+
+async def list_node_leases(opts: KubeOptions) -> list[tuple[str, Lease]]:
+    """(node name, lease) of every node that publishes a flannel lease, for `flannel-udp leases`."""
+    try:
+        annotations = Annotations.from_prefix(opts.annotation_prefix)
+    except AnnotationPrefixError as e:
+        raise KubeConfigError(str(e)) from None
+    client = make_client(load_config(opts))
+    try:
+        out = []
+        async for node in client.list(Node):
+            if (node.metadata.annotations or {}).get(annotations.kube_managed) != "true":
+                continue
+            dual = bool((node.metadata.annotations or {}).get(annotations.public_ipv6))
+            try:
+                out.append((node.metadata.name, node_to_lease(node, annotations, True, dual)))
+            except LeaseConversionError as e:
+                log.warning("Node %s: %s", node.metadata.name, e)
+        return out
+    except _FAILURES as e:
+        raise as_store_error(e, "cannot list the nodes") from None
+    finally:
+        await client.close()
+
+
+class KubeManager:
+    watches_own_lease = False  # the Node is the lease: there is no expiry to watch for
+
+    def __init__(self, client: AsyncClient, node_name: str, config: NetworkConfig, annotations: Annotations,
+                 set_node_network_unavailable: bool = True) -> None:
+        self.client = client
+        self.node_name = node_name
+        self.config = config
+        self.annotations = annotations
+        self.set_node_network_unavailable = set_node_network_unavailable
+        self.enable_ipv4 = config.enable_ipv4
+        self.enable_ipv6 = config.enable_ipv6
+        self._queues: set[asyncio.Queue] = set()
+        self.informer = NodeInformer(client, node_name, self._on_change, self._on_relist)
+
+    @classmethod
+    async def open(cls, opts: KubeOptions, config: NetworkConfig) -> KubeManager:
+        """Connect, find the node name, and fill the node cache (waiting while the server is out of reach)."""
+        try:
+            annotations = Annotations.from_prefix(opts.annotation_prefix)
+        except AnnotationPrefixError as e:
+            raise KubeConfigError(f"error creating network manager: {e}") from None
+        client = make_client(load_config(opts))
+        try:
+            node_name = await resolve_node_name(client)
+            manager = cls(client, node_name, config, annotations, opts.set_node_network_unavailable)
+            log.info("Kubernetes subnet manager for node %s; waiting up to %.0f s for the node list", node_name,
+                     SYNC_TIMEOUT)
+            try:
+                async with asyncio.timeout(SYNC_TIMEOUT):
+                    await manager.informer.start()
+            except TimeoutError:
+                raise StoreError("error waiting for nodeController to sync state: the node list did not arrive "
+                                 f"within {SYNC_TIMEOUT:.0f} s") from None
+            except AccessDenied as e:
+                raise StoreError(f"error waiting for nodeController to sync state: {e}") from None
+            log.info("Node controller sync successful (%d nodes)", len(manager.informer.nodes))
+            return manager
+        except BaseException:
+            await client.close()
+            raise
+
+    # -- what the daemon and the backends ask ---------------------------------------------------------------------
+    def own_node(self) -> Node | None:
+        return self.informer.nodes.get(self.node_name)
+
+    def stored_public_ips(self) -> tuple[str, str]:
+        """node-public-ip / node-public-ipv6 set by the admin: they replace -public-ip / -public-ipv6."""
+        node = self.own_node()
+        annotations = (node.metadata.annotations or {}) if node else {}
+        return (annotations.get(self.annotations.node_public_ip, ""),
+                annotations.get(self.annotations.node_public_ipv6, ""))
+
+    def stored_mac_addresses(self) -> tuple[str, str]:
+        """The VTEP MACs of a previous run, from the backend-data annotations, so that a recreated vxlan device keeps
+        the MAC that peers' FDB entries point at."""
+        node = self.own_node()
+        annotations = (node.metadata.annotations or {}) if node else {}
+        key4, key6 = self.annotations.stored_mac_keys
+        macs = (mac_from_backend_data(annotations.get(key4)), mac_from_backend_data(annotations.get(key6)))
+        return tuple(mac if _MAC_RE.fullmatch(mac) else "" for mac in macs)
+
+    async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        node = await self._wait_for_own_node()
+        v4, v6 = pod_cidrs(node)
+        current = node.metadata.annotations or {}
+        wanted = wanted_annotations(current, attrs, self.annotations)
+        changed = {key: value for key, value in wanted.items() if current.get(key) != value}
+        if changed:
+            await self._patch_status({"metadata": {"annotations": changed}}, "annotations")
+            log.info("Annotated node %s: %s", self.node_name, ", ".join(sorted(changed)))
+        ipv6_subnet = None
+        if v4 is not None and self.enable_ipv4:
+            if not contains_cidr(self.config.network, v4):
+                raise StoreError(f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
+                                 f'contain "{v4}" PodCIDR of the "{self.node_name}" node')
+        dual = attrs.backend_type in DUAL_STACK_TYPES
+        if v6 is not None and dual and self.enable_ipv6:
+            if self.config.ipv6_network is None:
+                raise StoreError(f'subnet "{v6}" specified in the PodCIDR, but doesn\'t exist in the flannel net '
+                                 f'config of the "{self.node_name}" node')
+            if not contains_cidr(self.config.ipv6_network, v6):
+                raise StoreError(f'subnet "{self.config.ipv6_network}" specified in the flannel net config doesn\'t '
+                                 f'contain "{v6}" IPv6 PodCIDR of the "{self.node_name}" node')
+            ipv6_subnet = v6
+        if v4 is None or not self.enable_ipv4:
+            raise StoreError(f'node "{self.node_name}" has no IPv4 podCIDR ({node.spec.podCIDRs or node.spec.podCIDR}): '
+                             "IPv6-only clusters are not supported")
+        if self.enable_ipv6 and dual and ipv6_subnet is None:
+            raise StoreError(f'node "{self.node_name}" has no IPv6 podCIDR but EnableIPv6 is set: give '
+                             "kube-controller-manager an IPv6 cluster CIDR too (dual stack)")
+        log.info("Lease from node %s: podCIDR %s%s", self.node_name, v4, f", {ipv6_subnet}" if ipv6_subnet else "")
+        return Lease(v4, attrs, ipv6_subnet, None, True, ipv6_subnet is not None)
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        return lease  # never asked: a kube lease has no expiration
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """NetworkUnavailable=False (reason FlannelIsUp) on the node, unless -set-node-network-unavailable=false."""
+        if not self.set_node_network_unavailable:
+            return
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        condition = {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp",
+                     "message": "Flannel is running on this node", "lastTransitionTime": now,
+                     "lastHeartbeatTime": now}
+        try:
+            await self._patch_status({"status": {"conditions": [condition]}}, "the NetworkUnavailable condition")
+        except StoreError as e:
+            log.error("CompleteLease execute error err: %s", e)  # logged, not fatal, as upstream
+
+    async def list_leases(self) -> list[Lease]:
+        return [lease for _name, lease in self._cached_leases()]
+
+    async def watch_leases(self) -> AsyncIterator[Snapshot | Events]:
+        """The annotated nodes now, then their changes; a new Snapshot after the informer had to list again."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues.add(queue)
+        try:
+            yield Snapshot([lease for _name, lease in self._cached_leases()], 0)
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                if any(isinstance(item, Snapshot) for item in items):
+                    # Every queued item is already in the cache: one fresh Snapshot stands for all of them.
+                    yield Snapshot([lease for _name, lease in self._cached_leases()], 0)
+                else:
+                    yield Events([event for item in items for event in item.events])
+        finally:
+            self._queues.discard(queue)
+
+    async def close(self) -> None:
+        await self.informer.close()
+        await self.client.close()
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _managed(self, node: Node | None) -> bool:
+        return node is not None and (node.metadata.annotations or {}).get(self.annotations.kube_managed) == "true"
+
+    def _to_lease(self, node: Node) -> Lease | None:
+        try:
+            return node_to_lease(node, self.annotations, self.enable_ipv4, self.enable_ipv6)
+        except LeaseConversionError as e:
+            log.info("Error turning node %r to lease: %s", node.metadata.name, e)
+            return None
+
+    def _cached_leases(self) -> list[tuple[str, Lease]]:
+        out = []
+        for name, node in self.informer.nodes.items():
+            if self._managed(node):
+                lease = self._to_lease(node)
+                if lease is not None:
+                    out.append((name, lease))
+        return out
+
+    def _publish(self, item: Snapshot | Events) -> None:
+        for queue in self._queues:
+            queue.put_nowait(item)
+
+    def _on_change(self, old: Node | None, new: Node | None) -> None:
+        if new is None:  # deleted
+            if self._managed(old):
+                lease = self._to_lease(old)
+                if lease is not None:
+                    self._publish(Events([LeaseEvent(EventType.REMOVED, lease)]))
+            return
+        if not self._managed(new):
+            return
+        if old is not None and not lease_relevant_change(old, new, self.annotations, self.enable_ipv4, self.enable_ipv6):
+            return
+        lease = self._to_lease(new)
+        if lease is not None:
+            self._publish(Events([LeaseEvent(EventType.ADDED, lease)]))
+
+    def _on_relist(self) -> None:
+        self._publish(Snapshot([lease for _name, lease in self._cached_leases()], 0))
+
+    async def _wait_for_own_node(self) -> Node:
+        """The own node with a podCIDR, from the cache; waited for up to 30 s as upstream (which polls every 3 s;
+        here every cache change is looked at as it comes)."""
+        deadline = time.monotonic() + NODE_WAIT
+        said = False
+        while True:
+            node = self.own_node()
+            if node is not None and node.spec and (node.spec.podCIDR or node.spec.podCIDRs):
+                return node
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if node is None:
+                    raise StoreError(f'timeout contacting kube-api, failed to patch node "{self.node_name}". Error: '
+                                     f'node "{self.node_name}" does not exist')
+                raise StoreError(f'node "{self.node_name}" pod cidr not assigned')
+            if not said:
+                log.info("Waiting up to %.0f s for node %s %s", NODE_WAIT, self.node_name,
+                         "to be registered" if node is None else "to get its podCIDR")
+                said = True
+            self.informer.changed.clear()
+            try:
+                async with asyncio.timeout(min(left, NODE_POLL)):
+                    await self.informer.changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _patch_status(self, patch: dict, what: str) -> None:
+        """A strategic-merge patch on nodes/status (the only write upstream's role grants), retried every 3 s for up to
+        30 s while the server is out of reach; a refusal ends at once."""
+        deadline = time.monotonic() + PATCH_WAIT
+        while True:
+            try:
+                await self.client.patch(Node.Status, self.node_name, patch, patch_type=PatchType.STRATEGIC)
+                return
+            except _FAILURES as e:
+                error = as_store_error(e, f"failed to patch {what} of node {self.node_name!r}")
+                if not isinstance(error, StoreUnavailable) or time.monotonic() + PATCH_RETRY > deadline:
+                    raise error from None
+                log.warning("%s; trying again in %.0f s", error, PATCH_RETRY)
+                await asyncio.sleep(PATCH_RETRY)

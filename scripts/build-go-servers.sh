@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds the real Go servers that the tests, the demo and the benchmarks start (never the node agent itself):
+# kube-apiserver and kube-controller-manager from the Go module k8s.io/kubernetes at one pinned release.
+# Each is built once per machine into a cache outside the clone and reused while that version's binaries are there.
+#
+# k8s.io/kubernetes replaces its staging modules (k8s.io/api, client-go, ...) with local paths, which Go ignores in a
+# dependency, so the small build module made here pins each of them to its published v0.<minor>.<patch> instead.
+set -euo pipefail
+
+KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"
+CACHE="${FLANNEL_UDP_CACHE:-/var/cache/flannel-udp}"
+GO="${GO:-/usr/local/go/bin/go}"
+[ -x "$GO" ] || GO="$(command -v go || true)"
+if [ -z "$GO" ] || [ ! -x "$GO" ]; then
+    echo "error: Go is needed to build kube-apiserver and kube-controller-manager; install it at /usr/local/go" >&2
+    exit 1
+fi
+
+# build_module DEST MODULE VERSION LDFLAGS PACKAGE...: go build each PACKAGE of MODULE@VERSION into DEST.
+build_module() {
+    local dest="$1" module="$2" version="$3" ldflags="$4"
+    shift 4
+    local stamp="$dest/.built"
+    if [ -f "$stamp" ]; then
+        return 0
+    fi
+    local work="$CACHE/build/$(basename "$dest")"
+    rm -rf "$work" && mkdir -p "$work" && cd "$work"
+    echo "==> building $module@$version ($*) into $dest; the first build takes 15-30 min on 2 cores"
+    local started=$SECONDS
+    "$GO" mod init flannel-udp-build >/dev/null 2>&1
+    "$GO" mod edit -require="$module@$version"
+    # Pin every module that upstream replaces with a ./staging path to the release of the same minor/patch.
+    local modfile staging_version
+    modfile="$("$GO" mod download -json "$module@$version" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+    staging_version="v0.${version#v1.}"
+    grep -E '^\s*[^ ]+ => \./staging/' "$modfile" | awk '{print $1}' | while read -r staged; do
+        "$GO" mod edit -replace="$staged=$staged@$staging_version"
+    done
+    local pkgs=()
+    for p in "$@"; do pkgs+=("$module/$p"); done
+    "$GO" get "${pkgs[@]/%/@$version}" >/dev/null 2>&1 || "$GO" get "$module@$version"
+    mkdir -p "$dest.tmp"
+    CGO_ENABLED="${CGO_ENABLED:-0}" "$GO" build -trimpath -ldflags "-s -w $ldflags" -o "$dest.tmp/" "${pkgs[@]}"
+    rm -rf "$dest" && mv "$dest.tmp" "$dest"
+    echo "$module@$version built in $((SECONDS - started)) s" > "$stamp"
+    cat "$stamp"
+    rm -rf "$work"
+}
+
+minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
+version_flags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    version_flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    version_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+build_module "$CACHE/kube-$KUBE_VERSION" k8s.io/kubernetes "$KUBE_VERSION" "$version_flags" \
+    cmd/kube-apiserver cmd/kube-controller-manager
