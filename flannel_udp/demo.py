@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+from .kubeserver import KubeServerError
 from .testbed import Testbed, TestbedError, in_ns, teardown_saved
 
 STATE_FILE = "/run/flannel-udp-demo.json"  # what `demo --keep` left running, for `demo down`
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ipv6-network", default="", metavar="CIDR",
                         help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (vxlan and host-gw)")
     parser.add_argument("--iperf-seconds", type=float, default=3, help="length of the throughput sample (0: skip)")
+    parser.add_argument("--kube", action="store_true",
+                        help="run the nodes with -kube-subnet-mgr against a real Kubernetes control plane (etcd, "
+                             "kube-apiserver, kube-controller-manager assigning the podCIDRs) instead of the embedded store")
 
 
 def step(message: str) -> None:
@@ -49,7 +53,14 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.ipv6_network:
             config.update(EnableIPv6=True, IPv6Network=args.ipv6_network)
         bed.write_config(config)
-        step(f"Starting a flannel-udp node in each host ({args.backend} backend, embedded store {bed.lease_file})")
+        if args.kube:
+            step("Starting a Kubernetes control plane on the underlay (198.18.0.200): etcd, kube-apiserver with RBAC, "
+                 "kube-controller-manager --allocate-node-cidrs")
+            bed.start_kube()
+            store = "Kubernetes API: podCIDRs from kube-controller-manager, the flannel ServiceAccount's token"
+        else:
+            store = f"embedded store {bed.lease_file}"
+        step(f"Starting a flannel-udp node in each host ({args.backend} backend, {store})")
         for host in bed.hosts:
             bed.start_node(host, wait=False)
         for host in bed.hosts:
@@ -63,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 bed.add_pod(host)
 
         step("Leases")
-        print(in_ns(bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file).stdout)
+        print(in_ns(bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", *bed.store_args()).stdout)
 
         pods = [pod for host in bed.hosts for pod in host.pods]
         time.sleep(0.5)  # routes follow the leases within the store's poll interval
@@ -88,7 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             step("Done; removing the cluster" + ("" if not failures else f" ({failures} checks failed)"))
         return 0 if failures == 0 else 1
-    except TestbedError as e:
+    except (TestbedError, KubeServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

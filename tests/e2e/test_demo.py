@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from flannel_udp import kubeserver
+
 
 def namespaces() -> set[str]:
     return {line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()}
@@ -24,6 +26,16 @@ def test_demo_shows_a_working_cluster_and_removes_it(backend):
     out = result.stdout
     assert "FAIL" not in out and out.count(" ok") >= 30  # 6 pods: 30 pairs
     assert f"through the {backend} backend" in out and "Gbit/s" in out and "SUBNET" in out
+    assert namespaces() == before
+
+
+@pytest.mark.skipif(not kubeserver.available(), reason="Kubernetes binaries not built (scripts/setup.sh)")
+def test_kube_demo_runs_the_nodes_on_a_real_control_plane(backend="vxlan"):
+    before = namespaces()
+    result = demo("--kube", "--nodes", "2", "--pods", "1", "--backend", backend, "--iperf-seconds", "0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout and result.stdout.count(" ok") >= 2
+    assert "never (podCIDR)" in result.stdout  # `leases` read the Nodes
     assert namespaces() == before
 
 

@@ -283,3 +283,25 @@ def test_missing_node_name_is_one_clear_line(kube):
     host = bed.hosts[0]
     line = bed.run_node_expecting_failure(host, env={"POD_NAME": "", "POD_NAMESPACE": ""}, node_name=False)
     assert line == "error: env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)"
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+def test_dual_stack_takes_both_pod_cidrs(bed, backend):
+    bed.write_config({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
+                      "Backend": {"Type": backend}})
+    bed.start_kube()  # kube-controller-manager gets both cluster CIDRs: each Node gets an IPv4 and an IPv6 podCIDR
+    bed.start_cluster()
+    for host in bed.hosts:
+        node = bed.kube.get_node(host.node_name)
+        v6 = ipaddress.ip_interface(host.subnet_env()["FLANNEL_IPV6_SUBNET"]).network
+        assert [str(subnet_of(host)), str(v6)] == list(node.spec.podCIDRs)
+        ann = node.metadata.annotations
+        assert ann[PREFIX + "public-ipv6"] == str(host.address6)
+        if backend == "vxlan":
+            mac = in_ns(host.ns, "cat", "/sys/class/net/flannel-v6.1/address").stdout.strip()
+            assert json.loads(ann[PREFIX + "backend-v6-data"]) == {"VNI": 1, "VtepMAC": mac}
+    pods = [h.pods[0] for h in bed.hosts]
+    for src in pods:
+        for dst in pods:
+            if src is not dst:
+                assert wait_for(lambda: bed.ping(src.ns, dst.address6, timeout=0.5), 5), bed.logs()
