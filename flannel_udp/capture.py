@@ -267,9 +267,12 @@ def tun_address(iface: str) -> ipaddress.IPv4Address | None:
 def load_leases(args: argparse.Namespace) -> list:
     """The current leases, for node subnets and verdicts; none when no store is reachable (said on stderr)."""
     import asyncio
-    from .cli import open_registry
+    from .cli import kube_options, open_registry
     try:
         async def read():
+            if getattr(args, "kube_subnet_mgr", False):
+                from .subnet.kube_manager import list_node_leases
+                return [lease for _node, lease in await list_node_leases(kube_options(args))]
             registry = open_registry(args)
             try:
                 return (await registry.get_subnets())[0]

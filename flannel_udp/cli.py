@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         from .capture import add_arguments as add_capture_arguments
         add_capture_arguments(capture)
         add_etcd_arguments(capture)
+        add_kube_arguments(capture)
         clean = sub.add_parser("cleanup", help="remove what a node set up in this network namespace (run it stopped)")
         clean.add_argument("--subnet-file", "-subnet-file", default="/run/flannel/subnet.env",
                            help="where the node's subnet (for its blackhole route) is read")

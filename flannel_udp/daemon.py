@@ -59,16 +59,28 @@ class Options:
     kube: KubeOptions | None = None  # -kube-subnet-mgr: leases are the Nodes' podCIDRs and annotations
 
 
-def read_network_config(path: str) -> NetworkConfig:
+def read_network_config(path: str, kube: bool = False) -> NetworkConfig:
+    """net-conf.json, checked as upstream checks it in etcd mode. Kube mode (as upstream) only parses it: SubnetLen and
+    the like mean nothing when Kubernetes assigns the subnets, but the networks the podCIDRs must lie in must be there."""
     try:
         with open(path, "rb") as f:
             text = f.read()
     except OSError as e:
         raise StartupError(f"failed to read net conf {path}: {e.strerror}") from None
+    if not kube:
+        try:
+            return load_config(text)
+        except ConfigError as e:
+            raise StartupError(f"invalid net conf {path}: {e}") from None
     try:
-        return load_config(text)
+        config = parse_config(text)
     except ConfigError as e:
-        raise StartupError(f"invalid net conf {path}: {e}") from None
+        raise StartupError(f"error parsing subnet config {path}: {e}") from None
+    if config.enable_ipv4 and config.network is None:
+        raise StartupError(f"error parsing subnet config {path}: no Network (the cluster CIDR the podCIDRs lie in)")
+    if config.enable_ipv6 and config.ipv6_network is None:
+        raise StartupError(f"error parsing subnet config {path}: EnableIPv6 is set but there is no IPv6Network")
+    return config
 
 
 async def read_etcd_network_config(registry) -> NetworkConfig:
@@ -93,31 +105,12 @@ async def read_etcd_network_config(registry) -> NetworkConfig:
         await asyncio.sleep(STORE_RETRY)
 
 
-def read_kube_network_config(path: str) -> NetworkConfig:
-    """Kube mode reads net-conf.json as upstream does: parsed only (SubnetLen and the like mean nothing when
-    Kubernetes assigns the subnets), but the networks the podCIDRs must lie in have to be there."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as e:
-        raise StartupError(f"failed to read net conf: open {path}: {e.strerror}") from None
-    try:
-        config = parse_config(text)
-    except ConfigError as e:
-        raise StartupError(f"error parsing subnet config: {e}") from None
-    if config.enable_ipv4 and config.network is None:
-        raise StartupError(f"error parsing subnet config: {path} has no Network (the cluster CIDR the podCIDRs lie in)")
-    if config.enable_ipv6 and config.ipv6_network is None:
-        raise StartupError(f"error parsing subnet config: {path} sets EnableIPv6 but has no IPv6Network")
-    return config
-
-
 async def open_store(opts: Options):
     """The network config and what leases come from: the embedded file store, etcd (both Registries under a Manager),
     or the Kubernetes API (a KubeManager, which is its own manager)."""
     if opts.kube is not None:
         from .subnet.kube_manager import KubeManager  # the Kubernetes client is loaded only in kube mode
-        config = read_kube_network_config(opts.net_config_path)
+        config = read_network_config(opts.net_config_path, kube=True)
         return await KubeManager.open(opts.kube, config), config
     if opts.etcd is None:
         config = read_network_config(opts.net_config_path)
@@ -156,10 +149,22 @@ class Daemon:
         self.opts = opts
         self.state = NodeState()
         self.stopping = asyncio.Event()
+        self._starting: asyncio.Task | None = None  # cancelled by a signal that arrives before start-up is done
         self.exit_reason = "stopped"
 
     async def run(self) -> int:
-        """0 after a clean stop (signal or revoked lease), as upstream; raises StartupError for user-fixable faults."""
+        """0 after a clean stop (signal or revoked lease), as upstream; raises StartupError for user-fixable faults.
+        A signal during start-up (waiting for etcd or the API server, acquiring the lease) ends it at once."""
+        self._starting = asyncio.current_task()
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise
+            log.info("Exiting cleanly...")
+            return 0
+
+    async def _run(self) -> int:
         opts = self.opts
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -204,6 +209,7 @@ class Daemon:
                      f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "")
             await manager.complete_lease(network.lease)
 
+            self._starting = None  # from here on a signal ends the serving loop, not the task
             await self._serve(manager, network, rules, nl)
             log.info("Exiting cleanly...")
             return 0
@@ -227,6 +233,8 @@ class Daemon:
             loop.remove_signal_handler(s)
             signal.signal(s, signal.SIG_DFL)
         self.stopping.set()
+        if self._starting is not None:
+            self._starting.cancel()
 
     async def _serve(self, manager: Manager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
         async with asyncio.TaskGroup() as tasks:

@@ -51,7 +51,7 @@ def rbac_manifest() -> str:
     return resources.files("flannel_udp").joinpath("manifests/kube-flannel-rbac.yml").read_text()
 
 
-def _enter_netns(ns: str) -> None:
+def enter_netns(ns: str) -> None:
     """Move the calling thread (only it) into the namespace `ns`."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
@@ -84,7 +84,7 @@ class KubeControlPlane:
         self.etcd: EtcdCluster | None = None
         self.apiserver: subprocess.Popen | None = None
         self.controller_manager: subprocess.Popen | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, initializer=_enter_netns, initargs=(ns,))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, initializer=enter_netns, initargs=(ns,))
         self._client = None
         try:
             self._make_credentials()

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import msgspec
 from lightkube import AsyncClient, ApiError, ConfigError as LightkubeConfigError, KubeConfig
-from lightkube.config.kubeconfig import SERVICE_ACCOUNT
 import httpx2 as httpx
 
 from .registry import StoreError, StoreUnavailable
 
+# Where the kubelet mounts a pod's service-account token, CA and namespace.
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Every request but a watch gives up after this; a watch has no read timeout (it waits for events).
 REQUEST_TIMEOUT = 10.0
 
@@ -64,7 +65,9 @@ def load_config(opts: KubeOptions) -> KubeConfig:
 
 def make_client(config: KubeConfig) -> AsyncClient:
     # trust_env=False: no proxy or ~/.kube/config from the environment; exactly the configuration chosen above.
-    return AsyncClient(config, timeout=httpx.Timeout(REQUEST_TIMEOUT), trust_env=False, lazy=False)
+    # lazy: a Node's fields are decoded when read, so the large status of a real node (images, conditions) that
+    # every watch event carries is never decoded here.
+    return AsyncClient(config, timeout=httpx.Timeout(REQUEST_TIMEOUT), trust_env=False, lazy=True)
 
 
 def describe(error: BaseException) -> str:

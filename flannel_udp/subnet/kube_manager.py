@@ -192,15 +192,16 @@ class KubeManager:
         self.informer = NodeInformer(client, node_name, self._on_change, self._on_relist)
 
     @classmethod
-    async def open(cls, opts: KubeOptions, config: NetworkConfig) -> KubeManager:
-        """Connect, find the node name, and fill the node cache (waiting while the server is out of reach)."""
+    async def open(cls, opts: KubeOptions, config: NetworkConfig, node_name: str | None = None) -> KubeManager:
+        """Connect, find the node name (unless given), and fill the node cache (waiting while the server is out of
+        reach)."""
         try:
             annotations = Annotations.from_prefix(opts.annotation_prefix)
         except AnnotationPrefixError as e:
             raise KubeConfigError(f"error creating network manager: {e}") from None
         client = make_client(load_config(opts))
         try:
-            node_name = await resolve_node_name(client)
+            node_name = node_name or await resolve_node_name(client)
             manager = cls(client, node_name, config, annotations, opts.set_node_network_unavailable)
             log.info("Kubernetes subnet manager for node %s; waiting up to %.0f s for the node list", node_name,
                      SYNC_TIMEOUT)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -50,6 +51,17 @@ def reachable(bed, src, dst, within: float) -> bool:
     return wait_for(lambda: bed.ping(src.ns, dst.address, timeout=0.3), within, interval=0.01)
 
 
+def two_nodes_with_pods(bed, backend: str):
+    """Nodes on the first two hosts, a pod on each, reaching each other; returns the three hosts."""
+    use_backend(bed, backend)
+    a, b, third = bed.hosts
+    for host in (a, b):
+        bed.start_node(host)
+        bed.add_pod(host)
+    assert reachable(bed, a.pods[0], b.pods[0], 5), bed.logs()
+    return a, b, third
+
+
 @pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
 def test_three_nodes_take_their_pod_cidrs_and_pods_reach_each_other(kube, backend):
     bed = kube
@@ -84,12 +96,7 @@ def test_three_nodes_take_their_pod_cidrs_and_pods_reach_each_other(kube, backen
 
 def test_deleted_node_loses_its_routes_and_a_late_node_is_reachable(kube):
     bed = kube
-    use_backend(bed, "vxlan")
-    a, b, late = bed.hosts
-    for host in (a, b):
-        bed.start_node(host)
-        bed.add_pod(host)
-    assert reachable(bed, a.pods[0], b.pods[0], 5), bed.logs()
+    a, b, late = two_nodes_with_pods(bed, "vxlan")
     gone = str(subnet_of(b))
     bed.kube.delete_node(b.node_name)
     assert wait_for(lambda: gone not in in_ns(a.ns, "ip", "route").stdout, 2, interval=0.02), bed.logs()
@@ -100,12 +107,7 @@ def test_deleted_node_loses_its_routes_and_a_late_node_is_reachable(kube):
 
 def test_api_server_outage_does_not_disturb_traffic_and_the_watch_resumes(kube):
     bed = kube
-    use_backend(bed, "udp")
-    a, b, late = bed.hosts
-    for host in (a, b):
-        bed.start_node(host)
-        bed.add_pod(host)
-    assert reachable(bed, a.pods[0], b.pods[0], 5), bed.logs()
+    a, b, late = two_nodes_with_pods(bed, "udp")
     pinger = subprocess.Popen(["ip", "netns", "exec", a.pods[0].ns, "ping", "-i", "0.01", "-c", "3300", "-W", "1",
                                "-q", str(b.pods[0].address)], stdout=subprocess.PIPE, text=True)
     bed.extra_processes.append(pinger)
@@ -153,12 +155,7 @@ def test_watch_lists_again_after_410_gone_and_ends_with_the_servers_node_set(kub
 
 def test_kill_9_and_restart_keeps_subnet_and_vtep_mac(kube):
     bed = kube
-    use_backend(bed, "vxlan")
-    a, b, _ = bed.hosts
-    for host in (a, b):
-        bed.start_node(host)
-        bed.add_pod(host)
-    assert reachable(bed, a.pods[0], b.pods[0], 5), bed.logs()
+    a, b, _ = two_nodes_with_pods(bed, "vxlan")
     subnet, mac = subnet_of(b), annotations(bed, b)[PREFIX + "backend-data"]
     b.process.send_signal(signal.SIGKILL)
     b.process.wait()
@@ -305,3 +302,30 @@ def test_dual_stack_takes_both_pod_cidrs(bed, backend):
         for dst in pods:
             if src is not dst:
                 assert wait_for(lambda: bed.ping(src.ns, dst.address6, timeout=0.5), 5), bed.logs()
+
+
+def test_capture_takes_the_peers_from_the_nodes(kube):
+    bed = kube
+    a, b, _ = two_nodes_with_pods(bed, "udp")
+    capture = bed.popen(b.ns, sys.executable, "-m", "flannel_udp", "capture", *bed.store_args(), "--iface", "eth0",
+                        "--proto", "icmp", "--count", "2", "--duration", "15",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # scapy is listening
+    assert bed.ping(a.pods[0].ns, b.pods[0].address, count=2, interval=0.2)
+    out, err = capture.communicate(timeout=20)
+    assert capture.returncode == 0 and "no leases" not in err, err
+    request = next(line for line in out.splitlines() if "echo-request" in line)
+    assert f"{a.address} [{subnet_of(a)}] > {b.address} [{subnet_of(b)}] udp: ICMP" in request and request.endswith(" ok")
+
+
+def test_sigterm_while_waiting_for_the_api_server_ends_the_node_at_once(kube):
+    bed = kube
+    host = bed.hosts[0]
+    bed.register_node(host)
+    bed.kube.stop_apiserver()
+    bed.start_node(host, wait=False)
+    assert wait_for(lambda: "Lost the Kubernetes API server" in bed.node_log(host), 10), bed.node_log(host)
+    host.process.send_signal(signal.SIGTERM)
+    assert host.process.wait(5) == 0, bed.node_log(host)
+    assert bed.node_log(host).rstrip().endswith("Exiting cleanly...")
+    no_trace_of_the_node(bed, host)

@@ -170,3 +170,46 @@ def test_only_backend_data_type_or_public_ip_changes_are_lease_updates():
 ])
 def test_stored_mac_parsing_as_upstream(value, mac):
     assert mac_from_backend_data(value) == mac
+
+
+def test_client_configuration_in_a_pod_from_the_service_account(tmp_path, monkeypatch):
+    from flannel_udp.subnet import kube_client
+    (tmp_path / "token").write_text("pod-token")
+    (tmp_path / "namespace").write_text("kube-flannel")
+    (tmp_path / "ca.crt").write_text("")
+    monkeypatch.setattr(kube_client, "SERVICE_ACCOUNT", str(tmp_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "198.18.0.200")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    single = kube_client.load_config(kube_client.KubeOptions()).get()
+    assert single.cluster.server == "https://198.18.0.200:6443" and single.user.token == "pod-token"
+
+
+def test_client_configuration_kubeconfig_server_replaced_by_api_url(tmp_path):
+    from flannel_udp.subnet import kube_client
+    path = tmp_path / "kubeconfig"
+    path.write_text("apiVersion: v1\nclusters:\n- name: c\n  cluster: {server: 'https://10.0.0.1:6443'}\n"
+                    "users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n"
+                    "current-context: x\n")
+    opts = kube_client.KubeOptions(kubeconfig_file=str(path), api_url="https://198.18.0.200:6443")
+    single = kube_client.load_config(opts).get()
+    assert single.cluster.server == "https://198.18.0.200:6443" and single.user.token == "t"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("current-context: nowhere\nclusters: []\ncontexts: []\n", "invalid kubeconfig"),
+    ("- just a list\n", "invalid kubeconfig"),
+])
+def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
+    from flannel_udp.subnet import kube_client
+    path = tmp_path / "kubeconfig"
+    path.write_text(text)
+    with pytest.raises(kube_client.KubeConfigError, match=message) as info:
+        kube_client.load_config(kube_client.KubeOptions(kubeconfig_file=str(path)))
+    assert "\n" not in str(info.value)
+
+
+def test_no_configuration_at_all_is_upstreams_message(monkeypatch):
+    from flannel_udp.subnet import kube_client
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(kube_client.KubeConfigError, match="no configuration has been provided"):
+        kube_client.load_config(kube_client.KubeOptions())
