@@ -91,7 +91,6 @@ KUBE_NETWORK = "10.100.0.0/16"
 def run_kube(nodes: int, timeout: float) -> dict:
     """A fresh control plane per size (so every size starts from an empty cluster), in a namespace of its own; the
     simulation's event loop runs in a thread that entered that namespace, where the API server is on loopback."""
-    import concurrent.futures
     import secrets
     import subprocess
 
@@ -105,10 +104,29 @@ def run_kube(nodes: int, timeout: float) -> dict:
             names = [f"node-{i:04d}" for i in range(nodes)]
             cp.call(register_nodes, names)
             kubeconfig = cp.write_kubeconfig(cp.path("bench.kubeconfig"), cp.flannel_token())
-            with concurrent.futures.ThreadPoolExecutor(1, initializer=kubeserver.enter_netns, initargs=(ns,)) as pool:
-                return pool.submit(lambda: asyncio.run(simulate_kube(kubeconfig, names, timeout))).result()
+            return run_in_namespace(ns, simulate_kube(kubeconfig, names, timeout))
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def run_in_namespace(ns: str, coroutine) -> dict:
+    """Run the coroutine on an event loop in a thread that entered `ns`; an interruption (Ctrl-C, SIGTERM) cancels it,
+    so the nodes close their connections and the thread ends before the control plane is removed."""
+    import concurrent.futures
+
+    from flannel_udp import kubeserver
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+    pool = concurrent.futures.ThreadPoolExecutor(1, initializer=kubeserver.enter_netns, initargs=(ns,))
+    try:
+        return pool.submit(loop.run_until_complete, task).result()
+    except BaseException:
+        loop.call_soon_threadsafe(task.cancel)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        loop.close()
 
 
 def register_nodes(client, names: list[str]) -> None:
