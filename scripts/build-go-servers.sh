@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Builds the real Go servers that the tests, the demo and the benchmarks start (never the node agent itself):
-# kube-apiserver and kube-controller-manager from the Go module k8s.io/kubernetes at one pinned release.
-# Each is built once per machine into a cache outside the clone and reused while that version's binaries are there.
+# Builds the real Go programs that the tests, the demo and the benchmarks start beside ours: kube-apiserver and
+# kube-controller-manager from the Go module k8s.io/kubernetes, and upstream flanneld (the program flannel-udp replaces,
+# for mixed clusters) from github.com/flannel-io/flannel, each at one pinned release. Each is built once per machine
+# into a cache outside the clone and reused while that version's binaries are there.
 #
 # k8s.io/kubernetes replaces its staging modules (k8s.io/api, client-go, ...) with local paths, which Go ignores in a
 # dependency, so the small build module made here pins each of them to its published v0.<minor>.<patch> instead.
 set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"
+FLANNEL_VERSION="${FLANNEL_VERSION:-v0.28.10}"
 CACHE="${FLANNEL_UDP_CACHE:-/var/cache/flannel-udp}"
 GO="${GO:-/usr/local/go/bin/go}"
 [ -x "$GO" ] || GO="$(command -v go || true)"
@@ -16,10 +18,11 @@ if [ -z "$GO" ] || [ ! -x "$GO" ]; then
     exit 1
 fi
 
-# build_module DEST MODULE VERSION LDFLAGS PACKAGE...: go build each PACKAGE of MODULE@VERSION into DEST.
+# build_module DEST MODULE VERSION CGO LDFLAGS PACKAGE...: go build each PACKAGE of MODULE@VERSION into DEST
+# ("" names the module's root package).
 build_module() {
-    local dest="$1" module="$2" version="$3" ldflags="$4"
-    shift 4
+    local dest="$1" module="$2" version="$3" cgo="$4" ldflags="$5"
+    shift 5
     local stamp="$dest/.built"
     if [ -f "$stamp" ]; then
         return 0
@@ -38,10 +41,10 @@ build_module() {
         "$GO" mod edit -replace="$staged=$staged@$staging_version"
     done
     local pkgs=()
-    for p in "$@"; do pkgs+=("$module/$p"); done
+    for p in "$@"; do pkgs+=("$module${p:+/$p}"); done
     "$GO" get "${pkgs[@]/%/@$version}" >/dev/null 2>&1 || "$GO" get "$module@$version"
     mkdir -p "$dest.tmp"
-    CGO_ENABLED="${CGO_ENABLED:-0}" "$GO" build -trimpath -ldflags "-s -w $ldflags" -o "$dest.tmp/" "${pkgs[@]}"
+    CGO_ENABLED="$cgo" "$GO" build -trimpath -ldflags "-s -w $ldflags" -o "$dest.tmp/" "${pkgs[@]}"
     rm -rf "$dest" && mv "$dest.tmp" "$dest"
     echo "$module@$version built in $((SECONDS - started)) s" > "$stamp"
     cat "$stamp"
@@ -54,5 +57,10 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     version_flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     version_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-build_module "$CACHE/kube-$KUBE_VERSION" k8s.io/kubernetes "$KUBE_VERSION" "$version_flags" \
+build_module "$CACHE/kube-$KUBE_VERSION" k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" \
     cmd/kube-apiserver cmd/kube-controller-manager
+
+# flanneld with cgo on: its udp backend is C. The binary is named after the module (flannel); it is run as upstream's
+# flanneld.
+build_module "$CACHE/flannel-$FLANNEL_VERSION" github.com/flannel-io/flannel "$FLANNEL_VERSION" 1 \
+    "-X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" ""
