@@ -269,14 +269,19 @@ current-context: flannel
                                containers=[Container(name="kube-flannel", image="flannel-udp")]))
         self.call(lambda client: client.create(pod))
 
-    def register_node(self, name: str, annotations: dict[str, str] | None = None, pod_cidrs: list[str] | None = None):
-        """A Node object as a kubelet would register it (without pod_cidrs kube-controller-manager assigns them)."""
+    def register_node(self, name: str, annotations: dict[str, str] | None = None, pod_cidrs: list[str] | None = None,
+                      bare: bool = False):
+        """A Node object as a kubelet would register it (without pod_cidrs kube-controller-manager assigns them);
+        bare: without the kubelet's annotations (with none at all unless `annotations`)."""
         from lightkube.models.core_v1 import NodeSpec
         from lightkube.models.meta_v1 import ObjectMeta
         from lightkube.resources.core_v1 import Node
         spec = NodeSpec(podCIDR=pod_cidrs[0], podCIDRs=pod_cidrs) if pod_cidrs else NodeSpec()
+        # The annotations every kubelet sets when it registers (upstream flanneld panics on a Node with none at all).
+        kubelet = {"node.alpha.kubernetes.io/ttl": "0", "volumes.kubernetes.io/controller-managed-attach-detach": "true"}
         node = Node(metadata=ObjectMeta(name=name, labels={"kubernetes.io/hostname": name},
-                                        annotations=annotations or {}), spec=spec)
+                                        annotations={**({} if bare else kubelet), **(annotations or {})}),
+                    spec=spec)
         return self.call(lambda client: client.create(node))
 
     def get_node(self, name: str):

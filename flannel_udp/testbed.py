@@ -78,6 +78,7 @@ class Host:
     log_path: str = ""
     pods: list[Pod] = field(default_factory=list)
     node_name: str = ""  # the Node object's name in kube mode
+    upstream: bool = False  # the node running now is upstream's flanneld, not ours
 
     def subnet_env(self) -> dict[str, str]:
         with open(self.subnet_file) as f:
@@ -203,14 +204,22 @@ class Testbed:
         return ["--lease-file", self.lease_file]
 
     def start_node(self, host: Host, *extra: str, iface: str | None = "eth0", wait: bool = True, timeout: float = 20,
-                   env: dict[str, str] | None = None, node_name: bool = True, store: bool = True) -> Host:
+                   env: dict[str, str] | None = None, node_name: bool = True, store: bool = True,
+                   upstream: bool = False) -> Host:
         """Start `flannel-udp run` inside the host's namespace on the shared store (the embedded file, etcd, or the
         Kubernetes API, where the host's Node is registered first and NODE_NAME names it unless node_name is False).
-        env adds variables (an empty value removes one); store=False leaves out the store flags."""
+        env adds variables (an empty value removes one); store=False leaves out the store flags. upstream=True runs
+        upstream's flanneld with the same command line instead (etcd or Kubernetes only: it has no embedded store)."""
         if os.path.exists(host.subnet_file) and wait:
             os.unlink(host.subnet_file)
         host.log_path = os.path.join(self.workdir, f"{host.name}.log")
-        cmd = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "flannel_udp", "run",
+        if upstream:
+            from .upstreamflannel import flanneld_path
+            program = [flanneld_path()]
+        else:
+            program = [sys.executable, "-m", "flannel_udp", "run"]
+        host.upstream = upstream
+        cmd = ["ip", "netns", "exec", host.ns, *program,
                "--net-config-path", self.config_file, "--subnet-file", host.subnet_file,
                *(self.store_args() if store else []), *(["--iface", iface] if iface else []), *extra]
         variables = dict(os.environ)
@@ -267,7 +276,8 @@ class Testbed:
 
     def logs(self) -> str:
         """The tail of every node's log, for failure messages."""
-        return "\n".join(f"--- {h.name}\n{self.node_log(h)[-3000:]}" for h in self.hosts)
+        return "\n".join(f"--- {h.name}{' (upstream flanneld)' if h.upstream else ''}\n{self.node_log(h)[-3000:]}"
+                         for h in self.hosts)
 
     def stop_node(self, host: Host, timeout: float = 10) -> int | None:
         if host.process is None:

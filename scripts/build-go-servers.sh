@@ -18,11 +18,11 @@ if [ -z "$GO" ] || [ ! -x "$GO" ]; then
     exit 1
 fi
 
-# build_module DEST MODULE VERSION CGO LDFLAGS PACKAGE...: go build each PACKAGE of MODULE@VERSION into DEST
-# ("" names the module's root package).
+# build_module DEST MODULE VERSION CGO LDFLAGS REPLACES PACKAGE...: go build each PACKAGE of MODULE@VERSION into DEST
+# ("" names the module's root package); REPLACES: space-separated OLD=NEW@VERSION pins for the build module.
 build_module() {
-    local dest="$1" module="$2" version="$3" cgo="$4" ldflags="$5"
-    shift 5
+    local dest="$1" module="$2" version="$3" cgo="$4" ldflags="$5" replaces="$6"
+    shift 6
     local stamp="$dest/.built"
     if [ -f "$stamp" ]; then
         return 0
@@ -37,8 +37,11 @@ build_module() {
     local modfile staging_version
     modfile="$("$GO" mod download -json "$module@$version" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
     staging_version="v0.${version#v1.}"
-    grep -E '^\s*[^ ]+ => \./staging/' "$modfile" | awk '{print $1}' | while read -r staged; do
+    for staged in $(awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print $1}' "$modfile"); do
         "$GO" mod edit -replace="$staged=$staged@$staging_version"
+    done
+    for pin in $replaces; do
+        "$GO" mod edit -replace="$pin"
     done
     local pkgs=()
     for p in "$@"; do pkgs+=("$module${p:+/$p}"); done
@@ -57,10 +60,12 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     version_flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     version_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-build_module "$CACHE/kube-$KUBE_VERSION" k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" \
+build_module "$CACHE/kube-$KUBE_VERSION" k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" "" \
     cmd/kube-apiserver cmd/kube-controller-manager
 
 # flanneld with cgo on: its udp backend is C. The binary is named after the module (flannel); it is run as upstream's
-# flanneld.
+# flanneld. The Tencent Cloud VPC SDK version that release requires is not served by the Go module proxy (403), so the
+# build module pins the nearest one it serves; only the tencent-vpc cloud backend, never used here, links it.
+TENCENT_VPC=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc
 build_module "$CACHE/flannel-$FLANNEL_VERSION" github.com/flannel-io/flannel "$FLANNEL_VERSION" 1 \
-    "-X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" ""
+    "-X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" "$TENCENT_VPC=$TENCENT_VPC@v1.3.75" ""

@@ -198,6 +198,15 @@ def test_node_public_ip_and_public_ip_overwrite_annotations(kube):
     assert "Overriding public ip with '198.18.0.99'" in bed.node_log(b)
 
 
+def test_a_node_without_any_annotation_is_annotated(kube):
+    """Upstream flanneld v0.28.10 panics (assignment to entry in nil map) on a Node that has no annotation at all."""
+    bed = kube
+    host = bed.hosts[0]
+    bed.register_node(host, bare=True)
+    bed.start_node(host)
+    assert annotations(bed, host)[PREFIX + "kube-subnet-manager"] == "true"
+
+
 def test_node_waits_for_its_pod_cidr(kube):
     bed = kube
     host = bed.hosts[0]

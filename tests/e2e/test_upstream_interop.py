@@ -1,0 +1,219 @@
+"""Mixed clusters with the real upstream flanneld (built from github.com/flannel-io/flannel by scripts/setup.sh): an
+operator rolling nodes over one at a time has both programs in one cluster. Each test has at least one upstream node
+and one of ours on a real etcd (or the real Kubernetes API), and compares what each actually produced, byte for byte,
+not a transcription of upstream."""
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flannel_udp import kubeserver, upstreamflannel
+from flannel_udp.testbed import ETCD_FIRST_ADDRESS, UNDERLAY, in_ns, wait_for
+
+NETWORK = "10.244.0.0/16"
+ETCD_HOST = str(UNDERLAY.network_address + ETCD_FIRST_ADDRESS)
+
+pytestmark = [
+    pytest.mark.skipif(not upstreamflannel.available(),
+                       reason=f"upstream flanneld {upstreamflannel.FLANNEL_VERSION} not built (scripts/setup.sh)"),
+    # Upstream refuses to start without br_netfilter (it checks /proc/sys/net/bridge) unless EnableNFTables is set.
+    pytest.mark.skipif(not os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"),
+                       reason="br_netfilter is not loaded: upstream flanneld refuses to start without it"),
+]
+
+RAW_LEASES = f"""
+import asyncio, aetcd
+async def main():
+    async with aetcd.Client(host="{ETCD_HOST}", port=2379) as client:
+        for kv in (await client.get_prefix(b"/coreos.com/network/subnets/")).kvs:
+            print(kv.key.decode(), kv.value.decode())
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def mixed(bed):
+    bed.start_etcd()
+    return bed
+
+
+def raw_leases(bed) -> dict[str, str]:
+    """Every lease key and value exactly as stored in etcd."""
+    out = in_ns(bed.hosts[0].ns, sys.executable, "-c", RAW_LEASES).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def subnet_of(host) -> ipaddress.IPv4Network:
+    return ipaddress.ip_interface(host.subnet_env()["FLANNEL_SUBNET"]).network
+
+
+def reachable(bed, src, dst, within: float) -> bool:
+    return wait_for(lambda: bed.ping(src.ns, dst.address, timeout=0.3), within, interval=0.01)
+
+
+def has_route(host, subnet) -> bool:
+    return str(subnet) in in_ns(host.ns, "ip", "route").stdout
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
+def test_mixed_cluster_pods_reach_each_other_both_ways(mixed, backend):
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": backend}})
+    upstream, ours, late = bed.hosts
+    bed.start_node(upstream, upstream=True)
+    bed.start_node(ours)
+    for host in (upstream, ours):
+        bed.add_pod(host)
+    up_pod, our_pod = upstream.pods[0], ours.pods[0]
+    assert reachable(bed, up_pod, our_pod, 5) and reachable(bed, our_pod, up_pod, 5), bed.logs()
+    for client, server in ((up_pod, our_pod), (our_pod, up_pod)):
+        report = bed.iperf3(client, server, 1)
+        assert report.get("end", {}).get("sum_received", {}).get("bytes", 0) > 1_000_000, (client.name, bed.logs())
+    # A node of the other kind joining later is reachable from both within 2 s of its lease.
+    bed.start_node(late, upstream=True)
+    leased = time.monotonic()
+    late_pod = bed.add_pod(late)
+    assert reachable(bed, our_pod, late_pod, 2) and reachable(bed, up_pod, late_pod, 2), bed.logs()
+    assert time.monotonic() - leased < 3
+    assert "Traceback" not in bed.logs()
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+def test_a_leaving_node_of_either_kind_is_removed_on_the_other(mixed, backend):
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": backend}})
+    upstream, ours, third = bed.hosts
+    bed.start_node(upstream, upstream=True)
+    bed.start_node(ours)
+    bed.start_node(third)
+    assert wait_for(lambda: has_route(upstream, subnet_of(ours)) and has_route(ours, subnet_of(upstream)), 5), bed.logs()
+    # Our node leaves (its lease deleted, as an expiry would): upstream removes its routes.
+    gone = subnet_of(third)
+    bed.cli(ours.ns, "leases", "delete", str(gone), *bed.store_args())
+    assert wait_for(lambda: not has_route(upstream, gone), 2, interval=0.02), bed.logs()
+    # Upstream's node leaves: ours removes its routes.
+    gone = subnet_of(upstream)
+    bed.cli(ours.ns, "leases", "delete", str(gone), *bed.store_args())
+    assert wait_for(lambda: not has_route(ours, gone), 2, interval=0.02), bed.logs()
+
+
+def test_udp_leaving_upstream_node_is_removed_from_our_fast_path(mixed):
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": "udp"}})
+    upstream, ours, _ = bed.hosts
+    bed.start_node(upstream, upstream=True)
+    bed.start_node(ours)
+    assert wait_for(lambda: f"Route {subnet_of(upstream)} via" in bed.node_log(ours), 5), bed.logs()
+    bed.cli(ours.ns, "leases", "delete", str(subnet_of(upstream)), *bed.store_args())
+    assert wait_for(lambda: f"Route {subnet_of(upstream)} removed" in bed.node_log(ours), 2, interval=0.02), bed.logs()
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
+def test_same_lease_value_and_subnet_env_as_upstream_for_the_same_node(mixed, backend):
+    """Upstream runs first; ours then takes over the same host (same public IP): it must reuse upstream's lease and
+    write the very bytes upstream wrote, in etcd and in subnet.env."""
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": backend}})
+    host = bed.hosts[0]
+    bed.start_node(host, "--ip-masq", upstream=True)
+    upstream_leases, upstream_env = raw_leases(bed), open(host.subnet_file).read()
+    bed.stop_node(host)
+    bed.start_node(host, "--ip-masq")
+    assert f"reusing" in bed.node_log(host), bed.node_log(host)
+    assert raw_leases(bed) == upstream_leases
+    assert open(host.subnet_file).read() == upstream_env
+
+
+def rules(host) -> str:
+    out = []
+    for table in ("filter", "nat"):
+        out.append(in_ns(host.ns, "iptables", "-t", table, "-S").stdout)
+    return "".join(out)
+
+
+def flush_rules(host) -> None:
+    for table in ("filter", "nat"):
+        in_ns(host.ns, "iptables", "-t", table, "-F")
+        in_ns(host.ns, "iptables", "-t", table, "-X")
+
+
+@pytest.mark.parametrize("flags", [["--ip-masq"], ["--ip-masq", "--ip-masq-fully-random-disable"],
+                                   ["--iptables-forward-rules=false"]])
+def test_same_iptables_rules_as_upstream(mixed, flags):
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": "host-gw"}})
+    host = bed.hosts[0]
+    bed.start_node(host, *flags, upstream=True)
+    assert wait_for(lambda: "FLANNEL" in rules(host) or "--iptables-forward-rules=false" in flags, 5)
+    time.sleep(1)  # upstream installs its chains from goroutines after subnet.env
+    upstream_rules = rules(host)
+    bed.stop_node(host)
+    flush_rules(host)
+    bed.start_node(host, *flags)
+    time.sleep(1)
+    assert rules(host) == upstream_rules
+
+
+def vxlan_attributes(host) -> dict:
+    link = json.loads(in_ns(host.ns, "ip", "-d", "-j", "link", "show", "flannel.1").stdout)[0]
+    info = link["linkinfo"]["info_data"]
+    addresses = json.loads(in_ns(host.ns, "ip", "-j", "addr", "show", "dev", "flannel.1").stdout)[0]["addr_info"]
+    return {"mtu": link["mtu"], "flags": sorted(link["flags"]), "id": info["id"], "local": info.get("local"),
+            "link": info.get("link"), "port": info.get("port"), "learning": info.get("learning"),
+            "ttl": info.get("ttl"), "addresses": sorted((a["local"], a["prefixlen"]) for a in addresses
+                                                        if a["family"] == "inet")}
+
+
+def peer_entries(host, peer_subnet) -> tuple:
+    gateway = str(peer_subnet.network_address)
+    neigh = json.loads(in_ns(host.ns, "ip", "-j", "neigh", "show", "dev", "flannel.1", gateway).stdout)
+    fdb = [f for f in json.loads(in_ns(host.ns, "bridge", "-j", "fdb", "show", "dev", "flannel.1").stdout) if f.get("dst")]
+    route = json.loads(in_ns(host.ns, "ip", "-j", "route", "show", str(peer_subnet)).stdout)
+    return ([(n["dst"], n["lladdr"], sorted(n["state"])) for n in neigh],
+            sorted((f["mac"], f["dst"], sorted(f.get("flags", [])), f.get("state")) for f in fdb),
+            [(r["dst"], r.get("gateway"), r["dev"], sorted(r.get("flags", []))) for r in route])
+
+
+def test_same_vxlan_device_and_peer_entries_as_upstream(mixed):
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": "vxlan"}})
+    host, peer, _ = bed.hosts
+    bed.start_node(peer)
+    bed.start_node(host, upstream=True)
+    assert wait_for(lambda: has_route(host, subnet_of(peer)), 5), bed.logs()
+    upstream_device, upstream_peer = vxlan_attributes(host), peer_entries(host, subnet_of(peer))
+    bed.stop_node(host)
+    in_ns(host.ns, "ip", "link", "del", "flannel.1")
+    bed.start_node(host)
+    assert wait_for(lambda: has_route(host, subnet_of(peer)), 5), bed.logs()
+    assert vxlan_attributes(host) == upstream_device
+    ours = peer_entries(host, subnet_of(peer))
+    assert ours == upstream_peer
+
+
+@pytest.mark.skipif(not kubeserver.available(), reason="Kubernetes binaries not built (scripts/setup.sh)")
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_kube_mode_mixed_cluster_and_identical_annotations(bed, backend):
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": backend}})
+    bed.start_kube()
+    upstream, ours, _ = bed.hosts
+    bed.start_node(upstream, upstream=True)
+    bed.start_node(ours)
+    for host in (upstream, ours):
+        bed.add_pod(host)
+    assert reachable(bed, upstream.pods[0], ours.pods[0], 5), bed.logs()
+    assert reachable(bed, ours.pods[0], upstream.pods[0], 5), bed.logs()
+    prefix = "flannel.alpha.coreos.com/"
+
+    def flannel_annotations(host) -> dict:
+        ann = bed.kube.get_node(host.node_name).metadata.annotations
+        return {k: v for k, v in ann.items() if k.startswith(prefix)}
+    upstream_ann = flannel_annotations(upstream)
+    bed.stop_node(upstream)
+    bed.start_node(upstream)  # ours on the host upstream left: nothing to patch, the annotations stay as they were
+    assert flannel_annotations(upstream) == upstream_ann
+    assert "Annotated node" not in bed.node_log(upstream)
