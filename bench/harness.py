@@ -1,5 +1,7 @@
 """`python -m bench`: the backends side by side, each run as users run it (the real daemon on the embedded store), on the
-same namespace underlay, in the same run.
+same namespace underlay, in the same run. `upstream-udp` and `upstream-vxlan` are upstream's flanneld (built by
+scripts/setup.sh) with that backend, on a real etcd since it has no embedded store: the program a user would otherwise
+pick, measured in the same run.
 
 Per backend and underlay setting (veth defaults; TSO/GSO/GRO off): TCP with 1 and 4 streams both ways (iperf3 -J),
 64-byte UDP packets per second sent and received with the loss, round-trip latency p50/p99/max (ping every 10 ms),
@@ -22,7 +24,8 @@ import time
 
 from flannel_udp.testbed import Testbed, in_ns, wait_for
 
-BACKENDS = ("host-gw", "vxlan", "udp")
+BACKENDS = ("host-gw", "vxlan", "udp", "upstream-udp", "upstream-vxlan")
+UPSTREAM = "upstream-"
 NETWORK = "10.244.0.0/16"
 # What is reported, in this order: (key, label, unit, higher is better)
 FIGURES = [
@@ -91,12 +94,16 @@ def latency(bed: Testbed, client, server, count: int) -> dict:
 
 
 def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> dict:
-    """One fresh 2-host cluster running the real daemon with this backend; every figure of FIGURES."""
+    """One fresh 2-host cluster running the real daemon with this backend (ours, or upstream's flanneld for an
+    `upstream-` backend); every figure of FIGURES."""
+    upstream = backend.startswith(UPSTREAM)
     with Testbed(hosts=2) as bed:
         bed.set_underlay_offloads(offloads)
-        bed.write_config({"Network": NETWORK, "Backend": {"Type": backend}})
+        if upstream:
+            bed.start_etcd()
+        bed.write_config({"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}})
         for host in bed.hosts:
-            bed.start_node(host)
+            bed.start_node(host, upstream=upstream)
         a, b = (bed.add_pod(h) for h in bed.hosts)
         if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
             raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
@@ -184,7 +191,10 @@ def plot(path: str, report: dict) -> None:
             medians = [(backends[n][key] or {}).get("median", 0) for n in names]
             lows = [m - (backends[n][key] or {}).get("min", m) for n, m in zip(names, medians)]
             highs = [(backends[n][key] or {}).get("max", m) - m for n, m in zip(names, medians)]
-            ax.bar(names, medians, yerr=[lows, highs], color=["#777777", "#4477aa", "#cc6633"][:len(names)], capsize=3)
+            colours = {"host-gw": "#777777", "vxlan": "#4477aa", "udp": "#cc6633", "upstream-udp": "#e8b894",
+                       "upstream-vxlan": "#a9bfd8"}
+            ax.bar(names, medians, yerr=[lows, highs], color=[colours.get(n, "#999999") for n in names], capsize=3)
+            ax.tick_params(axis="x", labelrotation=30)
             ax.set_title(f"{title}\nunderlay {setting}", fontsize=9)
             ax.tick_params(labelsize=8)
     fig.suptitle(f"flannel-udp backends, {report['machine']['date']}, {report['machine']['cores']} cores, "
@@ -195,7 +205,8 @@ def plot(path: str, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Compare the backends side by side.")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma list of: " + ", ".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma list of: " + ", ".join(BACKENDS) + " (default: all; the upstream ones when built)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure (median, min, max)")
     parser.add_argument("--seconds", type=float, default=5, help="iperf3 duration per TCP test")
     parser.add_argument("--underlay", choices=["defaults", "offloads-off", "both"], default="both")
@@ -207,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         parser.error(f"unknown backend(s): {', '.join(unknown) or '(none given)'}")
+    from flannel_udp import upstreamflannel
+    if any(b.startswith(UPSTREAM) for b in backends) and not upstreamflannel.available():
+        if args.backends != parser.get_default("backends"):
+            parser.error(f"upstream flanneld is not built ({upstreamflannel.flanneld_path()}): run scripts/setup.sh")
+        backends = [b for b in backends if not b.startswith(UPSTREAM)]
     if args.quick:
         args.repeat, args.seconds, args.underlay = 1, 1, "defaults"
     ping_count = 100 if args.quick else 500

@@ -217,3 +217,57 @@ def test_kube_mode_mixed_cluster_and_identical_annotations(bed, backend):
     bed.start_node(upstream)  # ours on the host upstream left: nothing to patch, the annotations stay as they were
     assert flannel_annotations(upstream) == upstream_ann
     assert "Annotated node" not in bed.node_log(upstream)
+
+
+ETCD_URL = f"http://{ETCD_HOST}:2379"
+
+# Real argument lists (their path flags, -subnet-file and -net-config-path, are the testbed's, since the defaults
+# /run/flannel and /etc/kube-flannel belong to the machine): upstream's kube-flannel.yml DaemonSet, the etcd-mode
+# systemd unit form, and the same settings as FLANNELD_* environment.
+START_UPS = {
+    "kube-flannel.yml": (True, ["--ip-masq", "--kube-subnet-mgr"],
+                         {"POD_NAME": "kube-flannel-ds-abcde", "POD_NAMESPACE": "kube-flannel",
+                          "EVENT_QUEUE_DEPTH": "5000", "CONT_WHEN_CACHE_NOT_READY": "false"}),
+    "systemd unit": (False, [f"-etcd-endpoints={ETCD_URL}", "-etcd-prefix=/coreos.com/network", "-iface=eth0",
+                             "-ip-masq"], {}),
+    "FLANNELD_* environment": (False, [], {"FLANNELD_ETCD_ENDPOINTS": ETCD_URL, "FLANNELD_IFACE": "eth0",
+                                           "FLANNELD_IP_MASQ": "true", "FLANNELD_IPTABLES_RESYNC": "3"}),
+}
+
+
+@pytest.mark.parametrize("name", list(START_UPS))
+def test_both_programs_accept_real_start_up_command_lines_and_end_in_the_same_state(bed, name):
+    kube, args, env = START_UPS[name]
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": "vxlan"}})
+    host = bed.hosts[0]
+    if kube:
+        if not kubeserver.available():
+            pytest.skip("Kubernetes binaries not built (scripts/setup.sh)")
+        bed.start_kube()
+        bed.register_node(host)
+        bed.kube.create_pod(env["POD_NAME"], env["POD_NAMESPACE"], host.node_name)
+        args = [*args, "--kubeconfig-file", bed.kubeconfig]
+        # Without -iface both take the default route's interface, as on a real node.
+        in_ns(host.ns, "ip", "route", "add", "default", "dev", "eth0")
+    else:
+        bed.start_etcd()
+    states = []
+    for upstream in (True, False):
+        bed.start_node(host, *args, env=env, iface=None, store=False, node_name=False, upstream=upstream)
+        time.sleep(1)  # the rules are installed right after subnet.env
+        states.append((open(host.subnet_file).read(), rules(host), vxlan_attributes(host)))
+        bed.stop_node(host)
+        flush_rules(host)
+    assert states[0] == states[1], bed.logs()
+
+
+def test_an_unknown_flag_is_an_error_here_where_upstream_exits_0(mixed):
+    """The documented difference: upstream prints its usage and exits 0 on a flag it does not know (a typo silently
+    stops the node); ours names the flag and exits 1."""
+    bed = mixed
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": "udp"}})
+    host = bed.hosts[0]
+    bed.start_node(host, "--ip-masqq", wait=False, upstream=True)
+    assert host.process.wait(10) == 0
+    line = bed.run_node_expecting_failure(host, "--ip-masqq")
+    assert line.startswith("error: ") and "--ip-masqq" in line
