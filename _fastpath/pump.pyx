@@ -1,8 +1,12 @@
 # cython: language_level=3
 """The udp backend's data plane: moves packets TUN <-> UDP in batches, without the GIL and without Python objects.
 
-The event loop calls on_tun_readable/on_socket_readable from add_reader; each call drains its fd until EAGAIN or until
-BURST packets (so one direction cannot starve the other; readiness is level-triggered, the rest comes next round).
+The pump runs in a thread of its own (run(stop_fd)): a poll() loop over both fds that never takes the GIL, so no
+control-plane work in the interpreter (lease watches, netlink, SQLite, metrics, garbage collection) can delay a packet;
+a lone packet leaves at once, batches form only from what is already queued. Each wake-up drains a ready fd until
+EAGAIN or until BURST packets (so one direction cannot starve the other; readiness is level-triggered, the rest comes
+next round). on_tun_readable/on_socket_readable do one such round for callers that drive the pump themselves (tests).
+Lease events change the route table under its mutex, which the pump holds for one round at a time.
 TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, then one sendmmsg per batch in
 which each run of equal-size packets for one peer is a single UDP GSO message (UDP_SEGMENT): the kernel moves the run
 as one buffer and cuts it into ordinary datagrams only where it must (at the latest in a receiver without UDP_GRO, so
@@ -73,7 +77,10 @@ cdef extern from "<poll.h>" nogil:
         short events
         short revents
     int poll(pollfd* fds, unsigned long n, int timeout)
+    short POLLIN
     short POLLOUT
+    short POLLERR
+    short POLLNVAL
 
 cdef enum:
     BATCH = 64
@@ -169,13 +176,49 @@ cdef class Pump:
 
     def on_tun_readable(self):
         with nogil:
-            self.tun_wakeups += 1
-            self._tun_to_udp()
+            self._tun_round()
 
     def on_socket_readable(self):
         with nogil:
-            self.socket_wakeups += 1
-            self._udp_to_tun()
+            self._socket_round()
+
+    cdef inline void _tun_round(self) noexcept nogil:
+        self.tun_wakeups += 1
+        self.routes.lock()
+        self._tun_to_udp()
+        self.routes.unlock()
+
+    cdef inline void _socket_round(self) noexcept nogil:
+        self.socket_wakeups += 1
+        self.routes.lock()
+        self._udp_to_tun()
+        self.routes.unlock()
+
+    def run(self, int stop_fd):
+        """The packet loop, for a thread of its own: until stop_fd (an eventfd) is readable or an fd is closed. The GIL
+        is released for its whole life."""
+        cdef pollfd fds[3]
+        cdef int r, i
+        with nogil:
+            fds[0].fd = self.tun_fd
+            fds[1].fd = self.sock_fd
+            fds[2].fd = stop_fd
+            for i in range(3):
+                fds[i].events = POLLIN
+            while True:
+                for i in range(3):
+                    fds[i].revents = 0
+                r = poll(fds, 3, -1)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    break
+                if fds[2].revents or (fds[0].revents | fds[1].revents) & POLLNVAL:
+                    break
+                if fds[0].revents & (POLLIN | POLLERR):
+                    self._tun_round()
+                if fds[1].revents & (POLLIN | POLLERR):
+                    self._socket_round()  # a pending socket error is cleared by the receive that reports it
 
     cdef void _tun_to_udp(self) noexcept nogil:
         cdef int handled = 0, n = 0, reads = 0, verdict, i

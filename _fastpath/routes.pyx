@@ -102,6 +102,7 @@ cdef inline uint32_t mask_of(int plen) noexcept nogil:
 
 cdef class RouteTable:
     def __cinit__(self):
+        pthread_mutex_init(&self.mutex, NULL)
         hm_init(&self.route_map, MIN_CAPACITY)
         hm_init(&self.peer_by_ip, MIN_CAPACITY)
         self.peer_capacity = 16
@@ -113,6 +114,7 @@ cdef class RouteTable:
         self.nlengths = 0
 
     def __dealloc__(self):
+        pthread_mutex_destroy(&self.mutex)
         free(self.route_map.slots)
         free(self.peer_by_ip.slots)
         free(self.peers)
@@ -179,9 +181,17 @@ cdef class RouteTable:
         cdef uint32_t ip = int(ipaddress.IPv4Address(peer_ip))
         cdef int plen = net.prefixlen
         cdef uint64_t key = (<uint64_t>plen << 32) | <uint32_t>int(net.network_address)
+        with nogil:
+            self.lock()
+        try:
+            self._set(key, plen, ip, port)
+        finally:
+            self.unlock()
+
+    cdef int _set(self, uint64_t key, int plen, uint32_t ip, int port) except -1:
         cdef int32_t old = hm_get(&self.route_map, key)
         if old >= 0 and self.peers[old].ip == ip and ntohs(self.peers[old].addr.sin_port) == port:
-            return
+            return 0
         cdef int32_t index = self._peer_ref(ip, port)
         hm_put(&self.route_map, key, index)
         if old >= 0:
@@ -190,52 +200,78 @@ cdef class RouteTable:
             self.route_count += 1
             self.per_length[plen] += 1
             self._recount_lengths()
+        return 0
 
     def delete_route(self, network):
         net = ipaddress.IPv4Network(network)
         cdef int plen = net.prefixlen
         cdef uint64_t key = (<uint64_t>plen << 32) | <uint32_t>int(net.network_address)
-        cdef int32_t old = hm_get(&self.route_map, key)
-        if old < 0:
-            return False
-        hm_del(&self.route_map, key)
-        self._peer_unref(old)
-        self.route_count -= 1
-        self.per_length[plen] -= 1
-        self._recount_lengths()
-        return True
+        cdef int32_t old
+        with nogil:
+            self.lock()
+        try:
+            old = hm_get(&self.route_map, key)
+            if old < 0:
+                return False
+            hm_del(&self.route_map, key)
+            self._peer_unref(old)
+            self.route_count -= 1
+            self.per_length[plen] -= 1
+            self._recount_lengths()
+            return True
+        finally:
+            self.unlock()
 
     def __len__(self):
         return self.route_count
 
     def entries(self):
         """[(subnet, peer ip, port)] in no particular order."""
-        out = []
+        raw = []
         cdef uint32_t i
-        for i in range(self.route_map.capacity):
-            if self.route_map.slots[i].state == 1:
-                key = self.route_map.slots[i].key
-                peer = &self.peers[self.route_map.slots[i].value]
-                out.append((ipaddress.IPv4Network((key & 0xFFFFFFFF, key >> 32)), ipaddress.IPv4Address(peer.ip),
-                            ntohs(peer.addr.sin_port)))
-        return out
+        with nogil:
+            self.lock()
+        try:
+            for i in range(self.route_map.capacity):
+                if self.route_map.slots[i].state == 1:
+                    peer = &self.peers[self.route_map.slots[i].value]
+                    raw.append((self.route_map.slots[i].key, peer.ip, ntohs(peer.addr.sin_port)))
+        finally:
+            self.unlock()
+        return [(ipaddress.IPv4Network((key & 0xFFFFFFFF, key >> 32)), ipaddress.IPv4Address(ip), port)
+                for key, ip, port in raw]
 
     def lookup_peer(self, address):
         """(peer ip, port) that a destination is sent to, or None."""
-        cdef int32_t index = self.lookup(int(ipaddress.IPv4Address(address)))
+        cdef uint32_t addr = int(ipaddress.IPv4Address(address))
+        cdef int32_t index
+        cdef uint32_t ip = 0
+        cdef int port = 0
+        with nogil:
+            self.lock()
+            index = self.lookup(addr)
+            if index >= 0:
+                ip = self.peers[index].ip
+                port = ntohs(self.peers[index].addr.sin_port)
+            self.unlock()
         if index < 0:
             return None
-        return ipaddress.IPv4Address(self.peers[index].ip), ntohs(self.peers[index].addr.sin_port)
+        return ipaddress.IPv4Address(ip), port
 
     def peer_stats(self):
         """{peer ip: (tx packets, tx bytes, rx packets, rx bytes)} for the peers of current routes."""
-        out = {}
+        raw = []
         cdef int32_t i
-        for i in range(self.peer_capacity):
-            if self.peers[i].refs > 0:
-                p = &self.peers[i]
-                out[str(ipaddress.IPv4Address(p.ip))] = (p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes)
-        return out
+        with nogil:
+            self.lock()
+        try:
+            for i in range(self.peer_capacity):
+                if self.peers[i].refs > 0:
+                    p = &self.peers[i]
+                    raw.append((p.ip, (p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes)))
+        finally:
+            self.unlock()
+        return {str(ipaddress.IPv4Address(ip)): counters for ip, counters in raw}
 
     def bench_lookups(self, const unsigned char[:] addresses, int rounds=1):
         """Look up every big-endian IPv4 address in the buffer `rounds` times, in C; returns the hits (benchmarks)."""

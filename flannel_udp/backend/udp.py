@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -134,9 +135,11 @@ class UdpNetwork(Network):
         log.info("Offloads: UDP GSO %s, UDP GRO %s, TUN %s", "on" if offload else "off", "on" if gro else "off",
                  f"{tun_offloads:#x} (TSO split, TCP coalescing)" if tun_offloads else "off")
         self._gso_fallback_logged = False
-        loop = asyncio.get_running_loop()
-        loop.add_reader(tun_fd, self.pump.on_tun_readable)
-        loop.add_reader(sock.fileno(), self.pump.on_socket_readable)
+        # The pump's own thread: its loop never takes the GIL, so nothing the control plane does in this interpreter
+        # (watches, netlink, SQLite, metrics, garbage collection) delays a packet.
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._thread = threading.Thread(target=self.pump.run, args=(self._stop_fd,), name="udp-pump", daemon=True)
+        self._thread.start()
 
     def check_offload_fallback(self) -> None:
         if not self.pump.gso and self.pump.gso_error and not self._gso_fallback_logged:
@@ -184,8 +187,8 @@ class UdpNetwork(Network):
         return [packets, octets, drops, totals, calls, routes]
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.tun_fd)
-        loop.remove_reader(self.sock.fileno())
+        os.eventfd_write(self._stop_fd, 1)
+        await asyncio.to_thread(self._thread.join)
+        os.close(self._stop_fd)
         os.close(self.tun_fd)
         self.sock.close()

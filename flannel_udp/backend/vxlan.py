@@ -90,16 +90,25 @@ class VxlanBackend:
         # In kube mode the node's backend-data annotations remember the MACs of the last run: a device that has to
         # be created anew (after a reboot) gets the same MAC, so peers' FDB entries stay right (upstream too).
         stored = manager.stored_mac_addresses()
+        created = []  # devices this start made: removed again if no lease comes of it
         for vtep in self.vteps:
             mac = stored[0] if vtep.version == 4 else stored[1]
+            existed = await self.netlink.call(netlink.vxlan_info, vtep.name)
             vtep.index, vtep.mac = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index,
                                                            mac or None)
+            if not existed:
+                created.append(vtep)
         v4 = self.vteps[0]
         v6 = self.vteps[1] if len(self.vteps) > 1 else None
         attrs = LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6 if v6 else None, backend_type=self.backend_type,
                            backend_data={"VNI": self.options.vni, "VtepMAC": v4.mac},
                            backend_v6_data={"VNI": self.options.vni, "VtepMAC": v6.mac} if v6 else None)
-        lease = await manager.acquire_lease(attrs)
+        try:
+            lease = await manager.acquire_lease(attrs)
+        except BaseException:
+            for vtep in created:
+                await self.netlink.call(netlink.delete_link, vtep.index)
+            raise
         for vtep in self.vteps:
             vtep.subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
             await self.netlink.call(configure_device, vtep)

@@ -240,21 +240,21 @@ class KubeManager:
         return tuple(mac if _MAC_RE.fullmatch(mac) else "" for mac in macs)
 
     async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        """The lease from the own Node's podCIDR(s), checked against the config before anything is written (upstream
+        annotates first; a node refused here must not look like a peer to the others), then the annotations."""
         node = await self._wait_for_own_node()
-        v4, v6 = pod_cidrs(node)
-        current = node.metadata.annotations or {}
-        wanted = wanted_annotations(current, attrs, self.annotations)
-        changed = {key: value for key, value in wanted.items() if current.get(key) != value}
-        if changed:
-            await self._patch_status({"metadata": {"annotations": changed}}, "annotations")
-            log.info("Annotated node %s: %s", self.node_name, ", ".join(sorted(changed)))
+        try:
+            v4, v6 = pod_cidrs(node)
+        except LeaseConversionError as e:
+            raise StoreError(str(e)) from None
+        if v4 is None or not self.enable_ipv4:
+            raise StoreError(f'node "{self.node_name}" has no IPv4 podCIDR ({node.spec.podCIDRs or node.spec.podCIDR}): '
+                             "IPv6-only clusters are not supported")
+        if not contains_cidr(self.config.network, v4):
+            raise StoreError(f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
+                             f'contain "{v4}" PodCIDR of the "{self.node_name}" node')
         ipv6_subnet = None
-        if v4 is not None and self.enable_ipv4:
-            if not contains_cidr(self.config.network, v4):
-                raise StoreError(f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
-                                 f'contain "{v4}" PodCIDR of the "{self.node_name}" node')
-        dual = attrs.backend_type in DUAL_STACK_TYPES
-        if v6 is not None and dual and self.enable_ipv6:
+        if v6 is not None and self.enable_ipv6 and attrs.backend_type in DUAL_STACK_TYPES:
             if self.config.ipv6_network is None:
                 raise StoreError(f'subnet "{v6}" specified in the PodCIDR, but doesn\'t exist in the flannel net '
                                  f'config of the "{self.node_name}" node')
@@ -262,12 +262,15 @@ class KubeManager:
                 raise StoreError(f'subnet "{self.config.ipv6_network}" specified in the flannel net config doesn\'t '
                                  f'contain "{v6}" IPv6 PodCIDR of the "{self.node_name}" node')
             ipv6_subnet = v6
-        if v4 is None or not self.enable_ipv4:
-            raise StoreError(f'node "{self.node_name}" has no IPv4 podCIDR ({node.spec.podCIDRs or node.spec.podCIDR}): '
-                             "IPv6-only clusters are not supported")
-        if self.enable_ipv6 and dual and ipv6_subnet is None:
+        elif self.enable_ipv6 and attrs.backend_type in DUAL_STACK_TYPES:
             raise StoreError(f'node "{self.node_name}" has no IPv6 podCIDR but EnableIPv6 is set: give '
                              "kube-controller-manager an IPv6 cluster CIDR too (dual stack)")
+        current = node.metadata.annotations or {}
+        wanted = wanted_annotations(current, attrs, self.annotations)
+        changed = {key: value for key, value in wanted.items() if current.get(key) != value}
+        if changed:
+            await self._patch_status({"metadata": {"annotations": changed}}, "annotations")
+            log.info("Annotated node %s: %s", self.node_name, ", ".join(sorted(changed)))
         log.info("Lease from node %s: podCIDR %s%s", self.node_name, v4, f", {ipv6_subnet}" if ipv6_subnet else "")
         return Lease(v4, attrs, ipv6_subnet, None, True, ipv6_subnet is not None)
 

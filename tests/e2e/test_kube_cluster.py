@@ -226,10 +226,14 @@ def no_trace_of_the_node(bed, host) -> None:
     assert "flannel" not in links, links
     assert "FLANNEL" not in in_ns(host.ns, "iptables-save").stdout
     assert not os.path.exists(host.subnet_file)
+    if host.node_name in bed.registered and bed.kube.apiserver is not None:
+        assert not any(key.startswith(PREFIX) for key in annotations(bed, host)), annotations(bed, host)
 
 
-def test_pod_cidr_outside_the_network_is_one_clear_line(kube):
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_pod_cidr_outside_the_network_is_one_clear_line(kube, backend):
     bed = kube
+    use_backend(bed, backend)
     host = bed.hosts[0]
     bed.register_node(host, wait_cidr=False, pod_cidrs=["10.99.1.0/24"])
     bed.registered.add(host.node_name)
