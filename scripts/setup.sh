@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 iputils-ping iperf3 ethtool iptables nftables containernetworking-plugins
-          tcpdump libpcap0.8 procps etcd-server openssl gcc python3 python3-dev python3-venv)
+          tcpdump libpcap0.8 procps etcd-server openssl gcc python3 python3-dev python3-venv sockperf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
