@@ -152,6 +152,10 @@ def run_command(argv: list[str], prog: str) -> int:
     setup_logging(args.v)
     if not 0 < args.subnet_lease_renew_margin < 1440:
         return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
+    for flag, value, low, high in (("-healthz-port", args.healthz_port, 0, 65535),
+                                   ("-iptables-resync", args.iptables_resync, 1, 86400), ("-v", args.v, 0, 10)):
+        if not low <= value <= high:
+            return fail(f"{flag} must be from {low} to {high}, got {value}")
     if args.lease_ttl <= 0:
         return fail("--lease-ttl must be a positive number of seconds")
 

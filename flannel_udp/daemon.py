@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from .backend import BackendError, backend_class
-from .health import HealthServer, NodeState
+from .health import HealthError, HealthServer, NodeState
 from .net import iface, netlink
 from .net.rules import FamilyNetworks, RulesError, TrafficRules
 from .net.tun import TunError
@@ -214,7 +214,7 @@ class Daemon:
             log.info("Exiting cleanly...")
             return 0
         except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError, EtcdConfigError,
-                RulesError) as e:
+                RulesError, HealthError) as e:
             raise StartupError(str(e)) from None
         finally:
             if network is not None:

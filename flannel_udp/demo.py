@@ -9,7 +9,7 @@ import sys
 import time
 
 from .kubeserver import KubeServerError
-from .testbed import Testbed, TestbedError, in_ns, teardown_saved
+from .testbed import Testbed, TestbedError, teardown_saved
 
 STATE_FILE = "/run/flannel-udp-demo.json"  # what `demo --keep` left running, for `demo down`
 
@@ -74,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 bed.add_pod(host)
 
         step("Leases")
-        print(in_ns(bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", *bed.store_args()).stdout)
+        print(bed.cli(bed.hosts[0].ns, "leases", *bed.store_args()).stdout)
 
         pods = [pod for host in bed.hosts for pod in host.pods]
         time.sleep(0.5)  # routes follow the leases within the store's poll interval

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,6 +32,10 @@ class NodeState:
         return families
 
 
+class HealthError(RuntimeError):
+    """The health endpoint cannot listen (port in use, address not on this host): a start-up error of the user's."""
+
+
 class HealthServer:
     def __init__(self, state: NodeState, host: str, port: int) -> None:
         self.state = state
@@ -44,7 +49,9 @@ class HealthServer:
         try:
             self._server = await asyncio.start_server(self._serve, self.host, self.port)
         except OSError as e:
-            raise RuntimeError(f"cannot serve health checks on {self.host}:{self.port}: {e.strerror}") from None
+            reason = os.strerror(e.errno) if e.errno else str(e)  # uvloop's own wording repeats the address
+            raise HealthError(f"cannot serve /healthz on {self.host}:{self.port}: {reason} (-healthz-ip, -healthz-port)") \
+                from None
         log.info("Serving /healthz, /readyz and /metrics on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:

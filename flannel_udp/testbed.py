@@ -28,6 +28,11 @@ KUBE_ADDRESS = 200  # the Kubernetes control plane's API server sits on the unde
 CNI_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, ...
 
 
+# Our own command in a child process. -P: the current directory is not put on sys.path, so a clone's uncompiled
+# _fastpath/ sources never shadow the installed extension when a command is run from the clone.
+FLANNEL_UDP = [sys.executable, "-P", "-m", "flannel_udp"]
+
+
 def cni_plugin_path() -> str:
     """The `flannel` CNI plugin installed beside this Python (a console script of this package)."""
     return os.path.join(os.path.dirname(sys.executable), "flannel")
@@ -192,7 +197,7 @@ class Testbed:
 
     def cli(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`flannel-udp ARGS` inside a namespace."""
-        return in_ns(ns, sys.executable, "-m", "flannel_udp", *args, check=check)
+        return in_ns(ns, *FLANNEL_UDP, *args, check=check)
 
     def store_args(self) -> list[str]:
         """The flags that point a node (or `leases`) at this testbed's store: the Kubernetes API or etcd when running,
@@ -217,7 +222,7 @@ class Testbed:
             from .upstreamflannel import flanneld_path
             program = [flanneld_path()]
         else:
-            program = [sys.executable, "-m", "flannel_udp", "run"]
+            program = [*FLANNEL_UDP, "run"]
         host.upstream = upstream
         cmd = ["ip", "netns", "exec", host.ns, *program,
                "--net-config-path", self.config_file, "--subnet-file", host.subnet_file,

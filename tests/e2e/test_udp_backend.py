@@ -235,6 +235,17 @@ def test_occupied_port_is_one_clear_line(bed):
     assert str(host.address) not in out  # the port is checked before a lease is taken
 
 
+def test_occupied_healthz_port_is_one_clear_line(bed):
+    host = bed.hosts[0]
+    blocker = bed.popen(host.ns, sys.executable, "-c",
+                        "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 18081)); s.listen(); time.sleep(60)")
+    time.sleep(0.5)
+    line = run_node_expecting_failure(bed, host, "--healthz-port", "18081")
+    assert line == "error: cannot serve /healthz on 0.0.0.0:18081: Address already in use (-healthz-ip, -healthz-port)"
+    blocker.kill()
+    assert "flannel0" not in in_ns(host.ns, "ip", "link").stdout
+
+
 def test_exhausted_network_is_one_clear_line(bed):
     bed.write_config({"Network": "10.5.0.0/28"})  # 3 subnets
     for host in bed.hosts:

@@ -93,3 +93,11 @@ def test_config_check_errors(tmp_path):
 def test_leases_without_a_file(tmp_path):
     r = cli("leases", "--lease-file", str(tmp_path / "none.db"))
     assert r.returncode == 1 and "no lease file" in r.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("-healthz-port", "99999"), ("-healthz-port", "-1"), ("-iptables-resync", "0")])
+def test_numeric_flags_out_of_range_are_one_line(flag, value):
+    r = cli("run", f"{flag}={value}")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: {flag} must be from {0 if flag == '-healthz-port' else 1} to " \
+                                                f"{65535 if flag == '-healthz-port' else 86400}, got {value}"
