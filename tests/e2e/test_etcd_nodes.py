@@ -54,3 +54,14 @@ def test_three_member_etcd_losing_a_member_does_not_disturb_the_nodes(bed):
     assert wait_for(lambda: bed.ping(a.pods[0].ns, late_pod.address, timeout=0.3), 5), bed.logs()
     assert bed.ping(b.pods[0].ns, late_pod.address)
     assert a.process.poll() is None and b.process.poll() is None
+
+
+def test_sigterm_while_etcd_is_unreachable_ends_the_node_at_once(bed):
+    """Kubernetes kills a pod 30 s after SIGTERM and systemd after 90 s: a node waiting for etcd must stop when told."""
+    import signal
+    host = bed.hosts[0]
+    bed.start_node(host, "--etcd-endpoints", FIRST_ETCD, wait=False)
+    assert wait_for(lambda: "Couldn't fetch network config" in bed.node_log(host), 15), bed.node_log(host)
+    host.process.send_signal(signal.SIGTERM)
+    assert host.process.wait(5) == 0, bed.node_log(host)
+    assert bed.node_log(host).rstrip().endswith("Exiting cleanly...")
