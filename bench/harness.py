@@ -12,6 +12,7 @@ routing) of the same run. Backends are interleaved within each repetition, becau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -93,9 +94,10 @@ def latency(bed: Testbed, client, server, count: int) -> dict:
             "rtt_max_ms": rtts[-1]}
 
 
-def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> dict:
-    """One fresh 2-host cluster running the real daemon with this backend (ours, or upstream's flanneld for an
-    `upstream-` backend); every figure of FIGURES."""
+@contextlib.contextmanager
+def two_pod_cluster(backend: str, offloads: bool = True):
+    """A fresh 2-host cluster running the real daemon with this backend (ours, or upstream's flanneld on etcd for an
+    `upstream-` backend) and a pod on each host that reaches the other; yields (testbed, pod a, pod b)."""
     upstream = backend.startswith(UPSTREAM)
     with Testbed(hosts=2) as bed:
         bed.set_underlay_offloads(offloads)
@@ -107,6 +109,12 @@ def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> di
         a, b = (bed.add_pod(h) for h in bed.hosts)
         if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
             raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
+        yield bed, a, b
+
+
+def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> dict:
+    """Every figure of FIGURES for one backend on a fresh cluster."""
+    with two_pod_cluster(backend, offloads) as (bed, a, b):
         daemons = [h.process.pid for h in bed.hosts]
         figures: dict = {}
         moved = 0

@@ -20,11 +20,10 @@ import subprocess
 import sys
 import time
 
-from flannel_udp.testbed import Testbed, in_ns, wait_for
+from flannel_udp.testbed import Testbed, in_ns
 
-from .harness import UPSTREAM
+from .harness import two_pod_cluster
 
-NETWORK = "10.244.0.0/16"
 RR_PORT = 11111
 
 
@@ -84,16 +83,7 @@ def request_response(bed: Testbed, client, server, seconds: float) -> dict:
 
 
 def measure(backend: str, count: int, rr_seconds: float) -> dict:
-    upstream = backend.startswith(UPSTREAM)
-    with Testbed(hosts=2) as bed:
-        if upstream:
-            bed.start_etcd()
-        bed.write_config({"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}})
-        for host in bed.hosts:
-            bed.start_node(host, upstream=upstream)
-        a, b = (bed.add_pod(h) for h in bed.hosts)
-        if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
-            raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
+    with two_pod_cluster(backend) as (bed, a, b):
         ping_rtts(bed, a, b, 100)  # warm-up: neighbours, routes, caches
         return {"idle": percentiles(ping_rtts(bed, a, b, count)),
                 "loaded": percentiles(loaded_rtts(bed, a, b, count)),

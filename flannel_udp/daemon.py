@@ -21,7 +21,7 @@ from .subnet.lease import EventType, Events, Lease, Snapshot
 from .subnet.local_store import DEFAULT_LEASE_FILE, LocalRegistry
 from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
 from .subnet.allocation import OutOfSubnets
-from .subnet.registry import Registry, StoreError, StoreUnavailable
+from .subnet.registry import StoreError, StoreUnavailable
 from .subnet.watcher import LeaseWatcher
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from lightkube.types import PatchType
 
 from .config import NetworkConfig
 from .kube_annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
-from .kube_client import KubeConfigError, KubeOptions, as_store_error, describe, load_config, make_client, \
+from .kube_client import KubeConfigError, KubeOptions, as_store_error, load_config, make_client, \
     resolve_node_name
 from .kube_informer import AccessDenied, NodeInformer
 from .lease import EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseEvent, Snapshot

@@ -5,7 +5,6 @@ not a transcription of upstream."""
 import ipaddress
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -123,7 +122,7 @@ def test_same_lease_value_and_subnet_env_as_upstream_for_the_same_node(mixed, ba
     upstream_leases, upstream_env = raw_leases(bed), open(host.subnet_file).read()
     bed.stop_node(host)
     bed.start_node(host, "--ip-masq")
-    assert f"reusing" in bed.node_log(host), bed.node_log(host)
+    assert "reusing" in bed.node_log(host), bed.node_log(host)
     assert raw_leases(bed) == upstream_leases
     assert open(host.subnet_file).read() == upstream_env
 
