@@ -86,22 +86,24 @@ def read_network_config(path: str, kube: bool = False) -> NetworkConfig:
 async def read_etcd_network_config(registry) -> NetworkConfig:
     """<prefix>/config, tried once a second while it is missing or etcd is out of reach, as upstream's getConfig."""
     from .subnet.etcd_store import ConfigNotFound
-    last_problem = None
+    last_cause = None  # said once per cause (etcd away, config missing), whatever wording gRPC rotates through
     while True:
         try:
             text = await registry.get_network_config()
         except (StoreUnavailable, ConfigNotFound) as e:
-            problem = str(e)
+            cause = type(e)
+            if cause is not last_cause:
+                log.error("Couldn't fetch network config: %s (trying again every second)", e)
+                last_cause = cause
         except StoreError as e:  # refused credentials and the like: waiting will not help
             raise StartupError(str(e)) from None
         else:
+            if last_cause is not None:
+                log.info("Fetched the network config from %s", registry.config_key)
             try:
                 return load_config(text)
             except ConfigError as e:
                 raise StartupError(f"invalid network config in etcd at {registry.config_key}: {e}") from None
-        if problem != last_problem:
-            log.error("Couldn't fetch network config: %s (trying again every second)", problem)
-            last_problem = problem
         await asyncio.sleep(STORE_RETRY)
 
 
