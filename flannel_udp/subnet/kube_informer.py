@@ -38,10 +38,8 @@ class NodeInformer:
         self.on_relist = on_relist
         self.nodes: dict[str, Node] = {}
         self.resource_version: str | None = None
-        self.synced = asyncio.Event()
         self.changed = asyncio.Event()  # set at every change; waiters clear it
-        self.relists = 0
-        self.resumes = 0
+        self.lists = 0
         self._task: asyncio.Task | None = None
         self._outage: str | None = None
 
@@ -100,9 +98,8 @@ class NodeInformer:
             fresh[node.metadata.name] = node
         self.nodes = fresh
         self.resource_version = listing.resourceVersion
-        self.relists += 1
-        self.synced.set()
-        if self.relists > 1:
+        self.lists += 1
+        if self.lists > 1:
             self.on_relist()
         self.changed.set()
 
@@ -122,7 +119,6 @@ class NodeInformer:
             await asyncio.sleep(RETRY)
             # Resume from the last version seen once the server answers again; nothing is listed anew.
             await self._retrying(self._probe)
-            self.resumes += 1
 
     async def _probe(self) -> None:
         try:
