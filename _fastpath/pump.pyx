@@ -4,8 +4,9 @@
 The pump runs in a thread of its own (run(stop_fd)): a poll() loop over both fds that never takes the GIL, so no
 control-plane work in the interpreter (lease watches, netlink, SQLite, metrics, garbage collection) can delay a packet;
 a lone packet leaves at once, batches form only from what is already queued. Each wake-up drains a ready fd until
-EAGAIN or until BURST packets (so one direction cannot starve the other; readiness is level-triggered, the rest comes
-next round). on_tun_readable/on_socket_readable do one such round for callers that drive the pump themselves (tests).
+EAGAIN or until DEFAULT_BURST datagrams (so one direction cannot starve the other; readiness is level-triggered, the rest comes
+next round). on_tun_readable/on_socket_readable drain one side in such rounds for callers that drive the pump themselves
+(tests).
 Lease events change the route table under its mutex, which the pump holds for one round at a time.
 TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, then one sendmmsg per batch in
 which each run of equal-size packets for one peer is a single UDP GSO message (UDP_SEGMENT): the kernel moves the run
@@ -85,7 +86,11 @@ cdef extern from "<poll.h>" nogil:
 cdef enum:
     BATCH = 64
     BUF_SIZE = 65536 + 64  # any IPv4 packet plus a virtio header: datagrams are never truncated silently
-    DEFAULT_BURST = 1024
+    # Datagrams per round before the other direction gets its turn: one batch. A TUN read of a TSO super-packet counts
+    # as the segments it becomes and a GRO receive as the datagrams it holds, so a round is bounded in work (tens of
+    # microseconds), not in reads: a ping or an ACK going the other way never waits behind megabytes of bulk data.
+    DEFAULT_BURST = BATCH
+    GRO_BATCH = 8  # messages per receive with UDP GRO: each may hold a run of up to 64 KB of datagrams
     SEND_WAIT_MS = 20  # how long a full socket buffer may hold a batch before its rest is dropped
     SOL_UDP = 17
     UDP_SEGMENT = 103
@@ -175,12 +180,24 @@ cdef class Pump:
         free(self.rx_bufs)
 
     def on_tun_readable(self):
+        """Everything queued in the TUN, in rounds, as run() would move it (for callers that drive the pump)."""
+        cdef uint64_t before
         with nogil:
-            self._tun_round()
+            while True:
+                before = self.tun_read_packets
+                self._tun_round()
+                if self.tun_read_packets == before:
+                    break
 
     def on_socket_readable(self):
+        """Everything queued in the socket, in rounds, as run() would move it."""
+        cdef uint64_t before
         with nogil:
-            self._socket_round()
+            while True:
+                before = self.udp_received_packets
+                self._socket_round()
+                if self.udp_received_packets == before:
+                    break
 
     cdef inline void _tun_round(self) noexcept nogil:
         self.tun_wakeups += 1
@@ -234,7 +251,6 @@ cdef class Pump:
                 if errno == EINTR:
                     continue
                 break  # EAGAIN, or an error that the next readiness will show again
-            handled += 1
             self.tun_read_packets += 1
             pkt = buf
             length = r
@@ -245,7 +261,9 @@ cdef class Pump:
                 length = r - VNET_HDR_LEN
                 if length < 0 or plan_gso(buf, pkt, length, &self.plan) < 0:
                     self.drops_out[V_BAD_OFFLOAD] += 1
+                    handled += 1
                     continue
+            handled += self.plan.segments
             verdict = check_ipv4(pkt, length)
             if verdict == V_BAD_CHECKSUM and self.plan.gso_type != VNET_GSO_NONE:
                 verdict = V_OK  # every segment gets a fresh header checksum below
@@ -399,25 +417,26 @@ cdef class Pump:
             sent += r
 
     cdef void _udp_to_tun(self) noexcept nogil:
-        cdef int handled = 0, n, i
+        cdef int n, i
         cdef uint8_t* buf
         cdef Py_ssize_t length, offset, seg, piece
         cdef uint32_t sender
         cdef cmsghdr* c
-        while handled < self.burst:
-            for i in range(BATCH):
+        cdef uint64_t start = self.udp_received_packets  # datagrams, each datagram of a GRO run counted
+        cdef int want = GRO_BATCH if self.gro else BATCH
+        while self.udp_received_packets - start < <uint64_t>self.burst:
+            for i in range(want):
                 self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
                 self.rx_msgs[i].msg_hdr.msg_flags = 0
                 if self.gro:
                     self.rx_msgs[i].msg_hdr.msg_control = &self.rx_ctrl[i][0]
                     self.rx_msgs[i].msg_hdr.msg_controllen = sizeof(self.rx_ctrl[i])
-            n = recvmmsg(self.sock_fd, self.rx_msgs, BATCH, MSG_DONTWAIT, NULL)
+            n = recvmmsg(self.sock_fd, self.rx_msgs, want, MSG_DONTWAIT, NULL)
             if n <= 0:
                 if n < 0 and errno == EINTR:
                     continue
                 return
             self.receive_batches += 1
-            handled += n
             for i in range(n):
                 buf = self.rx_bufs + <size_t>i * BUF_SIZE
                 length = self.rx_msgs[i].msg_len
@@ -443,7 +462,7 @@ cdef class Pump:
                     self._deliver(buf + offset, piece, sender)
                     offset += piece
             self._flush_coalesced()  # the receive buffers are reused by the next recvmmsg
-            if n < BATCH:
+            if n < want:
                 return
 
     cdef void _deliver(self, uint8_t* buf, Py_ssize_t length, uint32_t sender) noexcept nogil:

@@ -97,7 +97,9 @@ def latency(bed: Testbed, client, server, count: int) -> dict:
 @contextlib.contextmanager
 def two_pod_cluster(backend: str, offloads: bool = True):
     """A fresh 2-host cluster running the real daemon with this backend (ours, or upstream's flanneld on etcd for an
-    `upstream-` backend) and a pod on each host that reaches the other; yields (testbed, pod a, pod b)."""
+    `upstream-` backend; `NAME@FLAG@FLAG` adds node flags) and a pod on each host that reaches the other; yields
+    (testbed, pod a, pod b)."""
+    backend, *flags = backend.split("@")  # "udp@-udp-priority=10@-udp-offload=false": a variant of ours
     upstream = backend.startswith(UPSTREAM)
     with Testbed(hosts=2) as bed:
         bed.set_underlay_offloads(offloads)
@@ -105,7 +107,7 @@ def two_pod_cluster(backend: str, offloads: bool = True):
             bed.start_etcd()
         bed.write_config({"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}})
         for host in bed.hosts:
-            bed.start_node(host, upstream=upstream)
+            bed.start_node(host, *flags, upstream=upstream)
         a, b = (bed.add_pod(h) for h in bed.hosts)
         if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
             raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
@@ -214,7 +216,8 @@ def plot(path: str, report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Compare the backends side by side.")
     parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma list of: " + ", ".join(BACKENDS) + " (default: all; the upstream ones when built)")
+                        help="comma list of: " + ", ".join(BACKENDS) + " (default: all; the upstream ones when built); "
+                        "NAME@FLAG@... runs ours with node flags, e.g. udp@-udp-priority=10")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure (median, min, max)")
     parser.add_argument("--seconds", type=float, default=5, help="iperf3 duration per TCP test")
     parser.add_argument("--underlay", choices=["defaults", "offloads-off", "both"], default="both")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="FILE.png", help="bar charts of the main figures")
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b.partition("@")[0] not in BACKENDS]
     if unknown or not backends:
         parser.error(f"unknown backend(s): {', '.join(unknown) or '(none given)'}")
     from flannel_udp import upstreamflannel

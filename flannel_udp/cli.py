@@ -65,6 +65,7 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "udp-source-check": ("bool", True, "accept a datagram only from a lease's PublicIP with an inner source in its "
                                        "subnet (turn off behind NAT)"),
     "udp-offload": ("bool", True, "batch datagrams with UDP GSO/GRO (false: one datagram per syscall message)"),
+    "udp-priority": ("int", 0, "real-time (SCHED_FIFO) priority 1..99 of the packet thread; 0: ordinary scheduling"),
 }
 
 
@@ -153,7 +154,8 @@ def run_command(argv: list[str], prog: str) -> int:
     if not 0 < args.subnet_lease_renew_margin < 1440:
         return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
     for flag, value, low, high in (("-healthz-port", args.healthz_port, 0, 65535),
-                                   ("-iptables-resync", args.iptables_resync, 1, 86400), ("-v", args.v, 0, 10)):
+                                   ("-iptables-resync", args.iptables_resync, 1, 86400), ("-v", args.v, 0, 10),
+                                   ("-udp-priority", args.udp_priority, 0, 99)):
         if not low <= value <= high:
             return fail(f"{flag} must be from {low} to {high}, got {value}")
     if args.lease_ttl <= 0:
@@ -168,6 +170,7 @@ def run_command(argv: list[str], prog: str) -> int:
         iface_can_reach=args.iface_can_reach, public_ip=args.public_ip, public_ipv6=args.public_ipv6,
         subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
+        udp_priority=args.udp_priority,
         etcd=None if args.kube_subnet_mgr else etcd_options(args), kube=kube_options(args),
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
         iptables_forward_rules=args.iptables_forward_rules, iptables_resync=args.iptables_resync,

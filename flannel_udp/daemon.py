@@ -55,6 +55,7 @@ class Options:
     healthz_port: int = 0
     udp_source_check: bool = True
     udp_offload: bool = True
+    udp_priority: int = 0
     etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
     kube: KubeOptions | None = None  # -kube-subnet-mgr: leases are the Nodes' podCIDRs and annotations
 
@@ -193,7 +194,8 @@ class Daemon:
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
             if dual_stack:
                 log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
-            backend = backend_cls(nl, ext, config, source_check=opts.udp_source_check, offload=opts.udp_offload)
+            backend = backend_cls(nl, ext, config, source_check=opts.udp_source_check, offload=opts.udp_offload,
+                                  priority=opts.udp_priority)
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
             manager = store if opts.kube is not None else Manager(store, config, previous, opts.lease_ttl)

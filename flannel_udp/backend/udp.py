@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -29,6 +30,7 @@ DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # the socket's own drop counter (a full receive buffer), as `ss -m` shows it
 SOL_UDP, UDP_GRO = 17, 104  # not in Python's socket module
 # The TUN's queue towards us (default 500) overflows in bursts while the pump is busy with the other direction; each
 # overflow is a TCP loss inside the tunnel. A deeper queue absorbs the bursts.
@@ -61,7 +63,7 @@ class UdpBackend:
     dual_stack = False  # IPv4 only, as upstream's udp backend
 
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True,
-                 offload: bool = True) -> None:
+                 offload: bool = True, priority: int = 0) -> None:
         if not config.enable_ipv4 or config.enable_ipv6:
             raise BackendError("the udp backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
         self.netlink = nl
@@ -70,6 +72,7 @@ class UdpBackend:
         self.port = parse_options(config.backend)
         self.source_check = source_check
         self.offload = offload
+        self.priority = priority
 
     async def register_network(self, manager: Manager) -> UdpNetwork:
         # The socket first: a busy port must fail before anything is allocated or configured.
@@ -83,7 +86,8 @@ class UdpBackend:
             accept_local_icmp(tun_name)
             log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,
                      mtu, self.config.network, self.ext.iface_addr, self.port)
-            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check, self.offload, tun_offloads)
+            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check, self.offload, tun_offloads,
+                              self.priority)
         except BaseException:
             if tun_fd >= 0:
                 os.close(tun_fd)  # the kernel removes the device, its address and its route
@@ -121,7 +125,7 @@ def accept_local_icmp(tun_name: str) -> None:
 
 class UdpNetwork(Network):
     def __init__(self, lease: Lease, mtu: int, tun_fd: int, tun_name: str, sock: socket.socket, port: int,
-                 source_check: bool, offload: bool, tun_offloads: int = 0) -> None:
+                 source_check: bool, offload: bool, tun_offloads: int = 0, priority: int = 0) -> None:
         self.lease = lease
         self.mtu = mtu
         self.tun_fd = tun_fd
@@ -138,8 +142,23 @@ class UdpNetwork(Network):
         # The pump's own thread: its loop never takes the GIL, so nothing the control plane does in this interpreter
         # (watches, netlink, SQLite, metrics, garbage collection) delays a packet.
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self._thread = threading.Thread(target=self.pump.run, args=(self._stop_fd,), name="udp-pump", daemon=True)
+        self.priority = priority
+        self._thread = threading.Thread(target=self._run_pump, name="udp-pump", daemon=True)
         self._thread.start()
+
+    def _run_pump(self) -> None:
+        if self.priority:
+            # Why: under load the pump competes for the CPU with the pods it serves; at ordinary priority it waits
+            # its turn behind them, and so does every packet in the tunnel. The kernel's own tunnels run in softirq,
+            # ahead of every thread; a real-time packet thread is the userspace equivalent. It sleeps in poll() when
+            # idle, and the kernel's RT throttling keeps a share of each CPU for ordinary tasks even under a flood.
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+                log.info("Packet thread runs at real-time priority %d (SCHED_FIFO)", self.priority)
+            except OSError as e:
+                log.warning("Cannot give the packet thread real-time priority %d (%s); it runs at ordinary priority",
+                            self.priority, e.strerror)
+        self.pump.run(self._stop_fd)
 
     def check_offload_fallback(self) -> None:
         if not self.pump.gso and self.pump.gso_error and not self._gso_fallback_logged:
@@ -173,6 +192,9 @@ class UdpNetwork(Network):
         for direction in ("tun_to_udp", "udp_to_tun"):
             for reason, count in counters[f"drops_{direction}"].items():
                 drops.add_metric([direction, reason], count)
+        # Drops before the pump sees a packet: the kernel's counters of the two queues in front of it.
+        drops.add_metric(["udp_to_tun", "socket_receive_buffer"], self.socket_drops())
+        drops.add_metric(["tun_to_udp", "tun_queue"], self.tun_queue_drops())
         totals = CounterMetricFamily("flannel_udp_packets", "Packets through the data plane", labels=["stage"])
         for stage in ("tun_read_packets", "udp_sent_packets", "udp_received_packets", "tun_written_packets",
                       "icmp_unreachable_sent"):
@@ -185,6 +207,18 @@ class UdpNetwork(Network):
         routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
         routes.add_metric([], len(self.routes))
         return [packets, octets, drops, totals, calls, routes]
+
+    def socket_drops(self) -> int:
+        meminfo = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+        return int.from_bytes(meminfo[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4], sys.byteorder)
+
+    def tun_queue_drops(self) -> int:
+        """Packets the kernel dropped because the TUN's queue towards the pump was full (its tx_dropped)."""
+        try:
+            with open(f"/sys/class/net/{self.tun_name}/statistics/tx_dropped") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return 0
 
     async def close(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

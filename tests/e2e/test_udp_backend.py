@@ -1,7 +1,9 @@
 """The udp backend end to end: real TUNs, real namespaces, real ping and iperf3, the daemon as users run it."""
 import ipaddress
 import json
+import os
 import re
+import signal
 import sys
 import time
 
@@ -181,6 +183,48 @@ def test_hostile_datagrams_are_dropped_and_counted(cluster):
     for host in cluster.hosts:
         assert host.process.poll() is None
     assert cluster.ping(attacker_pod.ns, target_pod.address)
+
+
+FLOOD = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    s.sendto(bytes(60000), (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_datagrams_lost_in_a_full_socket_buffer_are_counted(cluster):
+    """While the node is frozen its socket buffer overflows; every datagram sent is then either received by the pump or
+    counted as dropped by the kernel, on /metrics."""
+    target, sender = cluster.hosts[0], cluster.hosts[1]
+    sent = 400  # 24 MB: three times the socket's receive buffer
+
+    def received():
+        return metric(target.ns, "flannel_udp_packets_total", stage="udp_received")
+
+    def socket_drops():
+        return metric(target.ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun",
+                      reason="socket_receive_buffer")
+    before = received() + socket_drops()
+    target.process.send_signal(signal.SIGSTOP)
+    try:
+        in_ns(sender.ns, sys.executable, "-c", FLOOD, str(target.address), "8285", str(sent), timeout=60)
+    finally:
+        target.process.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: received() + socket_drops() - before == sent, 10), (received(), socket_drops(), before)
+    assert socket_drops() > 0
+    assert cluster.ping(sender.pods[0].ns, target.pods[0].address)
+
+
+def test_udp_priority_runs_the_packet_thread_real_time(bed):
+    """-udp-priority N: the packet thread (and only it) is SCHED_FIFO at N; traffic flows as usual."""
+    bed.start_cluster("--udp-priority=7")
+    host = bed.hosts[0]
+    assert "Packet thread runs at real-time priority 7 (SCHED_FIFO)" in bed.node_log(host)
+    tids = [int(t) for t in os.listdir(f"/proc/{host.process.pid}/task")]
+    realtime = [t for t in tids if os.sched_getscheduler(t) == os.SCHED_FIFO]
+    assert len(realtime) == 1 and os.sched_getparam(realtime[0]).sched_priority == 7
+    assert bed.ping(bed.hosts[1].pods[0].ns, host.pods[0].address)
 
 
 def test_sigterm_removes_flannel0_and_restart_keeps_the_subnet(cluster):

@@ -95,9 +95,9 @@ def test_leases_without_a_file(tmp_path):
     assert r.returncode == 1 and "no lease file" in r.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("-healthz-port", "99999"), ("-healthz-port", "-1"), ("-iptables-resync", "0")])
-def test_numeric_flags_out_of_range_are_one_line(flag, value):
+@pytest.mark.parametrize("flag, value, low, high", [("-healthz-port", "99999", 0, 65535), ("-healthz-port", "-1", 0, 65535),
+                                                    ("-iptables-resync", "0", 1, 86400), ("-udp-priority", "100", 0, 99)])
+def test_numeric_flags_out_of_range_are_one_line(flag, value, low, high):
     r = cli("run", f"{flag}={value}")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == f"error: {flag} must be from {0 if flag == '-healthz-port' else 1} to " \
-                                                f"{65535 if flag == '-healthz-port' else 86400}, got {value}"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {flag} must be from {low} to {high}, got {value}"
