@@ -8,6 +8,7 @@ object) on stdout. Unlike upstream, CHECK is delegated too (upstream's is a no-o
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -18,6 +19,9 @@ DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 # CNI error codes (spec): 4 invalid network config, 7 invalid environment variables, 11 try again later, 999 other.
 INVALID_CONFIG, INVALID_ENV, TRY_AGAIN, OTHER = 4, 7, 11, 999
+# Go's strconv.ParseBool, which upstream's plugin applies to FLANNEL_IPMASQ.
+GO_BOOLS = {v: True for v in ("1", "t", "T", "TRUE", "true", "True")} | \
+           {v: False for v in ("0", "f", "F", "FALSE", "false", "False")}
 
 
 class CniError(Exception):
@@ -33,22 +37,41 @@ def read_subnet_env(path: str) -> dict:
     except OSError as e:
         raise CniError(TRY_AGAIN, f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
                        "is flanneld running on this node?") from None
+    except UnicodeDecodeError:  # found by fuzz/targets/cni.py: a damaged file ended the plugin in a traceback
+        raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: not UTF-8 text") from None
     required = ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
     if "FLANNEL_IPV6_SUBNET" in values:
         required.append("FLANNEL_IPV6_NETWORK")
     missing = [k for k in required if k not in values]
     if missing:
         raise CniError(INVALID_CONFIG, f"{path} is missing {', '.join(missing)}")
+    # Each value parsed as upstream's loadFlannelSubnetEnv does, so a damaged file is one CNI error, not a traceback
+    # later (found by fuzz/targets/cni.py).
+    for key in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET"):
+        if values.get(key):
+            try:
+                ipaddress.ip_interface(values[key])
+            except ValueError:
+                raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: "
+                                               f"invalid CIDR address: {values[key]}") from None
+    if not (values["FLANNEL_MTU"].isascii() and values["FLANNEL_MTU"].isdigit() and int(values["FLANNEL_MTU"]) < 1 << 32):
+        raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: "
+                                       f"invalid FLANNEL_MTU {values['FLANNEL_MTU']!r}")
+    if values["FLANNEL_IPMASQ"] not in GO_BOOLS:
+        raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: "
+                                       f"invalid FLANNEL_IPMASQ {values['FLANNEL_IPMASQ']!r}")
     return values
 
 
 def subnet_of(cidr: str) -> str:
-    import ipaddress
     return str(ipaddress.ip_interface(cidr).network)
 
 
 def delegate_config(conf: dict, env: dict) -> dict:
     """The config handed to the delegate plugin, built as upstream's doCmdAdd does."""
+    for section in ("delegate", "ipam"):
+        if not isinstance(conf.get(section) or {}, dict):
+            raise CniError(INVALID_CONFIG, f"failed to load netconf: '{section}' must be a JSON object")
     delegate = dict(conf.get("delegate") or {})
     if "type" in delegate and not isinstance(delegate["type"], str):
         raise CniError(INVALID_CONFIG, "'delegate' dictionary, if present, must have (string) 'type' field")
@@ -57,7 +80,7 @@ def delegate_config(conf: dict, env: dict) -> dict:
             raise CniError(INVALID_CONFIG, f"'delegate' dictionary must not have '{reserved}' field, it'll be set by flannel")
     delegate["name"] = conf.get("name")
     delegate.setdefault("type", "bridge")
-    delegate.setdefault("ipMasq", env["FLANNEL_IPMASQ"] != "true")  # flannel masquerades, or the bridge must
+    delegate.setdefault("ipMasq", not GO_BOOLS[env["FLANNEL_IPMASQ"]])  # flannel masquerades, or the bridge must
     delegate.setdefault("mtu", int(env["FLANNEL_MTU"]))
     if delegate["type"] == "bridge":
         delegate.setdefault("isGateway", True)

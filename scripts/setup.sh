@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 iputils-ping iperf3 ethtool iptables nftables containernetworking-plugins
-          tcpdump libpcap0.8 procps etcd-server openssl gcc python3 python3-dev python3-venv sockperf)
+          tcpdump libpcap0.8 procps etcd-server openssl gcc clang libclang-rt-dev python3 python3-dev python3-venv sockperf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +24,8 @@ fi
 echo "==> pip install -e '.[test,bench]' (builds _fastpath)"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e '.[test,bench]'
+echo "==> fuzz/build.sh (the data plane again, with coverage instrumentation for the fuzzers)"
+bash fuzz/build.sh
 
 # kube-apiserver and kube-controller-manager for the Kubernetes tests, demo and benchmarks (once per machine, cached
 # outside the clone; a later run finds them and costs nothing).

@@ -1,0 +1,42 @@
+"""A Node object as any node of the cluster may annotate it (upstream's flanneld, ours, or a hostile one): its podCIDRs
+and flannel's annotations give a lease or a LeaseConversionError, and the annotations we would write for it are
+strings; nothing else. The input is JSON: {"annotations": {name: value}, "podCIDRs": [...], "v4": bool, "v6": bool}
+with names relative to the prefix; shapes the API server would never send (a number as an annotation) are skipped."""
+from __future__ import annotations
+
+import json
+
+from lightkube.models.core_v1 import NodeSpec
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Node
+
+from flannel_udp.subnet.kube_annotations import Annotations, mac_from_backend_data
+from flannel_udp.subnet.kube_manager import LeaseConversionError, node_to_lease, wanted_annotations
+
+PREFIX = "flannel.alpha.coreos.com/"
+ANN = Annotations.from_prefix()
+
+
+def test_one_input(data: bytes) -> None:
+    try:
+        spec = json.loads(data)
+    except ValueError:
+        return
+    if not isinstance(spec, dict):
+        return
+    annotations, cidrs = spec.get("annotations", {}), spec.get("podCIDRs", [])
+    if not (isinstance(annotations, dict) and all(isinstance(v, str) for v in annotations.values())
+            and isinstance(cidrs, list) and all(isinstance(c, str) for c in cidrs)):
+        return
+    annotations = {PREFIX + k: v for k, v in annotations.items()}
+    v4, v6 = bool(spec.get("v4", True)), bool(spec.get("v6", False))
+    node = Node(metadata=ObjectMeta(name="n", annotations=annotations),
+                spec=NodeSpec(podCIDR=cidrs[0] if cidrs else None, podCIDRs=cidrs or None))
+    mac_from_backend_data(annotations.get(ANN.backend_data))
+    try:
+        lease = node_to_lease(node, ANN, v4, v6)
+    except LeaseConversionError:
+        return
+    assert (lease.subnet is not None) == v4 and (lease.ipv6_subnet is not None) == v6
+    written = wanted_annotations(annotations, lease.attrs, ANN)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in written.items())
