@@ -199,15 +199,24 @@ class Daemon:
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
             manager = store if opts.kube is not None else Manager(store, config, previous, opts.lease_ttl)
-            network = await backend.register_network(manager)
-            self.state.network = network
-            self.state.lease_expiration = network.lease.expiration
-            rules = TrafficRules(rule_families(config, network.lease, old_env, previous), masq=opts.ip_masq,
-                                 forward=opts.iptables_forward_rules, nftables=config.enable_nftables,
-                                 fully_random_disabled=opts.ip_masq_fully_random_disable)
-            await asyncio.to_thread(rules.setup)
-
-            subnetenv.write_atomically(opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq))
+            rules = None
+            try:
+                network = await backend.register_network(manager)
+                self.state.network = network
+                self.state.lease_expiration = network.lease.expiration
+                rules = TrafficRules(rule_families(config, network.lease, old_env, previous), masq=opts.ip_masq,
+                                     forward=opts.iptables_forward_rules, nftables=config.enable_nftables,
+                                     fully_random_disabled=opts.ip_masq_fully_random_disable)
+                await asyncio.to_thread(rules.setup)
+                try:
+                    subnetenv.write_atomically(opts.subnet_file,
+                                               subnetenv.render(config, network.lease, network.mtu, opts.ip_masq))
+                except OSError as e:
+                    raise StartupError(f"cannot write the subnet file {opts.subnet_file}: {e.strerror}") from None
+            except Exception:  # a failure, not a signal: a signal is a clean stop and keeps what a stop keeps
+                if await self._undo_start(manager, network, rules):
+                    network = None
+                raise
             self.state.ready = True
             log.info("Wrote subnet file %s (subnet %s%s); ready", opts.subnet_file, network.lease.subnet,
                      f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "")
@@ -228,6 +237,25 @@ class Daemon:
             if health is not None:
                 await health.stop()
             nl.close()
+
+    async def _undo_start(self, manager, network, rules: TrafficRules | None) -> bool:
+        """A start that failed after allocating a new lease leaves nothing behind: the lease is released, the rules
+        and devices it set up are removed. A reused lease (a restart) keeps everything, as a stop would: that state is
+        the earlier run's, and its pods may still use it. True if the network was undone (and closed)."""
+        try:
+            released = await manager.release_created_lease()
+        except StoreError as e:
+            log.error("Cannot release the lease this start allocated (%s); it expires with its TTL", e)
+            released = None
+        if released is None:
+            return False
+        if rules is not None:
+            await asyncio.to_thread(rules.undo)
+        if network is not None:
+            await network.undo()
+        log.info("Start-up failed: released lease %s and removed the rules and devices this start set up",
+                 released.subnet)
+        return True
 
     def _on_signal(self, sig: int) -> None:
         log.info("Received %s, shutting down", signal.Signals(sig).name)

@@ -64,6 +64,22 @@ def in_ns(ns: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return sh("ip", "netns", "exec", ns, *args, **kwargs)
 
 
+SCRAPE = ("import sys, urllib.request\n"
+          "print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())")
+
+
+def scrape_metrics(ns: str, port: int) -> dict[str, float]:
+    """A node's /metrics inside its namespace, as {'name{label="v",...}': value} (labels sorted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = in_ns(ns, sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{port}/metrics").stdout
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
 @dataclass
 class Pod:
     name: str

@@ -6,6 +6,10 @@ from abc import ABC, abstractmethod
 from ..subnet.lease import Lease, LeaseEvent
 
 
+IPV4_MIN_MTU = 68  # RFC 791: every IPv4 link carries 68 bytes unfragmented
+IPV6_MIN_MTU = 1280  # RFC 8200
+
+
 class BackendError(RuntimeError):
     """A backend that cannot start: bad options, a busy port, a missing device."""
 
@@ -25,6 +29,11 @@ class Network(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def undo(self) -> None:
+        """After a failed start with a new lease: remove what this start configured (by default what close() removes;
+        a backend that leaves state in place on a clean exit removes it here)."""
+        await self.close()
 
 
 def check_families(config, ext) -> None:

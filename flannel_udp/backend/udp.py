@@ -21,7 +21,7 @@ from ..net.tun import open_tun
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import BackendError, Network
+from . import IPV4_MIN_MTU, BackendError, Network
 from .options import int_option
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,16 @@ class UdpBackend:
         self.priority = priority
 
     async def register_network(self, manager: Manager) -> UdpNetwork:
+        mtu = self.ext.mtu - ENCAP_OVERHEAD
+        if mtu < IPV4_MIN_MTU:
+            raise BackendError(f"the MTU of {self.ext.name} ({self.ext.mtu}) leaves {mtu} bytes for flannel0 after the "
+                               f"{ENCAP_OVERHEAD}-byte UDP encapsulation, below IPv4's minimum of {IPV4_MIN_MTU}")
         # The socket first: a busy port must fail before anything is allocated or configured.
         sock = open_socket(str(self.ext.iface_addr), self.port)
         tun_fd = -1
         try:
             lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr))
             tun_fd, tun_name, tun_offloads = open_tun(offloads=self.offload)
-            mtu = self.ext.mtu - ENCAP_OVERHEAD
             await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network))
             accept_local_icmp(tun_name)
             log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,

@@ -24,15 +24,13 @@ from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig, lookup_key
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import BackendError, Network, check_families
+from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, Network, check_families
 from .options import bool_option, int_option
 
 log = logging.getLogger(__name__)
 
 ENCAP_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
 ENCAP_OVERHEAD_V6 = 70  # an IPv6 underlay's header is 20 bytes longer
-IPV4_MIN_MTU = 68
-IPV6_MIN_MTU = 1280
 WATCHDOG_PERIOD = 0.5
 STEP_RETRIES = 5
 
@@ -114,7 +112,7 @@ class VxlanBackend:
             await self.netlink.call(configure_device, vtep)
             log.info("%s is up: VNI %d, MAC %s, address %s/%d, MTU %d", vtep.name, self.options.vni, vtep.mac,
                      vtep.subnet.network_address, vtep.subnet.max_prefixlen, vtep.mtu)
-        return VxlanNetwork(self.netlink, lease, self.vteps, self.options, self.ext)
+        return VxlanNetwork(self.netlink, lease, self.vteps, self.options, self.ext, created)
 
 
 @dataclass
@@ -169,8 +167,9 @@ class PeerState:
 
 class VxlanNetwork(Network):
     def __init__(self, nl: netlink.Netlink, lease: Lease, vteps: list[Vtep], options: VxlanOptions,
-                 ext: ExternalInterface) -> None:
+                 ext: ExternalInterface, created: list[Vtep] | None = None) -> None:
         self.netlink = nl
+        self.created = created or []  # devices this start made (undo() removes them)
         self.lease = lease
         # One MTU for the pods of both families: the smaller device's, so a full-size packet fits either tunnel.
         self.mtu = min(vtep.mtu for vtep in vteps)
@@ -305,6 +304,11 @@ class VxlanNetwork(Network):
     async def close(self) -> None:
         # Nothing is removed on exit, as upstream: the kernel keeps forwarding across a restart.
         self._watchdog.cancel()
+
+    async def undo(self) -> None:
+        await self.close()
+        for vtep in self.created:
+            await self.netlink.call(netlink.delete_link, vtep.index)
 
 
 def peer_from(lease: Lease, version: int) -> PeerState | None:

@@ -257,6 +257,13 @@ class TrafficRules:
                 tool.install(rules)
                 self.rule_sets.append((tool, rules))
 
+    def undo(self) -> list[str]:
+        """After a failed start with a new lease: remove what setup() installed (cleanup's way: rules, then our
+        chains or nft tables)."""
+        if self.nftables:
+            return delete_nft_tables()
+        return [line for tool, rules in self.rule_sets for line in tool.remove_chains(rules)]
+
     def resync(self) -> None:
         """Put back what someone removed (iptables mode only, as upstream)."""
         for tool, rules in self.rule_sets:

@@ -277,6 +277,10 @@ class KubeManager:
     async def renew_lease(self, lease: Lease) -> Lease:
         return lease  # never asked: a kube lease has no expiration
 
+    async def release_created_lease(self) -> None:
+        """Nothing to give back after a failed start: the podCIDR is Kubernetes' allocation, not ours."""
+        return None
+
     async def complete_lease(self, lease: Lease) -> None:
         """NetworkUnavailable=False (reason FlannelIsUp) on the node, unless -set-node-network-unavailable=false."""
         if not self.set_node_network_unavailable:

@@ -34,6 +34,7 @@ class Manager:
         self.previous = previous
         self.lease_ttl = lease_ttl
         self.rng = rng or random.Random()
+        self.created: Lease | None = None  # a lease this process allocated (not one it found and reused)
 
     async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
         """Upstream's allocation; an unreachable store (etcd down) is waited for, once a second, saying so once."""
@@ -76,7 +77,9 @@ class Manager:
                     continue
                 log.info("Allocated lease (%s%s) to current node (%s)", decision.subnet,
                          f", {decision.ipv6_subnet}" if decision.ipv6_subnet else "", attrs.public_ip)
-            return Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None)
+            lease = Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None)
+            self.created = None if decision.reuse is not None else lease
+            return lease
         raise AcquireError(f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)")
 
     async def renew_lease(self, lease: Lease) -> Lease:
@@ -95,8 +98,13 @@ class Manager:
         leases, _ = await self.registry.get_subnets()
         return leases
 
-    async def delete_lease(self, lease: Lease) -> None:
-        await self.registry.delete_subnet(lease.subnet, lease.ipv6_subnet)
+    async def release_created_lease(self) -> Lease | None:
+        """After a failed start: give back the lease this process allocated, so that a node that never ran leaves
+        no 24 h lease behind (a reused lease stays: it is the node's from an earlier run). Returns what it released."""
+        lease, self.created = self.created, None
+        if lease is not None:
+            await self.registry.delete_subnet(lease.subnet, lease.ipv6_subnet)
+        return lease
 
     def watch_leases(self) -> AsyncIterator[Snapshot | Events]:
         return self.registry.watch_subnets()

@@ -1,12 +1,16 @@
 """/run/flannel/subnet.env: written atomically for the CNI plugin, read back at start-up (upstream WriteSubnetFile)."""
 from __future__ import annotations
 
+import errno
 import ipaddress
+import logging
 import os
 import tempfile
 
 from .config import NetworkConfig
 from .lease import Lease
+
+log = logging.getLogger(__name__)
 
 
 def render(cfg: NetworkConfig, lease: Lease, mtu: int, ip_masq: bool) -> str:
@@ -25,7 +29,10 @@ def render(cfg: NetworkConfig, lease: Lease, mtu: int, ip_masq: bool) -> str:
 def write_atomically(path: str, data: str, mode: int = 0o644) -> None:
     """Temp file in the same directory, fsync, rename: a reader sees the old file or the new one, never a torn one."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except FileExistsError:  # a file where the directory should be: say so, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".subnet.env.")
     try:
         with os.fdopen(fd, "w") as f:
@@ -46,6 +53,11 @@ def read(path: str) -> dict[str, list]:
         with open(path) as f:
             text = f.read()
     except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        # Only a hint for choosing the subnet: an unreadable file is started without (writing it later says why).
+        log.warning("Cannot read the previous subnet file %s (%s); choosing a subnet without it", path,
+                    e.strerror if isinstance(e, OSError) else "not UTF-8 text")
         return {}
     values: dict[str, list] = {}
     for line in text.splitlines():

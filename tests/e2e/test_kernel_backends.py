@@ -171,3 +171,16 @@ def test_host_gw_refuses_nat(bed):
     assert bed.run_node_expecting_failure(host, "--public-ip", "203.0.113.7") == (
         "error: your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported "
         "by host-gw backend")
+
+
+def test_a_failed_vxlan_start_removes_the_device_and_releases_the_lease(bed, tmp_path):
+    bed.write_config({"Network": NETWORK, "Backend": {"Type": "vxlan"}})
+    host = bed.hosts[0]
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    line = bed.run_node_expecting_failure(host, f"--subnet-file={not_a_dir}/subnet.env")
+    assert line == f"error: cannot write the subnet file {not_a_dir}/subnet.env: Not a directory"
+    assert in_ns(host.ns, "ip", "link", "show", "flannel.1", check=False).returncode != 0
+    leases = in_ns(host.ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file,
+                   check=False).stdout
+    assert str(host.address) not in leases

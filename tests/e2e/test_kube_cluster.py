@@ -108,14 +108,14 @@ def test_deleted_node_loses_its_routes_and_a_late_node_is_reachable(kube):
 def test_api_server_outage_does_not_disturb_traffic_and_the_watch_resumes(kube):
     bed = kube
     a, b, late = two_nodes_with_pods(bed, "udp")
-    pinger = subprocess.Popen(["ip", "netns", "exec", a.pods[0].ns, "ping", "-i", "0.01", "-c", "3300", "-W", "1",
+    pinger = subprocess.Popen(["ip", "netns", "exec", a.pods[0].ns, "ping", "-i", "0.01", "-c", "6300", "-W", "1",
                                "-q", str(b.pods[0].address)], stdout=subprocess.PIPE, text=True)
     bed.extra_processes.append(pinger)
     bed.kube.stop_apiserver()
     # A node started during the outage waits for the API server (as a DaemonSet pod would) instead of failing.
     bed.registered.add(late.node_name)  # its Node is registered by its "kubelet" only once the server is back
     bed.start_node(late, wait=False)
-    time.sleep(30)
+    time.sleep(60)
     assert a.process.poll() is None and b.process.poll() is None and late.process.poll() is None, bed.logs()
     bed.kube.start_apiserver()
     # Its kubelet registers the Node once the server is back, and kube-controller-manager assigns the podCIDR; from
@@ -129,7 +129,7 @@ def test_api_server_outage_does_not_disturb_traffic_and_the_watch_resumes(kube):
     pod = bed.add_pod(late)
     assert reachable(bed, a.pods[0], pod, 2) and reachable(bed, pod, b.pods[0], 2), bed.logs()
     assert time.monotonic() - leased < 2.5
-    out, _ = pinger.communicate(timeout=40)
+    out, _ = pinger.communicate(timeout=60)
     assert " 0% packet loss" in out, out
     for host in (a, b):
         log = bed.node_log(host)

@@ -299,6 +299,44 @@ def test_exhausted_network_is_one_clear_line(bed):
     assert line == "error: out of subnets"
 
 
+def leases_of(bed) -> str:
+    return in_ns(bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file,
+                 check=False).stdout
+
+
+def test_unwritable_subnet_file_is_one_line_and_a_new_node_leaves_nothing_behind(bed, tmp_path):
+    host = bed.hosts[0]
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    line = run_node_expecting_failure(bed, host, f"--subnet-file={not_a_dir}/subnet.env")
+    assert line == f"error: cannot write the subnet file {not_a_dir}/subnet.env: Not a directory"
+    assert "Start-up failed: released lease" in bed.node_log(host)
+    assert str(host.address) not in leases_of(bed)  # the lease it allocated is given back
+    assert in_ns(host.ns, "iptables", "-S", "FLANNEL-FWD", check=False).returncode != 0  # its rules are gone
+
+
+def test_failed_restart_keeps_the_lease_and_rules_of_the_earlier_run(bed, tmp_path):
+    host = bed.hosts[0]
+    bed.start_node(host)
+    subnet = host.subnet_env()["FLANNEL_SUBNET"]
+    assert bed.stop_node(host) == 0
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    run_node_expecting_failure(bed, host, f"--subnet-file={not_a_dir}/subnet.env")
+    assert "Start-up failed" not in bed.node_log(host)
+    assert str(ipaddress.ip_interface(subnet).network) in leases_of(bed)
+    assert in_ns(host.ns, "iptables", "-S", "FLANNEL-FWD", check=False).returncode == 0
+
+
+def test_underlay_mtu_too_small_is_one_line_before_a_lease_is_taken(bed):
+    host = bed.hosts[0]
+    in_ns(host.ns, "ip", "link", "set", "eth0", "mtu", "90")
+    line = run_node_expecting_failure(bed, host)
+    assert line == ("error: the MTU of eth0 (90) leaves 62 bytes for flannel0 after the 28-byte UDP encapsulation, "
+                    "below IPv4's minimum of 68")
+    assert str(host.address) not in leases_of(bed)
+
+
 def test_unwritable_lease_file_is_one_clear_line(bed):
     host = bed.hosts[0]
     line = bed.run_node_expecting_failure(host, "--lease-file=/proc/flannel/leases.db")
