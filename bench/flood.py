@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node: {'alive' if alive else 'DEAD'}; received by the pump {received:,.0f}, dropped by the "
                   f"socket buffer {socket_drops:,.0f}: accounted {received + socket_drops:,.0f} of {total_sent:,} "
                   f"(a 60 KB datagram travels as IP fragments; one lost on the underlay never reaches the node)")
+            print(f"delivered into flannel0 (well-formed, from the peer's subnet to ours): "
+                  f"{received - sum(drops.values()):,.0f}")
             print("dropped by reason: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]) if v))
             print(f"pings lost: {during[1]} of {during[0]} during the flood (+5 s), {after[1]} of {after[0]} after")
             return 0 if alive else 1
