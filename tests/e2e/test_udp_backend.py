@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -225,6 +226,24 @@ def test_udp_priority_runs_the_packet_thread_real_time(bed):
     realtime = [t for t in tids if os.sched_getscheduler(t) == os.SCHED_FIFO]
     assert len(realtime) == 1 and os.sched_getparam(realtime[0]).sched_priority == 7
     assert bed.ping(bed.hosts[1].pods[0].ns, host.pods[0].address)
+
+
+def test_sigterm_under_traffic_ends_the_node_within_5_seconds(bed):
+    bed.start_cluster()
+    sender, receiver = bed.hosts[0], bed.hosts[1]
+    server = bed.popen(receiver.pods[0].ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: "5201" in in_ns(receiver.pods[0].ns, "ss", "-ltn").stdout, 3)
+    client = bed.popen(sender.pods[0].ns, "iperf3", "-c", str(receiver.pods[0].address), "-t", "8",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)  # the stream runs at full speed through both pumps
+    for host in (receiver, sender):
+        host.process.send_signal(signal.SIGTERM)
+    for host in (receiver, sender):
+        assert host.process.wait(5) == 0, bed.node_log(host)
+        assert in_ns(host.ns, "ip", "link", "show", "flannel0", check=False).returncode != 0
+    for process in (client, server):
+        process.kill()
+        process.wait()
 
 
 def test_sigterm_removes_flannel0_and_restart_keeps_the_subnet(cluster):
