@@ -1,7 +1,9 @@
 """Which subnet a node gets (upstream tryAcquireLease), as a pure decision over the current leases.
 
 Order, as upstream: reuse the lease that carries our public IP if it still fits the config (else delete it); else the
-previous subnet from subnet.env if it is still free and fits; else a random pick among the first 100 free candidates.
+previous subnet from subnet.env if it is still free and fits; else a random free subnet. Unlike upstream, which picks
+among the first 100 free candidates (so N nodes starting together collide about N/100 times each and retry), the pick
+is uniform over the whole SubnetMin..SubnetMax range: nodes starting together rarely choose the same subnet.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 from .config import NetworkConfig
 from .lease import IPv4Net, IPv6Net, Lease
 
-MAX_CANDIDATES = 100
+MAX_CANDIDATES = 100  # when random draws keep hitting taken subnets (a nearly full range): upstream's way
+RANDOM_DRAWS = 64
 
 
 class OutOfSubnets(RuntimeError):
@@ -62,27 +65,48 @@ def decide(
         if is_compatible(cfg, prev4, prev6_ok):
             return Decision(prev4, prev6_ok, reuse=None, delete=tuple(delete))
 
-    subnet = rng.choice(_free_candidates(
-        [lease.subnet for lease in leases], int(cfg.subnet_min), int(cfg.subnet_max), cfg.subnet_len, ipaddress.IPv4Network))
+    subnet = _pick_free([lease.subnet for lease in leases], int(cfg.subnet_min), int(cfg.subnet_max), cfg.subnet_len,
+                        ipaddress.IPv4Network, rng)
     ipv6_subnet = None
     if cfg.enable_ipv6:
-        ipv6_subnet = rng.choice(_free_candidates(
-            [lease.ipv6_subnet for lease in leases if lease.ipv6_subnet is not None],
-            int(cfg.ipv6_subnet_min), int(cfg.ipv6_subnet_max), cfg.ipv6_subnet_len, ipaddress.IPv6Network))
+        ipv6_subnet = _pick_free([lease.ipv6_subnet for lease in leases if lease.ipv6_subnet is not None],
+                                 int(cfg.ipv6_subnet_min), int(cfg.ipv6_subnet_max), cfg.ipv6_subnet_len,
+                                 ipaddress.IPv6Network, rng)
     return Decision(subnet, ipv6_subnet, reuse=None, delete=tuple(delete))
 
 
-def _free_candidates(taken: list, first: int, last: int, length: int, network_type) -> list:
+class _Taken:
+    """Overlap test against the taken subnets: a candidate overlaps a taken net iff one contains the other; longer
+    taken nets are folded to their enclosing candidate, shorter ones (rare: a changed SubnetLen) checked by containment."""
+
+    def __init__(self, taken: list, length: int) -> None:
+        self.covering = {net.supernet(new_prefix=length) for net in taken if net.prefixlen >= length}
+        self.wider = [net for net in taken if net.prefixlen < length]
+
+    def __contains__(self, candidate) -> bool:
+        return candidate in self.covering or any(candidate.subnet_of(net) for net in self.wider)
+
+
+def _pick_free(taken: list, first: int, last: int, length: int, network_type, rng: random.Random):
+    """A free subnet of `length` in [first, last], uniformly at random: random draws first (the range may be far too
+    large to list, e.g. IPv6), then, if they keep hitting taken ones, a pick among the first free candidates."""
+    occupied = _Taken(taken, length)
+    size = 1 << (network_type(0).max_prefixlen - length)
+    count = (last - first) // size + 1 if last >= first else 0
+    for _ in range(RANDOM_DRAWS if count > 0 else 0):
+        candidate = network_type((first + rng.randrange(count) * size, length))
+        if candidate not in occupied:
+            return candidate
+    return rng.choice(_free_candidates(occupied, first, last, length, network_type))
+
+
+def _free_candidates(occupied: _Taken, first: int, last: int, length: int, network_type) -> list:
     """The first MAX_CANDIDATES subnets of `length` in [first, last] that overlap no taken subnet."""
-    # A candidate overlaps a taken net iff one contains the other: longer taken nets are folded to their enclosing
-    # candidate, shorter ones (rare: a changed SubnetLen) are checked by containment.
-    covering = {net.supernet(new_prefix=length) for net in taken if net.prefixlen >= length}
-    wider = [net for net in taken if net.prefixlen < length]
     size = 1 << (network_type(0).max_prefixlen - length)
     free = []
     for start in range(first, last + 1, size):
         candidate = network_type((start, length))
-        if candidate in covering or any(candidate.subnet_of(net) for net in wider):
+        if candidate in occupied:
             continue
         free.append(candidate)
         if len(free) == MAX_CANDIDATES:

@@ -111,3 +111,28 @@ def test_watcher_reset_and_update():
     batch = w.update([LeaseEvent(EventType.ADDED, lease("10.3.9.0/24")),
                       LeaseEvent(EventType.REMOVED, Lease(net("10.3.3.0/24"), LeaseAttrs(ip("0.0.0.0"))))])
     assert len(batch) == 1 and batch[0].type is EventType.REMOVED and str(batch[0].lease.attrs.public_ip) == "1.1.1.1"
+
+
+def test_simultaneous_starts_spread_over_the_whole_range():
+    """Nodes that start together all see the same listing; upstream's pick among the first 100 free subnets gives
+    them at most 100 distinct choices (N/100 collisions each), ours is uniform over every free subnet."""
+    import random
+
+    from flannel_udp.subnet.allocation import decide
+    cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')  # 1,023 subnets
+    taken = [Lease(net(f"10.100.{i}.0/26"), OTHER) for i in range(1, 200)]  # some already leased
+    rng = random.Random(7)
+    picks = [decide(cfg, taken, ip(f"198.18.1.{i}"), rng=rng).subnet for i in range(1, 201)]
+    assert all(p.prefixlen == 26 and cfg.subnet_min <= p.network_address <= cfg.subnet_max for p in picks)
+    assert not {p for p in picks} & {lease.subnet for lease in taken}
+    assert len(set(picks)) > 160  # ~181 expected from 824 free; upstream's way: at most 100
+
+
+def test_a_nearly_full_range_still_finds_its_last_free_subnet():
+    import random
+
+    from flannel_udp.subnet.allocation import decide
+    cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')
+    last_free = net("10.100.77.128/26")
+    taken = [Lease(s, OTHER) for s in net("10.100.0.0/16").subnets(new_prefix=26) if s != last_free]
+    assert decide(cfg, taken, ip("198.18.1.1"), rng=random.Random(1)).subnet == last_free
