@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 out=fuzz/.build
+# setup.py runs here directly, outside pip's isolated build environment: it needs the build requirement itself.
+"$python" -c "import Cython" 2>/dev/null || "$python" -m pip install -q "Cython>=3.0"
 rm -rf "$out"
 CC=clang LDSHARED="clang -shared" CFLAGS="-fsanitize-coverage=inline-8bit-counters,pc-table,trace-cmp -g" \
   "$python" setup.py -q build_ext --build-lib "$out" --build-temp "$out/tmp" >/dev/null

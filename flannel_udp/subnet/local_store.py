@@ -27,6 +27,7 @@ CREATE_RACE_SECONDS = 10.0  # older events are trimmed; a watcher further behind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL);
+CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expires);  -- every poll of every watcher asks for expired leases
 CREATE TABLE IF NOT EXISTS events (rev INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, value TEXT, expires REAL);
 """
 
