@@ -1,16 +1,18 @@
 """Control-plane scale: N simulated nodes acquire leases at once (one /16 cut into /26 subnets, 1,023 of them) and each
 follows the others with its own lease watch; reported is the time until every node has seen every other lease, for
-each store and each N.
+each store and each N, and how many watches were lost on the way.
 
     .venv/bin/python -m bench.control_plane --nodes 100,300,1000 --stores embedded,etcd,kube
 
-Nodes are asyncio tasks in this process, each with its own Manager and its own watch stream; they share a pool of store
-connections (--connections), as a pool of node processes would share the machine. The embedded store is a fresh
-SQLite file; etcd is a real etcd server started on loopback for the run. `kube` is a real control plane (etcd,
-kube-apiserver, kube-controller-manager) in a network namespace of its own: the N Node objects are registered through
-the API first (as kubelets would) and get their podCIDRs from kube-controller-manager, then N Kubernetes subnet
-managers start at once, each with its own client connection and its own list+watch of the Nodes, annotate their Node
-and follow the others. Nothing is left behind.
+Each simulated node is what a node process runs against the store: its own client (its own SQLite connection, its
+own gRPC channel to etcd, its own HTTPS client and list+watch of the Nodes), its own Manager and its own watch. The
+nodes are spread over --processes OS processes (default 4 per core; a process per node would need ~40 MB each), which
+all start acquiring at the same instant (a barrier). The embedded store is a fresh SQLite file; etcd is a real etcd
+server started on loopback for the run. `kube` is a real control plane (etcd, kube-apiserver,
+kube-controller-manager) in a network namespace of its own: the N Node objects are registered through the API first
+(as kubelets would) and get their podCIDRs from kube-controller-manager, then N Kubernetes subnet managers start at
+once, annotate their Node and follow the others. Simplified: no data plane, every node on one machine's cores (with
+the servers), and a node "sees" a lease when its watch delivers it. Nothing is left behind.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import asyncio
 import ipaddress
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import signal
 import statistics
@@ -28,69 +32,144 @@ import time
 
 from flannel_udp.etcdserver import EtcdCluster
 from flannel_udp.subnet.config import load_config
-from flannel_udp.subnet.etcd_client import EtcdOptions
-from flannel_udp.subnet.etcd_store import EtcdRegistry
 from flannel_udp.subnet.lease import LeaseAttrs
-from flannel_udp.subnet.local_store import LocalRegistry
-from flannel_udp.subnet.manager import Manager
 from flannel_udp.subnet.watcher import LeaseWatcher
 
 CONFIG = '{"Network": "10.100.0.0/16", "SubnetLen": 26}'
 UNDERLAY = ipaddress.ip_network("198.18.0.0/15")
+LOST_WATCH = ("Lost the etcd watch", "Lost the Kubernetes API server", "fell behind")
 
 
-async def simulate(registries: list, nodes: int, timeout: float) -> dict:
-    config = load_config(CONFIG)
-    started = time.monotonic()
+class LostWatches(logging.Handler):
+    """Counts the store clients' own reports of a broken or overtaken watch."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if any(text in record.getMessage() for text in LOST_WATCH):
+            self.count += 1
+
+
+async def open_node(store: str, target: dict, i: int):
+    """(manager, close) for node i: a client of its own, as a node process has."""
+    if store == "kube":
+        from flannel_udp.subnet.config import parse_config
+        from flannel_udp.subnet.kube_client import KubeOptions
+        from flannel_udp.subnet.kube_manager import KubeManager
+        manager = await KubeManager.open(KubeOptions(kubeconfig_file=target["kubeconfig"]),
+                                         parse_config(json.dumps({"Network": KUBE_NETWORK})),
+                                         node_name=target["names"][i])
+        return manager, manager.close
+    from flannel_udp.subnet.manager import Manager
+    if store == "embedded":
+        from flannel_udp.subnet.local_store import LocalRegistry
+        registry = LocalRegistry.open_sync(target["lease_file"])
+    else:
+        from flannel_udp.subnet.etcd_client import EtcdOptions
+        from flannel_udp.subnet.etcd_store import EtcdRegistry
+        registry = EtcdRegistry(EtcdOptions(endpoints=target["endpoints"], prefix=target["prefix"]))
+    return Manager(registry, load_config(CONFIG)), registry.close
+
+
+async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrier, timeout: float) -> dict:
+    opened = [await open_node(store, target, i) for i in ids]
+    await asyncio.to_thread(barrier.wait)  # every process has its clients: all nodes start at once
+    started = time.time()
     acquired: list[float] = []
     converged: list[float] = []
 
-    async def node(i: int) -> None:
-        registry = registries[i % len(registries)]
-        lease = await Manager(registry, config).acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1))
-        acquired.append(time.monotonic() - started)
+    async def node(i: int, manager) -> None:
+        lease = await manager.acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1))
+        acquired.append(time.time())
         watcher = LeaseWatcher(lease.subnet)
-        watch = registry.watch_subnets()
+        watch = manager.watch_leases()
         try:
             async for result in watch:
                 watcher.apply(result)
                 if len(watcher.leases) == nodes - 1:
-                    converged.append(time.monotonic() - started)
+                    converged.append(time.time())
                     return
         finally:
             await watch.aclose()
 
-    await asyncio.wait_for(asyncio.gather(*(node(i) for i in range(nodes))), timeout)
-    return {"nodes": nodes, "all_acquired_s": max(acquired), "all_converged_s": max(converged),
-            "median_node_converged_s": statistics.median(converged)}
-
-
-async def run_embedded(nodes: int, connections: int, timeout: float) -> dict:
-    folder = tempfile.mkdtemp(prefix="flannel-udp-scale-")
-    registries = [LocalRegistry.open_sync(f"{folder}/leases.db") for _ in range(min(connections, nodes))]
     try:
-        return await simulate(registries, nodes, timeout)
+        await asyncio.wait_for(asyncio.gather(*(node(i, m) for i, (m, _) in zip(ids, opened))), timeout)
     finally:
-        for registry in registries:
-            await registry.close()
+        for _, close in opened:
+            await close()
+    return {"started": started, "acquired": acquired, "converged": converged}
+
+
+def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrier, timeout: float) -> None:
+    """One OS process's share of the nodes (runs in a spawned process); puts its result on `results`."""
+    if store == "kube":
+        from flannel_udp import kubeserver
+        kubeserver.enter_netns(target["ns"])  # the API server is on this namespace's loopback
+    logging.basicConfig(level=logging.CRITICAL)  # the nodes' chatter is not the point; lost watches are counted
+    lost = LostWatches()
+    logging.getLogger("flannel_udp").addHandler(lost)
+    logging.getLogger("flannel_udp").setLevel(logging.INFO)
+    try:
+        result = asyncio.run(run_share(store, target, ids, nodes, barrier, timeout))
+    except asyncio.TimeoutError:
+        result = {"timeout": True}
+    except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["lost_watches"] = lost.count
+    results.put(result)
+
+
+def simulate(store: str, target: dict, nodes: int, processes: int, timeout: float) -> dict:
+    processes = min(processes, nodes)
+    context = multiprocessing.get_context("spawn")  # no fork: gRPC and threads do not survive it
+    barrier, queue = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=worker, args=(queue, store, target, list(range(k, nodes, processes)), nodes,
+                                                    barrier, timeout))
+               for k in range(processes)]
+    try:
+        for process in workers:
+            process.start()
+        results = [queue.get(timeout=timeout + 120) for _ in workers]
+    finally:
+        for process in workers:  # ours, and done or interrupted: none outlives the run
+            if process.is_alive():
+                process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    lost = sum(r["lost_watches"] for r in results)
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {processes} node processes failed; the first: {errors[0]}")
+    if any(r.get("timeout") for r in results):
+        raise asyncio.TimeoutError(lost)
+    start = min(r["started"] for r in results)
+    converged = [t - start for r in results for t in r["converged"]]
+    return {"nodes": nodes, "processes": processes, "all_acquired_s": max(t - start for r in results for t in r["acquired"]),
+            "all_converged_s": max(converged), "median_node_converged_s": statistics.median(converged),
+            "lost_watches": lost}
+
+
+def run_embedded(nodes: int, processes: int, timeout: float) -> dict:
+    folder = tempfile.mkdtemp(prefix="flannel-udp-scale-")
+    try:
+        return simulate("embedded", {"lease_file": f"{folder}/leases.db"}, nodes, processes, timeout)
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def run_etcd(endpoints: str, prefix: str, nodes: int, connections: int, timeout: float) -> dict:
-    registries = [EtcdRegistry(EtcdOptions(endpoints=endpoints, prefix=prefix)) for _ in range(min(connections, nodes))]
-    try:
-        return await simulate(registries, nodes, timeout)
-    finally:
-        for registry in registries:
-            await registry.close()
+def run_etcd(endpoints: str, prefix: str, nodes: int, processes: int, timeout: float) -> dict:
+    return simulate("etcd", {"endpoints": endpoints, "prefix": prefix}, nodes, processes, timeout)
 
 
 KUBE_NETWORK = "10.100.0.0/16"
 
 
-def run_kube(nodes: int, timeout: float) -> dict:
+def run_kube(nodes: int, processes: int, timeout: float) -> dict:
     """A fresh control plane per size (so every size starts from an empty cluster), in a namespace of its own; the
-    simulation's event loop runs in a thread that entered that namespace, where the API server is on loopback."""
+    worker processes enter that namespace, where the API server is on loopback."""
     import secrets
     import subprocess
 
@@ -104,29 +183,9 @@ def run_kube(nodes: int, timeout: float) -> dict:
             names = [f"node-{i:04d}" for i in range(nodes)]
             cp.call(register_nodes, names)
             kubeconfig = cp.write_kubeconfig(cp.path("bench.kubeconfig"), cp.flannel_token())
-            return run_in_namespace(ns, simulate_kube(kubeconfig, names, timeout))
+            return simulate("kube", {"ns": ns, "kubeconfig": kubeconfig, "names": names}, nodes, processes, timeout)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
-
-
-def run_in_namespace(ns: str, coroutine) -> dict:
-    """Run the coroutine on an event loop in a thread that entered `ns`; an interruption (Ctrl-C, SIGTERM) cancels it,
-    so the nodes close their connections and the thread ends before the control plane is removed."""
-    import concurrent.futures
-
-    from flannel_udp import kubeserver
-
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(coroutine)
-    pool = concurrent.futures.ThreadPoolExecutor(1, initializer=kubeserver.enter_netns, initargs=(ns,))
-    try:
-        return pool.submit(loop.run_until_complete, task).result()
-    except BaseException:
-        loop.call_soon_threadsafe(task.cancel)
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        loop.close()
 
 
 def register_nodes(client, names: list[str]) -> None:
@@ -141,45 +200,15 @@ def register_nodes(client, names: list[str]) -> None:
         time.sleep(0.2)
 
 
-async def simulate_kube(kubeconfig: str, names: list[str], timeout: float) -> dict:
-    from flannel_udp.subnet.config import parse_config
-    from flannel_udp.subnet.kube_client import KubeOptions
-    from flannel_udp.subnet.kube_manager import KubeManager
-
-    config = parse_config(json.dumps({"Network": KUBE_NETWORK}))
-    opts = KubeOptions(kubeconfig_file=kubeconfig)
-    started = time.monotonic()
-    acquired: list[float] = []
-    converged: list[float] = []
-
-    async def node(i: int) -> None:
-        manager = await KubeManager.open(opts, config, node_name=names[i])
-        try:
-            lease = await manager.acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1))
-            acquired.append(time.monotonic() - started)
-            watcher = LeaseWatcher(lease.subnet)
-            async for result in manager.watch_leases():
-                watcher.apply(result)
-                if len(watcher.leases) == len(names) - 1:
-                    converged.append(time.monotonic() - started)
-                    return
-        finally:
-            await manager.close()
-
-    await asyncio.wait_for(asyncio.gather(*(node(i) for i in range(len(names)))), timeout)
-    return {"nodes": len(names), "all_acquired_s": max(acquired), "all_converged_s": max(converged),
-            "median_node_converged_s": statistics.median(converged)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="100,300,1000", help="comma list of cluster sizes (at most 1023)")
     parser.add_argument("--stores", default="embedded,etcd", help="comma list of: embedded, etcd, kube")
-    parser.add_argument("--connections", type=int, default=32, help="store connections shared by the simulated nodes")
+    parser.add_argument("--processes", type=int, default=4 * (os.cpu_count() or 1),
+                        help="OS processes the nodes are spread over (each node has its own store client)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one size may take")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)  # the simulated nodes' own chatter is not the point
     sizes = [int(n) for n in args.nodes.split(",")]
     stores = args.stores.split(",")
     if any(not 2 <= n <= 1023 for n in sizes) or any(s not in ("embedded", "etcd", "kube") for s in stores):
@@ -189,24 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in stores else None
     try:
-        print(f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14}")
+        print(f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
+              f"{'lost watches':>13}", flush=True)
         for store in stores:
             for n in sizes:
                 try:
                     if store == "embedded":
-                        figures = asyncio.run(run_embedded(n, args.connections, args.timeout))
+                        figures = run_embedded(n, args.processes, args.timeout)
                     elif store == "kube":
-                        figures = run_kube(n, args.timeout)
+                        figures = run_kube(n, args.processes, args.timeout)
                     else:
-                        figures = asyncio.run(run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.connections,
-                                                       args.timeout))
-                except asyncio.TimeoutError:
-                    print(f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47}", flush=True)
-                    results[store].append({"nodes": n, "timeout_s": args.timeout})
+                        figures = run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.processes, args.timeout)
+                except asyncio.TimeoutError as e:
+                    lost = e.args[0] if e.args else "?"
+                    print(f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47} "
+                          f"{lost:>13}", flush=True)
+                    results[store].append({"nodes": n, "timeout_s": args.timeout, "lost_watches": lost})
                     continue
                 results[store].append(figures)
                 print(f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
-                      f"{figures['median_node_converged_s']:14.2f}", flush=True)
+                      f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d}", flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

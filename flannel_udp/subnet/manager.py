@@ -69,10 +69,15 @@ class Manager:
             else:
                 try:
                     expiration = await self.registry.create_subnet(decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl)
+                    if decision.ipv6_subnet is not None and await self._shares_a_subnet(decision):
+                        # A dual-stack key names both subnets, so the store's create-if-absent cannot see another node
+                        # that took the same IPv4 (or IPv6) subnet with a different partner at the same moment.
+                        await self.registry.delete_subnet(decision.subnet, decision.ipv6_subnet)
+                        raise SubnetExists(f"{decision.subnet} or {decision.ipv6_subnet} is in another lease too")
                 except SubnetExists:
                     log.info("Subnet %s was taken by another node meanwhile, trying again", decision.subnet)
                     # A short random pause spreads a crowd of nodes starting together, so that the next listing
-                    # already shows what the winners took instead of the same 100 candidates again.
+                    # already shows what the winners took.
                     await asyncio.sleep(self.rng.uniform(0, RACE_BACKOFF * (attempt + 1)))
                     continue
                 log.info("Allocated lease (%s%s) to current node (%s)", decision.subnet,
@@ -81,6 +86,11 @@ class Manager:
             self.created = None if decision.reuse is not None else lease
             return lease
         raise AcquireError(f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)")
+
+    async def _shares_a_subnet(self, decision) -> bool:
+        leases, _ = await self.registry.get_subnets()
+        return any((lease.subnet == decision.subnet or lease.ipv6_subnet == decision.ipv6_subnet)
+                   and (lease.subnet, lease.ipv6_subnet) != (decision.subnet, decision.ipv6_subnet) for lease in leases)
 
     async def renew_lease(self, lease: Lease) -> Lease:
         ttl = None if lease.expiration is None else self.lease_ttl

@@ -279,3 +279,38 @@ async def test_three_member_cluster_survives_losing_the_member_in_use():
 def test_config_not_found_text_is_upstreams():
     assert CONFIG_NOT_FOUND == "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
     assert json.loads(LeaseAttrs(ip("1.2.3.4")).to_json()) == {"PublicIP": "1.2.3.4", "PublicIPv6": None}
+
+
+ACQUIRE = """
+import asyncio, ipaddress, sys, time
+from flannel_udp.subnet.config import load_config
+from flannel_udp.subnet.etcd_client import EtcdOptions
+from flannel_udp.subnet.etcd_store import EtcdRegistry
+from flannel_udp.subnet.lease import LeaseAttrs
+from flannel_udp.subnet.manager import Manager
+
+async def main():
+    reg = EtcdRegistry(EtcdOptions(endpoints=sys.argv[1], prefix=sys.argv[2]))
+    cfg = load_config('{"Network": "10.5.0.0/16", "SubnetLen": 20}')  # 15 subnets: collisions are likely
+    await reg.get_subnets()  # connected before the common start
+    while time.time() < float(sys.argv[4]):
+        await asyncio.sleep(0.001)
+    lease = await Manager(reg, cfg).acquire_lease(LeaseAttrs(ipaddress.IPv4Address(sys.argv[3])))
+    print(lease.subnet)
+    await reg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_twelve_processes_acquiring_at_once_on_etcd_get_distinct_subnets(etcd):
+    import subprocess
+    import sys
+    prefix = f"/test-{secrets.token_hex(4)}/network"
+    start_at = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-P", "-c", ACQUIRE, etcd.endpoints, prefix, f"198.18.0.{i + 1}",
+                               start_at], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(12)]
+    results = [p.communicate(timeout=90) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    subnets = [out.strip() for out, _ in results]
+    assert len(set(subnets)) == 12, subnets

@@ -136,3 +136,29 @@ def test_a_nearly_full_range_still_finds_its_last_free_subnet():
     last_free = net("10.100.77.128/26")
     taken = [Lease(s, OTHER) for s in net("10.100.0.0/16").subnets(new_prefix=26) if s != last_free]
     assert decide(cfg, taken, ip("198.18.1.1"), rng=random.Random(1)).subnet == last_free
+
+
+async def test_a_dual_stack_node_gives_way_when_another_took_its_ipv4_subnet_with_another_ipv6_one(tmp_path):
+    """Dual-stack keys carry both subnets, so two nodes creating `A&X` and `A&Y` at once both succeed in the store;
+    the one that finds the other gives its lease back and picks again."""
+    cfg = load_config('{"Network": "10.3.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:1::/56"}')
+
+    class Racing(LocalRegistry):
+        raced = False
+
+        async def create_subnet(self, subnet, ipv6_subnet, attrs, ttl):
+            if not self.raced:  # another node creates the same IPv4 subnet with another IPv6 one, just before us
+                self.raced = True
+                other6 = next(s for s in net("fd00:1::/56").subnets(new_prefix=64) if s != ipv6_subnet and
+                              s.network_address >= cfg.ipv6_subnet_min)
+                await super().create_subnet(subnet, other6, OTHER, 3600)
+            return await super().create_subnet(subnet, ipv6_subnet, attrs, ttl)
+
+    reg = Racing.open_sync(str(tmp_path / "leases.db"))
+    try:
+        lease = await Manager(reg, cfg).acquire_lease(LeaseAttrs(ip("1.2.3.4"), ipaddress.IPv6Address("fd00::4")))
+        leases, _ = await reg.get_subnets()
+        assert [lease.subnet for lease in leases].count(lease.subnet) == 1, leases
+        assert [x.ipv6_subnet for x in leases].count(lease.ipv6_subnet) == 1
+    finally:
+        await reg.close()
