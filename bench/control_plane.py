@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import ipaddress
 import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -46,10 +48,13 @@ class LostWatches(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.count = 0
+        self.reasons: collections.Counter = collections.Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if any(text in record.getMessage() for text in LOST_WATCH):
+        message = record.getMessage()
+        if any(text in message for text in LOST_WATCH):
             self.count += 1
+            self.reasons[re.sub(r"\d+", "N", message)[:160]] += 1
 
 
 async def open_node(store: str, target: dict, i: int):
@@ -107,10 +112,11 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     if store == "kube":
         from flannel_udp import kubeserver
         kubeserver.enter_netns(target["ns"])  # the API server is on this namespace's loopback
-    logging.basicConfig(level=logging.CRITICAL)  # the nodes' chatter is not the point; lost watches are counted
     lost = LostWatches()
-    logging.getLogger("flannel_udp").addHandler(lost)
-    logging.getLogger("flannel_udp").setLevel(logging.INFO)
+    nodes_log = logging.getLogger("flannel_udp")
+    nodes_log.addHandler(lost)
+    nodes_log.setLevel(logging.INFO)
+    nodes_log.propagate = False  # the nodes' chatter is not the point; the lost watches are counted
     try:
         result = asyncio.run(run_share(store, target, ids, nodes, barrier, timeout))
     except asyncio.TimeoutError:
@@ -118,6 +124,7 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
         result = {"error": f"{type(e).__name__}: {e}"}
     result["lost_watches"] = lost.count
+    result["lost_reasons"] = dict(lost.reasons)
     results.put(result)
 
 
@@ -140,6 +147,11 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
                 process.kill()
                 process.join()
     lost = sum(r["lost_watches"] for r in results)
+    reasons = collections.Counter()
+    for r in results:
+        reasons.update(r["lost_reasons"])
+    for reason, count in reasons.most_common(3):
+        print(f"  lost watch, {count} times: {reason}", file=sys.stderr, flush=True)
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(f"{len(errors)} of {processes} node processes failed; the first: {errors[0]}")

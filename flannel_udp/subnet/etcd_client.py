@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/coreos.com/network"
 RPC_TIMEOUT = 5.0
+# etcd queues a watch creation behind every other request of the moment: when 1,000 nodes start together it can take
+# longer than an ordinary call. A node that gave up after RPC_TIMEOUT and asked again only lengthened the queue (1,000
+# simulated nodes lost 150-255 watches that way, each reported with an empty reason).
+WATCH_CREATE_TIMEOUT = 60.0
 # gRPC's own reconnect backoff (default 1 s growing to 120 s) would keep a node blind long after etcd is back.
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
@@ -171,7 +175,8 @@ class EtcdClient(aetcd.Client):
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=WATCH_CREATE_TIMEOUT,
+                                        metadata=self.metadata)
         self._connected.set()
 
     async def wait_until_reachable(self, limit: float) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import posixpath
 import time
 from collections.abc import AsyncIterator
 
 from aetcd import exceptions as etcd_errors
 
-from .etcd_client import EtcdClient, EtcdOptions
+from .etcd_client import WATCH_CREATE_TIMEOUT, EtcdClient, EtcdOptions
 from .lease import (EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseError, LeaseEvent, Snapshot,
                     lease_from_kv, make_subnet_key)
 from .registry import Registry, StoreError, StoreUnavailable, SubnetExists
@@ -39,7 +40,9 @@ def _translate(e: etcd_errors.ClientError, endpoints: str) -> StoreError:
         return StoreUnavailable(f"etcd at {endpoints} is unreachable: {e}")
     if isinstance(e, etcd_errors.UnauthenticatedError):
         return StoreError(f"etcd at {endpoints} refused the credentials: {e}")
-    return StoreError(f"etcd at {endpoints}: {e}")
+    if isinstance(e, etcd_errors.WatchTimeoutError):  # aetcd's has no text of its own
+        return StoreError(f"etcd at {endpoints} did not create the watch within {WATCH_CREATE_TIMEOUT:g} s")
+    return StoreError(f"etcd at {endpoints}: {e or type(e).__name__}")
 
 
 class EtcdRegistry(Registry):
@@ -82,7 +85,10 @@ class EtcdRegistry(Registry):
 
     async def _lease(self, key: bytes, value: bytes, lease_id: int, expiration: bool = True) -> Lease | None:
         try:
-            when = await self._expiration(lease_id) if expiration else None
+            if expiration:
+                when = await self._expiration(lease_id)
+            else:
+                when = None if lease_id == 0 else math.inf  # a reservation, or a lease that expires (when: not asked)
             return lease_from_kv(key.decode("utf-8", "replace"), value, when)
         except LeaseError as e:
             log.warning("Ignoring bad subnet node %s: %s", key.decode("utf-8", "replace"), e)
@@ -90,8 +96,9 @@ class EtcdRegistry(Registry):
 
     async def get_subnets(self, expirations: bool = True) -> tuple[list[Lease], int]:
         """Every lease and the revision. Without `expirations` no TTL is asked per key (upstream asks one RPC per
-        lease even for watch snapshots, where nobody reads peers' expirations; at 1,000 nodes that is 10^6 RPCs
-        across the cluster at every start), and the leases carry expiration None."""
+        lease at every listing, also for an allocation, which only needs to tell a reservation from a lease; at 1,000
+        nodes that is 10^6 RPCs across the cluster at every start): a key with an etcd lease carries expiration inf,
+        a reservation None."""
         # No trailing slash on the prefix, as upstream; keys that do not parse are skipped.
         result = await self._call(self.client.get_prefix, self.subnets_key.encode())
         leases = await asyncio.gather(*(self._lease(kv.key, kv.value, kv.lease, expirations) for kv in result.kvs))

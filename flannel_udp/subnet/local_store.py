@@ -188,8 +188,8 @@ class LocalRegistry(Registry):
             self._db = None
 
     # -- Registry ------------------------------------------------------------------------------------------------
-    async def get_subnets(self) -> tuple[list[Lease], int]:
-        snapshot = await self._run(self._snapshot)
+    async def get_subnets(self, expirations: bool = True) -> tuple[list[Lease], int]:
+        snapshot = await self._run(self._snapshot)  # the expirations are in the rows: always exact here
         return snapshot.leases, snapshot.revision
 
     async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:

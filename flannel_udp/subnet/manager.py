@@ -55,7 +55,7 @@ class Manager:
     async def _try_acquire(self, attrs: LeaseAttrs) -> Lease:
         """Upstream's tryAcquireLease, except that a create which loses a race is retried (upstream gives up at once)."""
         for attempt in range(RACE_RETRIES):
-            leases, _rev = await self.registry.get_subnets()
+            leases, _rev = await self.registry.get_subnets(expirations=False)  # a reservation is told apart anyway
             decision = decide(self.config, leases, attrs.public_ip, self.previous, self.rng)
             for stale in decision.delete:
                 log.warning("Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
@@ -88,7 +88,7 @@ class Manager:
         raise AcquireError(f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)")
 
     async def _shares_a_subnet(self, decision) -> bool:
-        leases, _ = await self.registry.get_subnets()
+        leases, _ = await self.registry.get_subnets(expirations=False)
         return any((lease.subnet == decision.subnet or lease.ipv6_subnet == decision.ipv6_subnet)
                    and (lease.subnet, lease.ipv6_subnet) != (decision.subnet, decision.ipv6_subnet) for lease in leases)
 

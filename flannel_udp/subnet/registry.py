@@ -21,8 +21,10 @@ class StoreUnavailable(StoreError):
 
 class Registry(ABC):
     @abstractmethod
-    async def get_subnets(self) -> tuple[list[Lease], int]:
-        """Every current lease, and the store revision they were read at."""
+    async def get_subnets(self, expirations: bool = True) -> tuple[list[Lease], int]:
+        """Every current lease, and the store revision they were read at. Without `expirations` a store may leave
+        out what costs extra to learn: a lease that expires then carries expiration inf (when is not known), and a
+        reservation None, as always."""
 
     @abstractmethod
     async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:
