@@ -82,6 +82,8 @@ def is_unavailable(error: BaseException) -> bool:
     """A failure worth waiting out (the API server restarting or out of reach), as opposed to a refusal."""
     if isinstance(error, ApiError):
         return error.status.code is not None and (error.status.code >= 500 or error.status.code == 429)
+    if isinstance(error, httpx.HTTPStatusError):  # an answer without a Status body, e.g. 429 from max-in-flight
+        return error.response.status_code >= 500 or error.response.status_code == 429
     return isinstance(error, (httpx.TransportError, OSError))
 
 

@@ -213,3 +213,16 @@ def test_no_configuration_at_all_is_upstreams_message(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(kube_client.KubeConfigError, match="no configuration has been provided"):
         kube_client.load_config(kube_client.KubeOptions())
+
+
+def test_too_many_requests_is_waited_out_whatever_shape_it_comes_in():
+    """kube-apiserver's max-in-flight answers 429 with or without a Status body; either is a busy server to wait for,
+    not a refusal that ends the node (1,000 nodes starting together got the bare one)."""
+    import httpx2 as httpx
+
+    from flannel_udp.subnet.kube_client import is_unavailable
+    request = httpx.Request("PATCH", "https://127.0.0.1:6443/api/v1/nodes/n1/status")
+    for code, busy in ((429, True), (503, True), (403, False), (422, False)):
+        response = httpx.Response(code, request=request)
+        error = httpx.HTTPStatusError(f"{code}", request=request, response=response)
+        assert is_unavailable(error) is busy, code
