@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                         figures = run_kube(n, args.processes, args.timeout)
                     else:
                         figures = run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.processes, args.timeout)
+                except RuntimeError as e:  # nodes that gave up (e.g. the API server refusing connections)
+                    print(f"{store:9} {n:6} failed: {e}", flush=True)
+                    results[store].append({"nodes": n, "failed": str(e)})
+                    continue
                 except asyncio.TimeoutError as e:
                     lost = e.args[0] if e.args else "?"
                     print(f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47} "
