@@ -4,9 +4,9 @@
 The pump runs in a thread of its own (run(stop_fd)): a poll() loop over both fds that never takes the GIL, so no
 control-plane work in the interpreter (lease watches, netlink, SQLite, metrics, garbage collection) can delay a packet;
 a lone packet leaves at once, batches form only from what is already queued. Each wake-up drains a ready fd until
-EAGAIN or until DEFAULT_BURST datagrams (so one direction cannot starve the other; readiness is level-triggered, the rest comes
-next round). on_tun_readable/on_socket_readable drain one side in such rounds for callers that drive the pump themselves
-(tests).
+EAGAIN or until DEFAULT_BURST datagrams (so one direction cannot starve the other; readiness is level-triggered, the
+rest comes next round). on_tun_readable/on_socket_readable drain one side in such rounds for callers that drive the
+pump themselves (tests).
 Lease events change the route table under its mutex, which the pump holds for one round at a time.
 TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, then one sendmmsg per batch in
 which each run of equal-size packets for one peer is a single UDP GSO message (UDP_SEGMENT): the kernel moves the run

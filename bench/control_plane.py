@@ -1,6 +1,8 @@
 """Control-plane scale: N simulated nodes acquire leases at once (one /16 cut into /26 subnets, 1,023 of them) and each
 follows the others with its own lease watch; reported is the time until every node has seen every other lease, for
-each store and each N, and how many watches were lost on the way.
+each store and each N, and how many watches were lost on the way. Then, on the lease stores, churn: every 10th node
+releases its lease, and once every survivor has seen that, acquires again; reported is how long the survivors took to
+see each change.
 
     .venv/bin/python -m bench.control_plane --nodes 100,300,1000 --stores embedded,etcd,kube
 
@@ -39,6 +41,7 @@ from flannel_udp.subnet.watcher import LeaseWatcher
 
 CONFIG = '{"Network": "10.100.0.0/16", "SubnetLen": 26}'
 UNDERLAY = ipaddress.ip_network("198.18.0.0/15")
+CHURN_EVERY = 10  # every 10th node leaves and rejoins after convergence
 LOST_WATCH = ("Lost the etcd watch", "Lost the Kubernetes API server", "fell behind")
 
 
@@ -78,33 +81,74 @@ async def open_node(store: str, target: dict, i: int):
     return Manager(registry, load_config(CONFIG)), registry.close
 
 
+class Follower:
+    """A node's watch, consumed for the whole run, so that later phases can wait for what it has seen."""
+
+    def __init__(self, manager, lease) -> None:
+        self.watcher = LeaseWatcher(lease.subnet)
+        self.watch = manager.watch_leases()
+        self.changed = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async for result in self.watch:
+            self.watcher.apply(result)
+            self.changed.set()
+
+    async def until(self, count: int) -> float:
+        """Wait until the watch shows `count` other leases; returns when (time.time())."""
+        while len(self.watcher.leases) != count:
+            self.changed.clear()
+            await self.changed.wait()
+        return time.time()
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.watch.aclose()
+
+
 async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrier, timeout: float) -> dict:
-    opened = [await open_node(store, target, i) for i in ids]
-    await asyncio.to_thread(barrier.wait)  # every process has its clients: all nodes start at once
+    """Acquire and converge; then (lease stores) the churn: every CHURN_EVERY-th node releases its lease and, once
+    every survivor has seen that, acquires again; the survivors' time to see each change is measured."""
+    opened = dict(zip(ids, [await open_node(store, target, i) for i in ids]))
+    followers: dict[int, Follower] = {}
+    await asyncio.to_thread(barrier.wait, timeout)  # every process has its clients: all nodes start at once
     started = time.time()
-    acquired: list[float] = []
-    converged: list[float] = []
+    result: dict = {"started": started, "acquired": []}
 
-    async def node(i: int, manager) -> None:
-        lease = await manager.acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1))
-        acquired.append(time.time())
-        watcher = LeaseWatcher(lease.subnet)
-        watch = manager.watch_leases()
-        try:
-            async for result in watch:
-                watcher.apply(result)
-                if len(watcher.leases) == nodes - 1:
-                    converged.append(time.time())
-                    return
-        finally:
-            await watch.aclose()
+    async def join(i: int) -> None:
+        manager = opened[i][0]
+        followers[i] = Follower(manager, await manager.acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1)))
 
+    async def first_join(i: int) -> float:
+        await join(i)
+        result["acquired"].append(time.time())
+        return await followers[i].until(nodes - 1)
+
+    async def leave(i: int) -> None:
+        await followers.pop(i).close()
+        await opened[i][0].release_created_lease()
+
+    movers = [i for i in ids if i % CHURN_EVERY == 0]
+    survivors = [i for i in ids if i % CHURN_EVERY != 0]
+    moving = len(range(0, nodes, CHURN_EVERY))
     try:
-        await asyncio.wait_for(asyncio.gather(*(node(i, m) for i, (m, _) in zip(ids, opened))), timeout)
+        async with asyncio.timeout(timeout):
+            result["converged"] = await asyncio.gather(*(first_join(i) for i in ids))
+            if store != "kube":  # a Kubernetes node leaves by its Node object going away, not through a lease store
+                for phase, move, count in (("left_s", leave, nodes - 1 - moving), ("rejoined_s", join, nodes - 1)):
+                    await asyncio.to_thread(barrier.wait, timeout)
+                    began = time.time()
+                    await asyncio.gather(*(move(i) for i in movers))
+                    seen = await asyncio.gather(*(followers[i].until(count) for i in survivors))
+                    result[phase] = max(seen, default=began) - began
     finally:
-        for _, close in opened:
+        for follower in followers.values():
+            await follower.close()
+        for _, close in opened.values():
             await close()
-    return {"started": started, "acquired": acquired, "converged": converged}
+    return result
 
 
 def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrier, timeout: float) -> None:
@@ -161,7 +205,8 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
     converged = [t - start for r in results for t in r["converged"]]
     return {"nodes": nodes, "processes": processes, "all_acquired_s": max(t - start for r in results for t in r["acquired"]),
             "all_converged_s": max(converged), "median_node_converged_s": statistics.median(converged),
-            "lost_watches": lost}
+            "lost_watches": lost, **{f"churn_{phase}": max(r[phase] for r in results) if all(phase in r for r in results)
+                                     else None for phase in ("left_s", "rejoined_s")}}
 
 
 def run_embedded(nodes: int, processes: int, timeout: float) -> dict:
@@ -231,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in stores else None
     try:
         print(f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
-              f"{'lost watches':>13}", flush=True)
+              f"{'lost watches':>13} {'10% left s':>11} {'rejoined s':>11}", flush=True)
         for store in stores:
             for n in sizes:
                 try:
@@ -252,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                     results[store].append({"nodes": n, "timeout_s": args.timeout, "lost_watches": lost})
                     continue
                 results[store].append(figures)
+                churn = "".join(f" {figures[k]:11.2f}" if figures[k] is not None else f" {'-':>11}"
+                                for k in ("churn_left_s", "churn_rejoined_s"))
                 print(f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
-                      f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d}", flush=True)
+                      f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d}{churn}", flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
