@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from flannel_udp.testbed import in_ns, wait_for
+from flannel_udp.testbed import in_ns, scrape_metrics, wait_for
 
 HEALTH_PORT = 8471
 
@@ -25,13 +25,9 @@ def http_get(ns: str, path: str, port: int = HEALTH_PORT) -> tuple[int, str]:
 
 
 def metric(ns: str, name: str, **labels) -> float:
-    _, body = http_get(ns, "/metrics")
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    """The sum of the samples of `name` that carry these labels."""
+    return sum(value for sample, value in scrape_metrics(ns, HEALTH_PORT).items()
+               if sample.partition("{")[0] == name and all(f'{k}="{v}"' in sample for k, v in labels.items()))
 
 
 @pytest.fixture(params=["embedded", "etcd", "offloads-off"])
