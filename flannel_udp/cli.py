@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import __version__
+from .cni_ports import DEFAULT_DATA_DIR
 
 log = logging.getLogger("flannel_udp")
 
@@ -66,6 +67,10 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
                                        "subnet (turn off behind NAT)"),
     "udp-offload": ("bool", True, "batch datagrams with UDP GSO/GRO (false: one datagram per syscall message)"),
     "udp-priority": ("int", 0, "real-time (SCHED_FIFO) priority 1..99 of the packet thread; 0: ordinary scheduling"),
+    "cni-bridge-repair": ("bool", True, "rebuild the pods' bridge (cni0) when it is deleted or loses its address or "
+                                        "MTU, and re-attach the veths the flannel CNI plugin attached"),
+    "cni-data-dir": ("str", DEFAULT_DATA_DIR, "dataDir of the flannel CNI plugin's config (its port records are in "
+                                              "<dataDir>-ports)"),
 }
 
 
@@ -174,7 +179,8 @@ def run_command(argv: list[str], prog: str) -> int:
         etcd=None if args.kube_subnet_mgr else etcd_options(args), kube=kube_options(args),
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
         iptables_forward_rules=args.iptables_forward_rules, iptables_resync=args.iptables_resync,
-        ip_blackhole_route=args.ip_blackhole_route,
+        ip_blackhole_route=args.ip_blackhole_route, cni_bridge_repair=args.cni_bridge_repair,
+        cni_data_dir=args.cni_data_dir,
     )
     try:
         return uvloop.run(Daemon(opts).run())

@@ -14,8 +14,10 @@ import os
 import subprocess
 import sys
 
+from . import cni_ports
+from .cni_ports import DEFAULT_DATA_DIR
+
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
-DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 # CNI error codes (spec): 4 invalid network config, 7 invalid environment variables, 11 try again later, 999 other.
 INVALID_CONFIG, INVALID_ENV, TRY_AGAIN, OTHER = 4, 7, 11, 999
@@ -128,11 +130,30 @@ def run_delegate(config: dict) -> str:
     return result.stdout
 
 
-def scratch_path(conf: dict) -> str:
+def container_id() -> str:
     container = os.environ.get("CNI_CONTAINERID", "")
-    if not container or "/" in container:
+    if not container or "/" in container or container.startswith("."):
         raise CniError(INVALID_ENV, "CNI_CONTAINERID is missing or invalid")
-    return os.path.join(conf.get("dataDir") or DEFAULT_DATA_DIR, container)
+    return container
+
+
+def data_dir(conf: dict) -> str:
+    return conf.get("dataDir") or DEFAULT_DATA_DIR
+
+
+def scratch_path(conf: dict) -> str:
+    return os.path.join(data_dir(conf), container_id())
+
+
+def record_port(conf: dict, delegate: dict, output: str) -> None:
+    """Remember the host-side veth the bridge delegate attached, for the node agent's cni0 repair. The pod is up
+    whatever happens here: a record that cannot be written costs only the repair of this one port."""
+    try:
+        record = cni_ports.record_from_result(container_id(), delegate, json.loads(output))
+        if record is not None:
+            cni_ports.write(data_dir(conf), record)
+    except (OSError, ValueError, AttributeError) as e:
+        print(f"flannel: cannot record the pod's bridge port for cni0 repair: {e}", file=sys.stderr)
 
 
 def command_add(conf: dict) -> str:
@@ -143,7 +164,9 @@ def command_add(conf: dict) -> str:
     with open(path, "w") as f:  # kept for DEL, which may come after subnet.env changed or vanished
         json.dump(delegate, f)
     os.chmod(path, 0o600)
-    return run_delegate(delegate)
+    output = run_delegate(delegate)
+    record_port(conf, delegate, output)
+    return output
 
 
 def saved_delegate(conf: dict) -> dict | None:
@@ -157,6 +180,7 @@ def saved_delegate(conf: dict) -> dict | None:
 
 
 def command_del(conf: dict) -> str:
+    cni_ports.remove(data_dir(conf), container_id())  # first: the agent must not re-attach a port being torn down
     delegate = saved_delegate(conf)
     if delegate is None:
         return ""  # per spec: already gone is fine

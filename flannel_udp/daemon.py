@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from .backend import BackendError, backend_class
+from .bridge_guard import BridgeGuard
+from .cni_ports import DEFAULT_DATA_DIR
 from .health import HealthError, HealthServer, NodeState
 from .net import iface, netlink
 from .net.rules import FamilyNetworks, RulesError, TrafficRules
@@ -56,6 +58,8 @@ class Options:
     udp_source_check: bool = True
     udp_offload: bool = True
     udp_priority: int = 0
+    cni_bridge_repair: bool = True
+    cni_data_dir: str = DEFAULT_DATA_DIR
     etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
     kube: KubeOptions | None = None  # -kube-subnet-mgr: leases are the Nodes' podCIDRs and annotations
 
@@ -275,8 +279,12 @@ class Daemon:
             own_subnets = [str(s) for s in (network.lease.subnet, network.lease.ipv6_subnet) if s is not None]
             resync = tasks.create_task(self._resync(rules, nl, own_subnets))
             stop = tasks.create_task(self.stopping.wait())
+            background = [resync]
+            if self.opts.cni_bridge_repair:
+                guard = BridgeGuard(nl, self.opts.cni_data_dir, network.lease, network.mtu)
+                background.append(tasks.create_task(guard.run()))
             done, _ = await asyncio.wait({watch, renew, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (watch, renew, resync, stop):
+            for task in (watch, renew, stop, *background):
                 task.cancel()
 
     async def _resync(self, rules: TrafficRules, nl: netlink.Netlink, own_subnets: list[str]) -> None:

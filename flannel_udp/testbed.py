@@ -238,7 +238,7 @@ class Testbed:
             from .upstreamflannel import flanneld_path
             program = [flanneld_path()]
         else:
-            program = [*FLANNEL_UDP, "run"]
+            program = [*FLANNEL_UDP, "run", "--cni-data-dir", self.cni_data_dir(host)]
         host.upstream = upstream
         cmd = ["ip", "netns", "exec", host.ns, *program,
                "--net-config-path", self.config_file, "--subnet-file", host.subnet_file,
@@ -331,10 +331,13 @@ class Testbed:
         host.pods.append(pod)
         return pod
 
+    def cni_data_dir(self, host: Host) -> str:
+        return os.path.join(self.workdir, "cni", host.name)
+
     def cni_config(self, host: Host) -> dict:
         # Masquerading pod traffic is flanneld's job (-ip-masq); inside the cluster pods keep their addresses.
         return {"cniVersion": "1.0.0", "name": "flannel-udp", "type": "flannel", "subnetFile": host.subnet_file,
-                "dataDir": os.path.join(self.workdir, "cni", host.name),
+                "dataDir": self.cni_data_dir(host),
                 "ipam": {"dataDir": os.path.join(self.workdir, "ipam", host.name)}, "delegate": {"ipMasq": False}}
 
     def cni(self, host: Host, command: str, container: str, ns: str, config: dict | None = None,
