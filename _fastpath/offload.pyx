@@ -8,7 +8,7 @@ if sys.byteorder != "little":
     raise ImportError("the virtio_net_hdr handling assumes a little-endian machine")
 
 VNET_HEADER_LENGTH = VNET_HDR_LEN
-GSO_NONE, GSO_TCPV4, GSO_UDP_L4 = VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP_L4
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_GSO_UDP_L4
 NEEDS_CSUM = VNET_F_NEEDS_CSUM
 
 

@@ -8,46 +8,64 @@ from _fastpath.routes cimport RouteTable
 
 VERDICT_NAMES = (
     "ok", "short", "not_ipv4", "bad_header", "bad_length", "bad_checksum", "ttl_expired", "no_route", "unknown_peer",
-    "spoofed_source", "not_local", "truncated", "send_failed", "tun_write_failed", "bad_offload",
+    "spoofed_source", "not_local", "truncated", "send_failed", "tun_write_failed", "bad_offload", "not_unicast",
 )
 assert len(VERDICT_NAMES) == V_COUNT
 
 
-def _network(subnet):
-    net = ipaddress.IPv4Network(subnet)
-    return <uint32_t>int(net.network_address), <uint32_t>int(net.netmask)
+cdef OwnSubnets own_subnets(own_subnet, own_subnet6=None) except *:
+    """The pump's view of this node's subnets (and TUN addresses: each subnet's network address, as upstream)."""
+    cdef OwnSubnets own
+    cdef int i
+    net = ipaddress.IPv4Network(str(own_subnet))
+    memset(&own, 0, sizeof(own))
+    own.net4 = int(net.network_address)
+    own.mask4 = int(net.netmask)
+    own.addr4 = own.net4
+    if own_subnet6 is not None:
+        net6 = ipaddress.IPv6Network(str(own_subnet6))
+        own.has6 = True
+        own.net6_hi, own.net6_lo = int(net6.network_address) >> 64, int(net6.network_address) & 0xFFFFFFFFFFFFFFFF
+        own.mask6_hi, own.mask6_lo = int(net6.netmask) >> 64, int(net6.netmask) & 0xFFFFFFFFFFFFFFFF
+        for i in range(16):
+            own.addr6[i] = net6.network_address.packed[i]
+    return own
 
 
-def inbound_verdict(const unsigned char[:] packet, sender, RouteTable routes, own_subnet, bint protect=True):
-    """What the pump does with this UDP payload from `sender`: "ok" or the drop reason."""
-    cdef uint32_t own_net, own_mask
-    own_net, own_mask = _network(own_subnet)
+cdef int32_t peer_of(RouteTable routes, sender) except -2:
+    """The peer index of an underlay address of either family, -1 if no route uses it."""
+    ip = ipaddress.ip_address(str(sender))
+    cdef bytes packed = ip.packed
+    if ip.version == 4:
+        return routes.find_peer(int(ip))
+    return routes.find_peer6(packed)
+
+
+def inbound_verdict(const unsigned char[:] packet, sender, RouteTable routes, own_subnet, bint protect=True,
+                    own_subnet6=None):
+    """What the pump does with this UDP payload from `sender` (an IPv4 or IPv6 underlay address): "ok" or the drop
+    reason. own_subnet6: the node's IPv6 subnet when it carries IPv6."""
+    cdef OwnSubnets own = own_subnets(own_subnet, own_subnet6)
+    cdef int32_t peer = peer_of(routes, sender)
+    cdef const unsigned char* p = &packet[0] if packet.shape[0] else <const unsigned char*>b""
+    return VERDICT_NAMES[classify_inbound(p, packet.shape[0], peer, routes, &own, protect)]
+
+
+def outbound_verdict(const unsigned char[:] packet, RouteTable routes, bint ipv6=False):
+    """What the pump does with this packet read from the TUN: "ok" or the drop reason. ipv6: the node carries IPv6."""
+    cdef OwnSubnets own = own_subnets("0.0.0.0/32", "::/128" if ipv6 else None)
+    cdef const unsigned char* p = &packet[0] if packet.shape[0] else <const unsigned char*>b""
     cdef int32_t peer
-    cdef const unsigned char* p = &packet[0] if packet.shape[0] else <const unsigned char*>b""
-    return VERDICT_NAMES[classify_inbound(p, packet.shape[0], int(ipaddress.IPv4Address(sender)), routes,
-                                          own_net, own_mask, protect, &peer)]
-
-
-def outbound_verdict(const unsigned char[:] packet, RouteTable routes):
-    """What the pump does with this packet read from the TUN: "ok" or the drop reason."""
-    cdef const unsigned char* p = &packet[0] if packet.shape[0] else <const unsigned char*>b""
-    cdef int verdict = check_ipv4(p, packet.shape[0])
-    if verdict != V_OK:
-        return VERDICT_NAMES[verdict]
-    if routes.lookup(be32(p + 16)) < 0:
-        return VERDICT_NAMES[V_NO_ROUTE]
-    if p[8] <= 1:
-        return VERDICT_NAMES[V_TTL_EXPIRED]
-    return "ok"
+    return VERDICT_NAMES[classify_outbound(p, packet.shape[0], routes, &own, False, &peer)]
 
 
 def with_ttl_decremented(const unsigned char[:] packet):
-    """A copy with TTL - 1 and the checksum patched; None if the TTL is too low to forward."""
+    """A copy with TTL (IPv6: hop limit) - 1 and the IPv4 checksum patched; None if too low to forward."""
     if packet.shape[0] < 20:
-        raise ValueError("not an IPv4 header")
+        raise ValueError("not an IP header")
     out = bytearray(packet)
     cdef unsigned char[:] view = out
-    if decrement_ttl(&view[0]) != V_OK:
+    if decrement_hops(&view[0]) != V_OK:
         return None
     return bytes(out)
 
@@ -61,6 +79,16 @@ def net_unreachable(const unsigned char[:] offender, own_address):
     return None if n == 0 else bytes(out[:n])
 
 
+def no_route6(const unsigned char[:] offender, own_address6):
+    """The ICMPv6 no-route the pump writes back for this unroutable IPv6 packet; None when suppressed."""
+    if offender.shape[0] < 40:
+        raise ValueError("not an IPv6 header")
+    cdef unsigned char out[ICMP6_ERROR_MAX]
+    cdef bytes source = ipaddress.IPv6Address(own_address6).packed
+    cdef Py_ssize_t n = build_no_route6(&offender[0], offender.shape[0], source, out)
+    return None if n == 0 else bytes(out[:n])
+
+
 # -- micro-benchmark drivers: the per-packet work of the pump, repeated in C (no syscalls, no Python per packet) ------
 def bench_outbound(const unsigned char[:] packet, RouteTable routes, int rounds):
     """TUN -> UDP work per packet: copy in (as a read would), IPv4 checks, route lookup, TTL - 1. Returns the sent."""
@@ -70,10 +98,12 @@ def bench_outbound(const unsigned char[:] packet, RouteTable routes, int rounds)
     cdef long sent = 0
     if n > 65536 or n < 20:
         raise ValueError("packet size")
+    cdef OwnSubnets own = own_subnets("0.0.0.0/32")
+    cdef int32_t peer
     with nogil:
         for r in range(rounds):
             memcpy(scratch, &packet[0], n)
-            if check_ipv4(scratch, n) == V_OK and routes.lookup(be32(scratch + 16)) >= 0 and decrement_ttl(scratch) == V_OK:
+            if classify_outbound(scratch, n, routes, &own, False, &peer) == V_OK and decrement_ttl(scratch) == V_OK:
                 sent += 1
     return sent
 
@@ -82,17 +112,16 @@ def bench_inbound(const unsigned char[:] packet, sender, RouteTable routes, own_
     """UDP -> TUN work per datagram: copy in, IPv4 checks, source checks against the leases, TTL - 1."""
     cdef unsigned char scratch[65536]
     cdef Py_ssize_t n = packet.shape[0]
-    cdef uint32_t own_net, own_mask, source = int(ipaddress.IPv4Address(sender))
-    own_net, own_mask = _network(own_subnet)
+    cdef OwnSubnets own = own_subnets(own_subnet)
+    cdef int32_t peer = peer_of(routes, sender)
     cdef int r
-    cdef int32_t peer
     cdef long accepted = 0
     if n > 65536 or n < 20:
         raise ValueError("packet size")
     with nogil:
         for r in range(rounds):
             memcpy(scratch, &packet[0], n)
-            if classify_inbound(scratch, n, source, routes, own_net, own_mask, True, &peer) == V_OK \
+            if classify_inbound(scratch, n, peer, routes, &own, True) == V_OK \
                     and decrement_ttl(scratch) == V_OK:
                 accepted += 1
     return accepted

@@ -31,7 +31,7 @@ from posix.unistd cimport read, write
 
 from _fastpath.offload cimport *
 from _fastpath.packet cimport *
-from _fastpath.routes cimport Peer, RouteTable, ntohl, sockaddr_in
+from _fastpath.routes cimport Peer, RouteTable, ntohl, sockaddr_in, sockaddr_in6
 
 from _fastpath.packet import VERDICT_NAMES
 
@@ -85,7 +85,7 @@ cdef extern from "<poll.h>" nogil:
 
 cdef enum:
     BATCH = 64
-    BUF_SIZE = 65536 + 64  # any IPv4 packet plus a virtio header: datagrams are never truncated silently
+    BUF_SIZE = 65536 + 64  # any IP packet (IPv6: 40 + 65535) plus a virtio header: never truncated silently
     # Datagrams per round before the other direction gets its turn: one batch. A TUN read of a TSO super-packet counts
     # as the segments it becomes and a GRO receive as the datagrams it holds, so a round is bounded in work (tens of
     # microseconds), not in reads: a ping or an ACK going the other way never waits behind megabytes of bulk data.
@@ -103,9 +103,10 @@ cdef enum:
 
 cdef class Pump:
     cdef int tun_fd
-    cdef int sock_fd
+    cdef int sock_fd  # the IPv4 underlay's socket
+    cdef int sock6_fd  # the IPv6 underlay's socket, -1 if none
     cdef RouteTable routes
-    cdef uint32_t own_net, own_mask, own_addr
+    cdef OwnSubnets own
     cdef bint protect
     cdef int burst
     cdef readonly bint vnet_hdr  # TUN reads and writes carry a virtio_net_hdr (TUN offloads on)
@@ -121,6 +122,7 @@ cdef class Pump:
     cdef size_t tx_len[BATCH]  # per slot: the datagram's length
     cdef int32_t tx_peer[BATCH]
     cdef mmsghdr gso_msgs[BATCH]  # one per run of packets for one peer
+    cdef int gso_family[BATCH]  # per message: 4 or 6, the socket it leaves by
     cdef int gso_first[BATCH + 1]
     cdef uint64_t gso_ctrl[BATCH][CTRL_WORDS]
     cdef uint64_t rx_ctrl[BATCH][CTRL_WORDS]
@@ -130,8 +132,8 @@ cdef class Pump:
     cdef uint8_t* rx_bufs
     cdef mmsghdr rx_msgs[BATCH]
     cdef iovec rx_iov[BATCH]
-    cdef sockaddr_in rx_addr[BATCH]
-    cdef uint8_t icmp_buf[128]
+    cdef sockaddr_in6 rx_addr[BATCH]  # room for a sender of either family
+    cdef uint8_t icmp_buf[ICMP6_ERROR_MAX]
     cdef uint64_t drops_out[V_COUNT]
     cdef uint64_t drops_in[V_COUNT]
     cdef uint64_t tun_read_packets, udp_sent_packets, udp_sent_bytes
@@ -140,15 +142,12 @@ cdef class Pump:
     cdef uint64_t tso_reads, tso_segments, tun_writes, coalesced_writes
 
     def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True, int burst=DEFAULT_BURST,
-                  bint gso=False, bint gro=False, bint vnet_hdr=False):
-        import ipaddress
-        net = ipaddress.IPv4Network(own_subnet)
+                  bint gso=False, bint gro=False, bint vnet_hdr=False, int sock6_fd=-1, own_subnet6=None):
         self.tun_fd = tun_fd
         self.sock_fd = sock_fd
+        self.sock6_fd = sock6_fd
         self.routes = routes
-        self.own_net = int(net.network_address)
-        self.own_mask = int(net.netmask)
-        self.own_addr = self.own_net  # the TUN's address and ICMP source, as upstream
+        self.own = own_subnets(own_subnet, own_subnet6)  # with the TUN's addresses, the sources of ICMP errors
         self.protect = protect
         self.burst = burst
         self.gso = gso
@@ -173,7 +172,6 @@ cdef class Pump:
             self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
             self.rx_msgs[i].msg_hdr.msg_iovlen = 1
             self.rx_msgs[i].msg_hdr.msg_name = &self.rx_addr[i]
-            self.gso_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
 
     def __dealloc__(self):
         free(self.tx_bufs)
@@ -190,12 +188,14 @@ cdef class Pump:
                     break
 
     def on_socket_readable(self):
-        """Everything queued in the socket, in rounds, as run() would move it."""
+        """Everything queued in the sockets, in rounds, as run() would move it."""
         cdef uint64_t before
         with nogil:
             while True:
                 before = self.udp_received_packets
-                self._socket_round()
+                self._socket_round(self.sock_fd, False)
+                if self.sock6_fd >= 0:
+                    self._socket_round(self.sock6_fd, True)
                 if self.udp_received_packets == before:
                     break
 
@@ -205,37 +205,41 @@ cdef class Pump:
         self._tun_to_udp()
         self.routes.unlock()
 
-    cdef inline void _socket_round(self) noexcept nogil:
+    cdef inline void _socket_round(self, int fd, bint v6) noexcept nogil:
         self.socket_wakeups += 1
         self.routes.lock()
-        self._udp_to_tun()
+        self._udp_to_tun(fd, v6)
         self.routes.unlock()
 
     def run(self, int stop_fd):
         """The packet loop, for a thread of its own: until stop_fd (an eventfd) is readable or an fd is closed. The GIL
         is released for its whole life."""
-        cdef pollfd fds[3]
+        cdef pollfd fds[4]
         cdef int r, i
         with nogil:
             fds[0].fd = self.tun_fd
             fds[1].fd = self.sock_fd
-            fds[2].fd = stop_fd
-            for i in range(3):
+            fds[2].fd = self.sock6_fd  # poll() skips a negative fd
+            fds[3].fd = stop_fd
+            for i in range(4):
                 fds[i].events = POLLIN
             while True:
-                for i in range(3):
+                for i in range(4):
                     fds[i].revents = 0
-                r = poll(fds, 3, -1)
+                r = poll(fds, 4, -1)
                 if r < 0:
                     if errno == EINTR:
                         continue
                     break
-                if fds[2].revents or (fds[0].revents | fds[1].revents) & POLLNVAL:
+                if fds[3].revents or (fds[0].revents | fds[1].revents | fds[2].revents) & POLLNVAL:
                     break
                 if fds[0].revents & (POLLIN | POLLERR):
                     self._tun_round()
+                # A pending socket error is cleared by the receive that reports it.
                 if fds[1].revents & (POLLIN | POLLERR):
-                    self._socket_round()  # a pending socket error is cleared by the receive that reports it
+                    self._socket_round(self.sock_fd, False)
+                if fds[2].revents & (POLLIN | POLLERR):
+                    self._socket_round(self.sock6_fd, True)
 
     cdef void _tun_to_udp(self) noexcept nogil:
         cdef int handled = 0, n = 0, reads = 0, verdict, i
@@ -264,16 +268,11 @@ cdef class Pump:
                     handled += 1
                     continue
             handled += self.plan.segments
-            verdict = check_ipv4(pkt, length)
-            if verdict == V_BAD_CHECKSUM and self.plan.gso_type != VNET_GSO_NONE:
-                verdict = V_OK  # every segment gets a fresh header checksum below
+            verdict = classify_outbound(pkt, length, self.routes, &self.own, self.plan.gso_type != VNET_GSO_NONE, &peer)
             if verdict == V_OK:
-                peer = self.routes.lookup(be32(pkt + 16))
-                if peer < 0:
-                    verdict = V_NO_ROUTE
-                    self._answer_unreachable(pkt, length)
-                else:
-                    verdict = decrement_ttl(pkt)
+                verdict = decrement_hops(pkt)
+            elif verdict == V_NO_ROUTE:
+                self._answer_unreachable(pkt, length)
             if verdict != V_OK:
                 self.drops_out[verdict] += self.plan.segments
                 continue
@@ -313,7 +312,11 @@ cdef class Pump:
         return 0
 
     cdef void _answer_unreachable(self, const uint8_t* pkt, Py_ssize_t length) noexcept nogil:
-        cdef Py_ssize_t reply = build_net_unreachable(pkt, length, self.own_addr, self.icmp_buf)
+        cdef Py_ssize_t reply
+        if (pkt[0] >> 4) == 6:
+            reply = build_no_route6(pkt, length, self.own.addr6, self.icmp_buf)
+        else:
+            reply = build_net_unreachable(pkt, length, self.own.addr4, self.icmp_buf)
         if reply > 0 and self._tun_write(self.icmp_buf, reply) == reply:
             self.icmp_sent += 1
 
@@ -338,6 +341,7 @@ cdef class Pump:
         cdef size_t seg = self.tx_len[first], total = seg, length
         cdef msghdr* h = &self.gso_msgs[m].msg_hdr
         cdef cmsghdr* c
+        cdef Peer* p = &self.routes.peers[self.tx_peer[first]]
         if self.gso:
             while (i < n and self.tx_peer[i] == self.tx_peer[first] and i - first < GSO_MAX_SEGMENTS
                    and total + self.tx_len[i] <= GSO_MAX_BYTES):
@@ -348,7 +352,13 @@ cdef class Pump:
                 i += 1
                 if length < seg:
                     break  # only the last segment may be shorter
-        h.msg_name = &self.routes.peers[self.tx_peer[first]].addr
+        self.gso_family[m] = p.family
+        if p.family == 4:
+            h.msg_name = &p.addr4
+            h.msg_namelen = sizeof(sockaddr_in)
+        else:
+            h.msg_name = &p.addr6
+            h.msg_namelen = sizeof(sockaddr_in6)
         h.msg_iov = &self.tx_iov[2 * first]
         h.msg_iovlen = 2 * (i - first)  # the kernel cuts the run at seg bytes whatever the iovec boundaries
         if i - first > 1:
@@ -366,7 +376,7 @@ cdef class Pump:
         return i
 
     cdef void _send_batch(self, int n) noexcept nogil:
-        cdef int msgs = 0, first = 0, sent = 0, r, i, k, last
+        cdef int msgs = 0, first = 0, sent = 0, r, i, k, last, end, fd
         cdef pollfd waiter
         cdef Peer* p
         while first < n:
@@ -376,13 +386,18 @@ cdef class Pump:
         self.gso_first[msgs] = n
         self.send_batches += 1
         while sent < msgs:
-            r = sendmmsg(self.sock_fd, &self.gso_msgs[sent], msgs - sent, MSG_DONTWAIT)
+            # One sendmmsg per run of messages of one underlay family: each family has its own socket.
+            end = sent + 1
+            while end < msgs and self.gso_family[end] == self.gso_family[sent]:
+                end += 1
+            fd = self.sock_fd if self.gso_family[sent] == 4 else self.sock6_fd
+            r = sendmmsg(fd, &self.gso_msgs[sent], end - sent, MSG_DONTWAIT)
             if r < 0:
                 if errno == EINTR:
                     continue
                 if errno == EAGAIN:
                     # A full socket buffer: wait briefly (TCP inside prefers delay to loss), then give up on the rest.
-                    waiter.fd = self.sock_fd
+                    waiter.fd = fd
                     waiter.events = POLLOUT
                     waiter.revents = 0
                     if poll(&waiter, 1, SEND_WAIT_MS) > 0:
@@ -416,22 +431,22 @@ cdef class Pump:
                     self.udp_sent_bytes += self.tx_len[i]
             sent += r
 
-    cdef void _udp_to_tun(self) noexcept nogil:
+    cdef void _udp_to_tun(self, int fd, bint v6) noexcept nogil:
         cdef int n, i
         cdef uint8_t* buf
         cdef Py_ssize_t length, offset, seg, piece
-        cdef uint32_t sender
+        cdef int32_t peer
         cdef cmsghdr* c
         cdef uint64_t start = self.udp_received_packets  # datagrams, each datagram of a GRO run counted
         cdef int want = GRO_BATCH if self.gro else BATCH
         while self.udp_received_packets - start < <uint64_t>self.burst:
             for i in range(want):
-                self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+                self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
                 self.rx_msgs[i].msg_hdr.msg_flags = 0
                 if self.gro:
                     self.rx_msgs[i].msg_hdr.msg_control = &self.rx_ctrl[i][0]
                     self.rx_msgs[i].msg_hdr.msg_controllen = sizeof(self.rx_ctrl[i])
-            n = recvmmsg(self.sock_fd, self.rx_msgs, want, MSG_DONTWAIT, NULL)
+            n = recvmmsg(fd, self.rx_msgs, want, MSG_DONTWAIT, NULL)
             if n <= 0:
                 if n < 0 and errno == EINTR:
                     continue
@@ -444,7 +459,11 @@ cdef class Pump:
                     self.udp_received_packets += 1
                     self.drops_in[V_TRUNCATED] += 1
                     continue
-                sender = ntohl(self.rx_addr[i].sin_addr.s_addr)
+                # The sender's peer entry, looked up once for every datagram of a GRO run.
+                if v6:
+                    peer = self.routes.find_peer6(self.rx_addr[i].sin6_addr.s6_addr)
+                else:
+                    peer = self.routes.find_peer(ntohl((<sockaddr_in*>&self.rx_addr[i]).sin_addr.s_addr))
                 seg = 0
                 if self.gro:
                     c = CMSG_FIRSTHDR(&self.rx_msgs[i].msg_hdr)
@@ -453,27 +472,27 @@ cdef class Pump:
                             seg = (<int*>CMSG_DATA(c))[0]
                         c = CMSG_NXTHDR(&self.rx_msgs[i].msg_hdr, c)
                 if seg <= 0 or seg >= length:
-                    self._deliver(buf, length, sender)
+                    self._deliver(buf, length, peer)
                     continue
                 self.gro_receives += 1
                 offset = 0
                 while offset < length:  # a GRO run: datagrams of seg bytes, the last possibly shorter
                     piece = seg if length - offset > seg else length - offset
-                    self._deliver(buf + offset, piece, sender)
+                    self._deliver(buf + offset, piece, peer)
                     offset += piece
             self._flush_coalesced()  # the receive buffers are reused by the next recvmmsg
             if n < want:
                 return
 
-    cdef void _deliver(self, uint8_t* buf, Py_ssize_t length, uint32_t sender) noexcept nogil:
-        """One datagram's payload from `sender`: check, TTL-1, count, then write it to the TUN (or hold it to glue)."""
-        cdef int32_t peer
+    cdef void _deliver(self, uint8_t* buf, Py_ssize_t length, int32_t peer) noexcept nogil:
+        """One datagram's payload from the peer with index `peer` (-1: no lease's address): check, TTL-1, count, then
+        write it to the TUN (or hold it to glue)."""
         cdef int verdict
         cdef Peer* p
         self.udp_received_packets += 1
-        verdict = classify_inbound(buf, length, sender, self.routes, self.own_net, self.own_mask, self.protect, &peer)
+        verdict = classify_inbound(buf, length, peer, self.routes, &self.own, self.protect)
         if verdict == V_OK:
-            verdict = decrement_ttl(buf)
+            verdict = decrement_hops(buf)
         if verdict != V_OK:
             self.drops_in[verdict] += 1
             return

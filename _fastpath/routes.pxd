@@ -9,11 +9,20 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_family
         uint16_t sin_port
         in_addr sin_addr
+    cdef struct in6_addr:
+        unsigned char s6_addr[16]
+    cdef struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
     uint32_t htonl(uint32_t)
     uint32_t ntohl(uint32_t)
     uint16_t htons(uint16_t)
     uint16_t ntohs(uint16_t)
     int AF_INET
+    int AF_INET6
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
@@ -23,9 +32,16 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_lock(pthread_mutex_t* mutex)
     int pthread_mutex_unlock(pthread_mutex_t* mutex)
 
+# A key of either family: an IPv4 address or prefix in lo (hi 0), an IPv6 one in hi (first 8 bytes) and lo (last 8),
+# big-endian; tag = family << 8 | prefix length (255 for a peer's address), so the families never meet.
+cdef struct Key:
+    uint64_t hi
+    uint64_t lo
+    uint32_t tag
+
 # One open-addressing table (linear probing, tombstones) serves both maps: routes and peers.
 cdef struct Slot:
-    uint64_t key
+    Key key
     int32_t value
     uint8_t state  # 0 empty, 1 used, 2 deleted
 
@@ -36,34 +52,51 @@ cdef struct HashMap:
     uint32_t deleted
 
 cdef struct Peer:
-    uint32_t ip  # host byte order
+    Key ip  # the underlay address, as a peer key
+    int family  # 4 or 6: which socket sends to it, and which address below is filled in
     int32_t refs  # routes pointing here; 0 = free slot
-    sockaddr_in addr  # ready for sendmmsg
+    sockaddr_in addr4  # ready for sendmmsg
+    sockaddr_in6 addr6
     uint64_t tx_packets
     uint64_t tx_bytes
     uint64_t rx_packets
     uint64_t rx_bytes
 
+
+cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v = (v << 8) | p[i]
+    return v
+
+
 cdef class RouteTable:
     # The pump's thread holds it for a whole batch (lookups and sends use peer slots); lease events take it for each
     # change. The packet path never needs the GIL, so a lease event can never stall it for longer than one change.
     cdef pthread_mutex_t mutex
-    cdef HashMap route_map  # (prefix length << 32 | network) -> peer index
-    cdef HashMap peer_by_ip  # ip -> peer index
+    cdef HashMap route_map  # prefix key -> peer index
+    cdef HashMap peer_by_ip  # address key -> peer index
     cdef Peer* peers
     cdef int32_t peer_capacity
     cdef int32_t route_count
-    cdef int32_t per_length[33]
-    cdef int32_t lengths[33]  # prefix lengths in use, longest first
-    cdef int32_t nlengths
+    cdef int32_t per_length4[33]
+    cdef int32_t lengths4[33]  # IPv4 prefix lengths in use, longest first
+    cdef int32_t nlengths4
+    cdef int32_t per_length6[129]
+    cdef int32_t lengths6[129]
+    cdef int32_t nlengths6
 
     cdef inline void lock(self) noexcept nogil:
         pthread_mutex_lock(&self.mutex)
     cdef inline void unlock(self) noexcept nogil:
         pthread_mutex_unlock(&self.mutex)
     cdef int32_t lookup(self, uint32_t addr) noexcept nogil
+    cdef int32_t lookup6(self, const uint8_t* addr) noexcept nogil
     cdef int32_t find_peer(self, uint32_t ip) noexcept nogil
+    cdef int32_t find_peer6(self, const uint8_t* ip) noexcept nogil
     cdef void _recount_lengths(self) noexcept
-    cdef int _set(self, uint64_t key, int plen, uint32_t ip, int port) except -1
-    cdef int32_t _peer_ref(self, uint32_t ip, uint16_t port) except -1
+    cdef int _set(self, Key key, Key ip, int family, int port) except -1
+    cdef int32_t _peer_ref(self, Key ip, int family, uint16_t port) except -1
     cdef void _peer_unref(self, int32_t index) noexcept
+    cdef int port_of(self, int32_t index) noexcept

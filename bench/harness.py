@@ -28,6 +28,7 @@ from flannel_udp.testbed import Testbed, in_ns, wait_for
 BACKENDS = ("host-gw", "vxlan", "udp", "upstream-udp", "upstream-vxlan")
 UPSTREAM = "upstream-"
 NETWORK = "10.244.0.0/16"
+IPV6_NETWORK = "fd00:10:244::/56"
 # What is reported, in this order: (key, label, unit, higher is better)
 FIGURES = [
     ("tcp1_gbps", "TCP 1 stream", "Gbit/s", True),
@@ -50,11 +51,15 @@ def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
-def iperf(bed: Testbed, client, server, seconds: float, *args: str) -> dict:
+def target(pod, ipv6: bool) -> str:
+    return str(pod.address6 if ipv6 else pod.address)
+
+
+def iperf(bed: Testbed, client, server, seconds: float, *args: str, ipv6: bool = False) -> dict:
     srv = bed.popen(server.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: "5201" in in_ns(server.ns, "ss", "-ltn").stdout, 3)
     try:
-        result = in_ns(client.ns, "iperf3", "-c", str(server.address), "-t", str(seconds), "-J", *args, check=False,
+        result = in_ns(client.ns, "iperf3", "-c", target(server, ipv6), "-t", str(seconds), "-J", *args, check=False,
                        timeout=seconds + 30)
         return json.loads(result.stdout)
     finally:
@@ -84,8 +89,8 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def latency(bed: Testbed, client, server, count: int) -> dict:
-    out = in_ns(client.ns, "ping", "-i", "0.01", "-c", str(count), "-W", "1", str(server.address), check=False,
+def latency(bed: Testbed, client, server, count: int, ipv6: bool = False) -> dict:
+    out = in_ns(client.ns, "ping", "-i", "0.01", "-c", str(count), "-W", "1", target(server, ipv6), check=False,
                 timeout=count * 0.05 + 20).stdout
     rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", out))
     if not rtts:
@@ -95,35 +100,38 @@ def latency(bed: Testbed, client, server, count: int) -> dict:
 
 
 @contextlib.contextmanager
-def two_pod_cluster(backend: str, offloads: bool = True):
+def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False):
     """A fresh 2-host cluster running the real daemon with this backend (ours, or upstream's flanneld on etcd for an
-    `upstream-` backend; `NAME@FLAG@FLAG` adds node flags) and a pod on each host that reaches the other; yields
-    (testbed, pod a, pod b)."""
+    `upstream-` backend; `NAME@FLAG@FLAG` adds node flags) and a pod on each host that reaches the other (over IPv6
+    too with ipv6: a dual-stack network on the dual-stack underlay); yields (testbed, pod a, pod b)."""
     backend, *flags = backend.split("@")  # "udp@-udp-priority=10@-udp-offload=false": a variant of ours
     upstream = backend.startswith(UPSTREAM)
     with Testbed(hosts=2) as bed:
         bed.set_underlay_offloads(offloads)
         if upstream:
             bed.start_etcd()
-        bed.write_config({"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}})
+        config = {"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}}
+        if ipv6:
+            config.update(EnableIPv6=True, IPv6Network=IPV6_NETWORK)
+        bed.write_config(config)
         for host in bed.hosts:
             bed.start_node(host, *flags, upstream=upstream)
         a, b = (bed.add_pod(h) for h in bed.hosts)
-        if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
+        if not wait_for(lambda: bed.ping(a.ns, target(b, ipv6), timeout=0.5), 5):
             raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
         yield bed, a, b
 
 
-def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> dict:
-    """Every figure of FIGURES for one backend on a fresh cluster."""
-    with two_pod_cluster(backend, offloads) as (bed, a, b):
+def measure(backend: str, offloads: bool, seconds: float, ping_count: int, ipv6: bool = False) -> dict:
+    """Every figure of FIGURES for one backend on a fresh cluster (between the pods' IPv6 addresses with ipv6)."""
+    with two_pod_cluster(backend, offloads, ipv6) as (bed, a, b):
         daemons = [h.process.pid for h in bed.hosts]
         figures: dict = {}
         moved = 0
         cpu_before, softirq_before = sum(cpu_seconds(p) for p in daemons), softirq_seconds()
         for key, args in (("tcp1_gbps", ()), ("tcp1_reverse_gbps", ("-R",)), ("tcp4_gbps", ("-P", "4")),
                           ("tcp4_reverse_gbps", ("-P", "4", "-R"))):
-            result = iperf(bed, a, b, seconds, *args)
+            result = iperf(bed, a, b, seconds, *args, ipv6=ipv6)
             figures[key] = result["end"]["sum_received"]["bits_per_second"] / 1e9
             moved += result["end"]["sum_received"]["bytes"]
         cpu_after, softirq_after = sum(cpu_seconds(p) for p in daemons), softirq_seconds()
@@ -131,11 +139,11 @@ def measure(backend: str, offloads: bool, seconds: float, ping_count: int) -> di
         figures["daemon_cpu_s_per_gb"] = (cpu_after - cpu_before) / gigabytes if gigabytes else None
         figures["softirq_cpu_s_per_gb"] = (softirq_after - softirq_before) / gigabytes if gigabytes else None
         figures["daemon_rss_mib"] = max(rss_mib(p) for p in daemons)
-        udp = iperf(bed, a, b, min(seconds, 3), "-u", "-b", "0", "-l", "64")["end"]["sum"]
+        udp = iperf(bed, a, b, min(seconds, 3), "-u", "-b", "0", "-l", "64", ipv6=ipv6)["end"]["sum"]
         figures["udp64_sent_kpps"] = udp["packets"] / udp["seconds"] / 1e3
         figures["udp64_loss_percent"] = udp["lost_percent"]
         figures["udp64_received_kpps"] = figures["udp64_sent_kpps"] * (1 - udp["lost_percent"] / 100)
-        figures.update(latency(bed, a, b, ping_count))
+        figures.update(latency(bed, a, b, ping_count, ipv6))
         return figures
 
 
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5, help="iperf3 duration per TCP test")
     parser.add_argument("--underlay", choices=["defaults", "offloads-off", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="one short repetition, veth defaults only (< 60 s)")
+    parser.add_argument("--ipv6", action="store_true", help="dual-stack network; every figure between the pods' IPv6 "
+                        "addresses (upstream's udp backend is IPv4-only and is left out)")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in the README)")
     parser.add_argument("--plot", metavar="FILE.png", help="bar charts of the main figures")
     args = parser.parse_args(argv)
@@ -234,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.backends != parser.get_default("backends"):
             parser.error(f"upstream flanneld is not built ({upstreamflannel.flanneld_path()}): run scripts/setup.sh")
         backends = [b for b in backends if not b.startswith(UPSTREAM)]
+    if args.ipv6 and "upstream-udp" in backends:
+        if args.backends != parser.get_default("backends"):
+            parser.error("--ipv6: upstream's udp backend is IPv4-only")
+        backends.remove("upstream-udp")
     if args.quick:
         args.repeat, args.seconds, args.underlay = 1, 1, "defaults"
     ping_count = 100 if args.quick else 500
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(), "cores": os.cpu_count(),
                "cpu": platform.processor() or platform.machine(), "tools": tool_versions()}
     print(f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
-          f"{args.repeat} x {args.seconds:g}s per TCP test", flush=True)
+          f"{args.repeat} x {args.seconds:g}s per TCP test{'; IPv6 pods' if args.ipv6 else ''}", flush=True)
     runs: dict = {s: {b: [] for b in backends} for s in settings}
     started = time.monotonic()
     try:
@@ -251,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             for repetition in range(args.repeat):
                 for backend in backends:
                     progress(f"underlay {setting}, repetition {repetition + 1}/{args.repeat}: {backend}")
-                    runs[setting][backend].append(measure(backend, setting == "defaults", args.seconds, ping_count))
+                    runs[setting][backend].append(measure(backend, setting == "defaults", args.seconds, ping_count,
+                                                          args.ipv6))
     except KeyboardInterrupt:
         print("\ninterrupted; everything built was removed", file=sys.stderr)
         return 130
-    report = {"machine": machine, "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends},
+    report = {"machine": machine, "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends,
+                                                 "ipv6": args.ipv6},
               "settings": {}}
     for setting in settings:
         summary = {b: summarise(runs[setting][b]) for b in backends}

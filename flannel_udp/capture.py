@@ -46,6 +46,8 @@ class Verdicts:
         self.leases = leases
         self.port = port
         self.own_subnet = own_subnet
+        own = next((lease for lease in leases if lease.subnet == own_subnet), None) if own_subnet else None
+        self.own_subnet6 = own.ipv6_subnet if own is not None else None
         self.by_public_ip = {str(lease.attrs.public_ip): lease for lease in leases}
         # Dual stack: a node's IPv6 underlay address names its IPv6 subnet.
         self.by_public_ipv6 = {str(lease.attrs.public_ipv6): lease for lease in leases if lease.attrs.public_ipv6}
@@ -60,39 +62,49 @@ class Verdicts:
         return f" [{lease.ipv6_subnet}]" if lease is not None else ""
 
     def _table_without(self, subnet) -> object:
-        """The route table of the node that owns `subnet`: every other lease."""
+        """The route table of the node that owns `subnet`: every other lease, IPv6 subnets too, each to the next hop
+        that node's udp backend would choose (the peer's PublicIPv6 when both have one)."""
         from _fastpath.routes import RouteTable
         key = str(subnet)
         if key not in self.tables:
+            owner = next((lease for lease in self.leases if lease.subnet == subnet), None)
+            owner_has_ipv6 = owner is not None and owner.attrs.public_ipv6 is not None
             table = RouteTable()
             for lease in self.leases:
-                if lease.subnet != subnet:
-                    table.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+                if lease.subnet == subnet:
+                    continue
+                table.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+                if lease.ipv6_subnet is not None and owner is not None and owner.ipv6_subnet is not None:
+                    hop = lease.attrs.public_ipv6 if owner_has_ipv6 and lease.attrs.public_ipv6 else lease.attrs.public_ip
+                    table.set_route(lease.ipv6_subnet, hop, self.port)
             self.tables[key] = table
         return self.tables[key]
 
     def inbound(self, inner: bytes, sender: str, receiver_ip: str) -> str:
-        """A datagram from `sender` to `receiver_ip`, as the receiving node's pump judges it."""
+        """A datagram from `sender` to `receiver_ip` (an underlay address of either family), as the receiving node's
+        pump judges it."""
         from _fastpath.packet import inbound_verdict
-        receiver = self.by_public_ip.get(receiver_ip)
+        receiver = self.by_public_ip.get(receiver_ip) or self.by_public_ipv6.get(receiver_ip)
         if receiver is None:  # not sent to a known node: only the structural checks apply
-            return inbound_verdict(inner, sender, self.empty, "0.0.0.0/32", False)
-        return inbound_verdict(inner, sender, self._table_without(receiver.subnet), str(receiver.subnet), True)
+            return self.structural(inner)
+        own6 = str(receiver.ipv6_subnet) if receiver.ipv6_subnet is not None else None
+        return inbound_verdict(inner, sender, self._table_without(receiver.subnet), str(receiver.subnet), True, own6)
 
     def structural(self, inner: bytes) -> str:
+        """The checks that need no leases, for either family."""
         from _fastpath.packet import inbound_verdict
-        if inner and inner[0] >> 4 == 6:  # carried by vxlan in dual stack: the header must fit the bytes
-            return "ok" if len(inner) >= 40 and 40 + int.from_bytes(inner[4:6], "big") == len(inner) else "bad_length"
-        return inbound_verdict(inner, "0.0.0.0", self.empty, "0.0.0.0/32", False)
+        return inbound_verdict(inner, "0.0.0.0", self.empty, "0.0.0.0/32", False, "::/128")
 
     def on_tun(self, inner: bytes) -> str:
         """A packet on flannel0: delivered to this node, or leaving it (then it needs a route and a live TTL)."""
         from _fastpath.packet import outbound_verdict
-        if len(inner) >= 20 and inner[0] >> 4 == 4 and self.own_subnet is not None \
-                and ipaddress.IPv4Address(inner[16:20]) in self.own_subnet:
-            return self.structural(inner)
+        addresses = inner_addresses(inner)
+        if addresses is not None and self.own_subnet is not None:
+            destination = ipaddress.ip_address(addresses[1])
+            if destination in self.own_subnet or (self.own_subnet6 is not None and destination in self.own_subnet6):
+                return self.structural(inner)
         table = self._table_without(self.own_subnet) if self.own_subnet else self.empty
-        return outbound_verdict(inner, table)
+        return outbound_verdict(inner, table, ipv6=self.own_subnet6 is not None)
 
 
 # -- decoding ------------------------------------------------------------------------------------------------------
@@ -181,7 +193,7 @@ def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: b
     if outer is None or UDP not in outer:
         return None
     udp = outer[UDP]
-    if udp.dport == udp_port and outer.version == 4:  # the udp backend is IPv4-only
+    if udp.dport == udp_port:  # the udp backend, over an IPv4 or an IPv6 underlay
         inner = bytes(udp.payload)
         verdict = verdicts.inbound(inner, outer.src, outer.dst)
         encapsulation = "udp"

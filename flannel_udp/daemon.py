@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -145,6 +146,27 @@ def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) 
     return families
 
 
+async def choose_interface(nl: netlink.Netlink, opts: Options, public_ip: str, public_ipv6: str, ipv6: bool,
+                           ipv6_optional: bool) -> iface.ExternalInterface:
+    """The external interface (and with ipv6 its IPv6 side). Where the backend can carry IPv6 pod traffic over the IPv4
+    underlay, an interface without an IPv6 address is not an error unless an IPv6 underlay was asked for by name."""
+    args = (opts.iface, opts.iface_regex, opts.iface_can_reach, public_ip, public_ipv6)
+    asked_for_ipv6 = bool(public_ipv6) or any(":" in value for value in opts.iface)
+    if ipv6 and ipv6_optional and not asked_for_ipv6:
+        try:
+            ext = await nl.call(iface.choose, *args, True)
+            if not ext.iface_addr6.is_link_local:
+                return ext
+            reason = f"{ext.name} has only the link-local {ext.iface_addr6}, which peers on other links cannot reach"
+            ext = dataclasses.replace(ext, iface_addr6=None, ext_addr6=None)
+        except iface.InterfaceError as e:
+            reason = str(e)
+            ext = await nl.call(iface.choose, *args, False)
+        log.info("No IPv6 underlay (%s): IPv6 pod traffic crosses the IPv4 underlay", reason)
+        return ext
+    return await nl.call(iface.choose, *args, ipv6)
+
+
 def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
     if isinstance(result, Snapshot):
         return all(lease.subnet != own.subnet for lease in result.leases)
@@ -193,10 +215,10 @@ class Daemon:
             backend_cls = backend_class(config.backend_name)
             # The IPv6 side is looked for only where a backend carries IPv6 (udp refuses EnableIPv6 itself).
             dual_stack = config.enable_ipv6 and backend_cls.dual_stack
-            ext = await nl.call(iface.choose, opts.iface, opts.iface_regex, opts.iface_can_reach, public_ip,
-                                public_ipv6, dual_stack)
+            ext = await choose_interface(nl, opts, public_ip, public_ipv6, dual_stack,
+                                         getattr(backend_cls, "ipv6_underlay_optional", False))
             log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
-            if dual_stack:
+            if ext.iface_addr6 is not None:
                 log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
             backend = backend_cls(nl, ext, config, source_check=opts.udp_source_check, offload=opts.udp_offload,
                                   priority=opts.udp_priority)

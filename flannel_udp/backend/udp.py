@@ -1,4 +1,8 @@
-"""The udp backend: TUN flannel0 plus the _fastpath pump, wire-compatible with upstream (IPv4 packet as UDP payload)."""
+"""The udp backend: TUN flannel0 plus the _fastpath pump, wire-compatible with upstream (IP packet as UDP payload).
+
+Beyond upstream (IPv4 only): with EnableIPv6 the lease gets an IPv6 subnet too and flannel0 carries both families.
+IPv6 pod packets go to a peer's PublicIPv6 over an IPv6 underlay socket when both nodes have one, else over the IPv4
+underlay; either way the UDP payload stays the raw inner packet, so IPv4 traffic with an upstream peer is unchanged."""
 from __future__ import annotations
 
 import asyncio
@@ -21,13 +25,14 @@ from ..net.tun import open_tun
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import IPV4_MIN_MTU, BackendError, Network
+from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, Network
 from .options import int_option
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+ENCAP_OVERHEAD_V6 = 48  # outer IPv6 (40) + UDP (8)
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # the socket's own drop counter (a full receive buffer), as `ss -m` shows it
@@ -42,9 +47,13 @@ def parse_options(backend: dict[str, Any]) -> int:
 
 
 def open_socket(address: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    """The underlay socket of the address's family (an IPv6 one carries only IPv6: the IPv4 socket has the rest)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
@@ -53,19 +62,29 @@ def open_socket(address: str, port: int) -> socket.socket:
         sock.bind((address, port))
     except OSError as e:
         sock.close()
+        where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
         if e.errno == errno.EADDRINUSE:
             raise BackendError(f"UDP port {port} on {address} is already in use (is another flanneld running?)") from None
-        raise BackendError(f"cannot bind the UDP socket to {address}:{port}: {e.strerror}") from None
+        raise BackendError(f"cannot bind the UDP socket to {where}: {e.strerror}") from None
     return sock
 
 
 class UdpBackend:
-    dual_stack = False  # IPv4 only, as upstream's udp backend
+    dual_stack = True
+    # IPv6 pod traffic may cross the IPv4 underlay: an interface without an IPv6 address is no error here.
+    ipv6_underlay_optional = True
 
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True,
                  offload: bool = True, priority: int = 0) -> None:
-        if not config.enable_ipv4 or config.enable_ipv6:
-            raise BackendError("the udp backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)")
+        if not config.enable_ipv4:
+            raise BackendError("the udp backend needs EnableIPv4: IPv6-only networks are not supported (IPv6 runs "
+                               "beside IPv4 with EnableIPv6)")
+        if config.ipv6_network is not None and not config.enable_ipv6:
+            raise BackendError("IPv6Network is set but EnableIPv6 is not: the udp backend would give pods no IPv6 "
+                               "subnet (set EnableIPv6, or remove IPv6Network)")
+        if config.enable_ipv6 and ext.ext_addr6 is not None and ext.ext_addr6 != ext.iface_addr6:
+            raise BackendError(f"-public-ipv6 {ext.ext_addr6} is not an address of {ext.name} ({ext.iface_addr6}): the "
+                               "udp backend receives IPv6 underlay traffic on the interface's own address")
         self.netlink = nl
         self.ext = ext
         self.config = config
@@ -74,36 +93,64 @@ class UdpBackend:
         self.offload = offload
         self.priority = priority
 
-    async def register_network(self, manager: Manager) -> UdpNetwork:
-        mtu = self.ext.mtu - ENCAP_OVERHEAD
-        if mtu < IPV4_MIN_MTU:
+    def tun_mtu(self) -> int:
+        """The interface's MTU less the encapsulation of the larger outer header in use."""
+        ipv6_underlay = self.config.enable_ipv6 and self.ext.iface_addr6 is not None
+        overhead = ENCAP_OVERHEAD_V6 if ipv6_underlay else ENCAP_OVERHEAD
+        mtu = self.ext.mtu - overhead
+        family, minimum = ("IPv6", IPV6_MIN_MTU) if self.config.enable_ipv6 else ("IPv4", IPV4_MIN_MTU)
+        if mtu < minimum:
             raise BackendError(f"the MTU of {self.ext.name} ({self.ext.mtu}) leaves {mtu} bytes for flannel0 after the "
-                               f"{ENCAP_OVERHEAD}-byte UDP encapsulation, below IPv4's minimum of {IPV4_MIN_MTU}")
-        # The socket first: a busy port must fail before anything is allocated or configured.
-        sock = open_socket(str(self.ext.iface_addr), self.port)
+                               f"{overhead}-byte UDP encapsulation, below {family}'s minimum of {minimum}")
+        return mtu
+
+    def lease_attrs(self) -> LeaseAttrs:
+        """Upstream's udp lease ({"PublicIP": ...}, no BackendType) for IPv4; in dual stack, beyond upstream, the
+        schema of the other dual-stack backends: BackendType "udp" and PublicIPv6 (null without an IPv6 underlay)."""
+        if not self.config.enable_ipv6:
+            return LeaseAttrs(self.ext.ext_addr)
+        return LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6, backend_type="udp")
+
+    async def register_network(self, manager: Manager) -> UdpNetwork:
+        mtu = self.tun_mtu()
+        # The sockets first: a busy port must fail before anything is allocated or configured.
+        socks = [open_socket(str(self.ext.iface_addr), self.port)]
         tun_fd = -1
         try:
-            lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr))
+            ipv6_underlay = self.config.enable_ipv6 and self.ext.iface_addr6 is not None
+            if ipv6_underlay:
+                socks.append(open_socket(str(self.ext.iface_addr6), self.port))
+            lease = await manager.acquire_lease(self.lease_attrs())
             tun_fd, tun_name, tun_offloads = open_tun(offloads=self.offload)
-            await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network))
+            network6 = str(self.config.ipv6_network) if lease.ipv6_subnet is not None else None
+            await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network), network6)
             accept_local_icmp(tun_name)
-            log.info("%s is up: address %s/32, MTU %d, route %s; UDP on %s:%d", tun_name, lease.subnet.network_address,
-                     mtu, self.config.network, self.ext.iface_addr, self.port)
-            return UdpNetwork(lease, mtu, tun_fd, tun_name, sock, self.port, self.source_check, self.offload, tun_offloads,
-                              self.priority)
+            log.info("%s is up: address %s/32%s, MTU %d, route %s%s; UDP on %s", tun_name, lease.subnet.network_address,
+                     f" and {lease.ipv6_subnet.network_address}/128" if network6 else "", mtu, self.config.network,
+                     f" and {network6}" if network6 else "",
+                     " and ".join(f"[{s.getsockname()[0]}]:{self.port}" if s.family == socket.AF_INET6
+                                  else f"{s.getsockname()[0]}:{self.port}" for s in socks))
+            return UdpNetwork(lease, mtu, tun_fd, tun_name, socks[0], self.port, self.source_check, self.offload,
+                              tun_offloads, self.priority, sock6=socks[1] if len(socks) > 1 else None)
         except BaseException:
             if tun_fd >= 0:
                 os.close(tun_fd)  # the kernel removes the device, its address and its route
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
 
 
-def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str) -> None:
-    """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network."""
+def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str, network6: str | None = None) -> None:
+    """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network; in dual stack
+    also <IPv6 subnet address>/128 and a route for the IPv6Network."""
     link = netlink.link_by_name(ipr, name)
     netlink.replace_address(ipr, link.index, str(lease.subnet.network_address), 32)
+    if network6 is not None:
+        netlink.replace_address(ipr, link.index, str(lease.ipv6_subnet.network_address), 128)
     netlink.set_link(ipr, link.index, mtu=mtu, up=True, txqlen=TUN_TXQUEUELEN)
     netlink.replace_route(ipr, network, oif=link.index)
+    if network6 is not None:
+        netlink.replace_route(ipr, network6, oif=link.index)
 
 
 def enable_gro(sock: socket.socket) -> bool:
@@ -128,17 +175,23 @@ def accept_local_icmp(tun_name: str) -> None:
 
 class UdpNetwork(Network):
     def __init__(self, lease: Lease, mtu: int, tun_fd: int, tun_name: str, sock: socket.socket, port: int,
-                 source_check: bool, offload: bool, tun_offloads: int = 0, priority: int = 0) -> None:
+                 source_check: bool, offload: bool, tun_offloads: int = 0, priority: int = 0,
+                 sock6: socket.socket | None = None) -> None:
         self.lease = lease
         self.mtu = mtu
         self.tun_fd = tun_fd
         self.tun_name = tun_name
         self.sock = sock
+        self.sock6 = sock6
         self.port = port
         self.routes = RouteTable()
+        self._ipv6_subnets: dict = {}  # a peer's IPv4 subnet -> its IPv6 subnet, to remove both routes together
         gro = offload and enable_gro(sock)
+        if sock6 is not None:
+            gro = gro and enable_gro(sock6)
         self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check, gso=offload, gro=gro,
-                         vnet_hdr=bool(tun_offloads))
+                         vnet_hdr=bool(tun_offloads), sock6_fd=sock6.fileno() if sock6 is not None else -1,
+                         own_subnet6=str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None)
         log.info("Offloads: UDP GSO %s, UDP GRO %s, TUN %s", "on" if offload else "off", "on" if gro else "off",
                  f"{tun_offloads:#x} (TSO split, TCP coalescing)" if tun_offloads else "off")
         self._gso_fallback_logged = False
@@ -169,6 +222,13 @@ class UdpNetwork(Network):
             log.warning("UDP GSO refused by the kernel (errno %d); sending one datagram per packet from now on",
                         self.pump.gso_error)
 
+    def ipv6_next_hop(self, lease: Lease):
+        """Where a peer's IPv6 pod traffic goes: its PublicIPv6 when both nodes have an IPv6 underlay, else its
+        PublicIP. Both ends decide alike, so the sender of a datagram is always the peer its inner source routes to."""
+        if self.sock6 is not None and lease.attrs.public_ipv6 is not None:
+            return lease.attrs.public_ipv6
+        return lease.attrs.public_ip
+
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
             lease = event.lease
@@ -176,9 +236,21 @@ class UdpNetwork(Network):
                 # Every lease gets a route whatever its BackendType, as upstream.
                 self.routes.set_route(lease.subnet, lease.attrs.public_ip, self.port)
                 log.info("Route %s via %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
+                old6 = self._ipv6_subnets.pop(lease.subnet, None)
+                if old6 is not None and old6 != lease.ipv6_subnet:
+                    self.routes.delete_route(old6)
+                if self.lease.ipv6_subnet is not None and lease.ipv6_subnet is not None:
+                    hop = self.ipv6_next_hop(lease)
+                    self.routes.set_route(lease.ipv6_subnet, hop, self.port)
+                    self._ipv6_subnets[lease.subnet] = lease.ipv6_subnet
+                    log.info("Route %s via %s", lease.ipv6_subnet,
+                             f"[{hop}]:{self.port}" if hop.version == 6 else f"{hop}:{self.port}")
             else:
                 if self.routes.delete_route(lease.subnet):
                     log.info("Route %s removed", lease.subnet)
+                subnet6 = self._ipv6_subnets.pop(lease.subnet, None) or lease.ipv6_subnet
+                if subnet6 is not None and self.routes.delete_route(subnet6):
+                    log.info("Route %s removed", subnet6)
 
     def collect_metrics(self):
         self.check_offload_fallback()
@@ -212,8 +284,12 @@ class UdpNetwork(Network):
         return [packets, octets, drops, totals, calls, routes]
 
     def socket_drops(self) -> int:
-        meminfo = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
-        return int.from_bytes(meminfo[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4], sys.byteorder)
+        total = 0
+        for sock in (self.sock, self.sock6):
+            if sock is not None:
+                meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+                total += int.from_bytes(meminfo[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4], sys.byteorder)
+        return total
 
     def tun_queue_drops(self) -> int:
         """Packets the kernel dropped because the TUN's queue towards the pump was full (its tx_dropped)."""
@@ -229,3 +305,5 @@ class UdpNetwork(Network):
         os.close(self._stop_fd)
         os.close(self.tun_fd)
         self.sock.close()
+        if self.sock6 is not None:
+            self.sock6.close()

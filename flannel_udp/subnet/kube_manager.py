@@ -35,7 +35,8 @@ NODE_POLL = 3.0
 PATCH_RETRY = 3.0       # upstream retries the annotation patch every 3 s for up to 30 s
 PATCH_WAIT = 30.0
 SYNC_TIMEOUT = 600.0    # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
-DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard")  # upstream forces every other backend's lease to IPv4 only
+# Upstream forces every other backend's lease to IPv4 only; "udp" is ours (the backend type of a dual-stack udp lease).
+DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard", "udp")
 _FAILURES = (ApiError, httpx.HTTPError, OSError)
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
@@ -96,7 +97,9 @@ def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: 
             raise LeaseConversionError("missing IPv4 address on n.Spec.PodCIDRs")
     if enable_ipv6:
         try:
-            public_ipv6 = ipaddress.IPv6Address(annotations.get(ann.public_ipv6, ""))
+            # A udp node without an IPv6 underlay publishes no public IPv6: its IPv6 pods are reached over IPv4.
+            optional = annotations.get(ann.backend_type) == "udp" and not annotations.get(ann.public_ipv6)
+            public_ipv6 = None if optional else ipaddress.IPv6Address(annotations.get(ann.public_ipv6, ""))
         except ValueError:
             raise LeaseConversionError(f"invalid {ann.public_ipv6}: {annotations.get(ann.public_ipv6)!r}") from None
         backend_v6_data = _backend_json(annotations.get(ann.backend_v6_data), ann.backend_v6_data)
@@ -138,7 +141,7 @@ def wanted_annotations(current: dict[str, str], attrs: LeaseAttrs, ann: Annotati
         else:
             out[ann.public_ip] = str(attrs.public_ip)
     if ((kind == "vxlan" and v6bd != "null") or (kind == "wireguard" and v6bd != "null" and attrs.public_ipv6)
-            or (kind == "host-gw" and attrs.public_ipv6 is not None)):
+            or (kind in ("host-gw", "udp") and attrs.public_ipv6 is not None)):
         out[ann.backend_v6_data] = v6bd
         overwrite = current.get(ann.public_ipv6_overwrite, "")
         if overwrite:

@@ -147,8 +147,6 @@ def test_ip6tables_and_nftables_rules_cover_the_ipv6_network(bed):
     (dual_config({"Type": "host-gw"}), ["--public-ipv6", "2001:db8::7"],
      "error: your PublicIPv6 differs from interface IPv6, meaning that probably you're on a NAT, which is not "
      "supported by host-gw backend"),
-    (dual_config({"Type": "udp"}), [],
-     "error: the udp backend supports IPv4 only (set EnableIPv4 and leave EnableIPv6 off)"),
 ])
 def test_dual_stack_refusals_are_one_clear_line(bed, config, flags, message):
     bed.write_config(config)

@@ -298,7 +298,7 @@ def test_missing_node_name_is_one_clear_line(kube):
     assert line == "error: env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)"
 
 
-@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw", "udp"])
 def test_dual_stack_takes_both_pod_cidrs(bed, backend):
     bed.write_config({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
                       "Backend": {"Type": backend}})
