@@ -1,4 +1,5 @@
 """Builds the Cython data plane in _fastpath/; everything else is declared in pyproject.toml."""
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -11,7 +12,7 @@ def fastpath_extension(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [fastpath_extension(name) for name in ("packet", "routes", "offload", "pump")],
+        [fastpath_extension(name) for name in ("packet", "routes", "offload", "pump", "drivers")],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),
 )

@@ -80,33 +80,3 @@ def internet_checksum(const unsigned char[:] data):
     if data.shape[0] == 0:
         return 0xFFFF
     return ~sum16(&data[0], data.shape[0]) & 0xFFFF
-
-
-def bench_split(const unsigned char[:] read, int rounds):
-    """Cutting one TUN super-packet into its segments (headers, payload copy, IP and TCP checksums), repeated in C."""
-    cdef unsigned char* scratch
-    cdef unsigned char out[65536]
-    cdef GsoPlan plan
-    cdef Py_ssize_t n = read.shape[0] - VNET_HDR_LEN
-    cdef int r, i
-    cdef long segments = 0
-    copy = bytearray(read)
-    cdef unsigned char[:] view = copy
-    scratch = &view[0]
-    if plan_gso(scratch, scratch + VNET_HDR_LEN, n, &plan) < 0 or plan.gso_type == VNET_GSO_NONE:
-        raise ValueError("not a super-packet")
-    with nogil:
-        for r in range(rounds):
-            for i in range(plan.segments):
-                build_segment(scratch + VNET_HDR_LEN, n, &plan, i, out)
-                segments += 1
-    return segments
-
-
-def bench_checksum(const unsigned char[:] data, int rounds):
-    cdef int r
-    cdef uint32_t total = 0
-    with nogil:
-        for r in range(rounds):
-            total += sum16(&data[0], data.shape[0])
-    return total

@@ -2,6 +2,7 @@
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+from _fastpath.checksum cimport checksum, fold, sum16
 from _fastpath.routes cimport RouteTable, be64
 
 # Why a packet was dropped; the names in packet.pyx VERDICT_NAMES follow this order.
@@ -59,22 +60,6 @@ cdef inline void put_be16(uint8_t* p, uint16_t v) noexcept nogil:
     p[1] = v & 0xFF
 
 
-cdef inline uint32_t csum_add(uint32_t sum, const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i = 0
-    while i + 1 < n:
-        sum += (<uint32_t>p[i] << 8) | p[i + 1]
-        i += 2
-    if i < n:
-        sum += <uint32_t>p[i] << 8
-    return sum
-
-
-cdef inline uint16_t csum_fold(uint32_t sum) noexcept nogil:
-    while sum >> 16:
-        sum = (sum & 0xFFFF) + (sum >> 16)
-    return <uint16_t>(~sum & 0xFFFF)
-
-
 cdef inline int check_ipv4(const uint8_t* p, Py_ssize_t n) noexcept nogil:
     """Structural checks of an IPv4 packet of exactly n bytes."""
     cdef Py_ssize_t ihl
@@ -87,7 +72,7 @@ cdef inline int check_ipv4(const uint8_t* p, Py_ssize_t n) noexcept nogil:
         return V_BAD_HEADER
     if be16(p + 2) != n:
         return V_BAD_LENGTH
-    if csum_fold(csum_add(0, p, ihl)) != 0:
+    if checksum(p, ihl) != 0:
         return V_BAD_CHECKSUM
     return V_OK
 
@@ -227,7 +212,6 @@ cdef inline Py_ssize_t build_no_route6(const uint8_t* offender, Py_ssize_t n, co
     is not a unicast address (RFC 4443 2.4 e). out must hold ICMP6_ERROR_MAX bytes."""
     cdef Py_ssize_t quoted = n if n <= ICMP6_ERROR_MAX - 48 else ICMP6_ERROR_MAX - 48
     cdef Py_ssize_t payload = 8 + quoted
-    cdef uint32_t sum
     if not ipv6_unicast(offender + 8) or (offender[6] == 58 and n > 40 and offender[40] < 128):
         return 0
     memset(out, 0, 48)
@@ -241,8 +225,8 @@ cdef inline Py_ssize_t build_no_route6(const uint8_t* offender, Py_ssize_t n, co
     out[41] = 0  # no route to destination
     memcpy(out + 48, offender, quoted)
     # Checksum over the pseudo-header (addresses, upper-layer length, next header) and the message.
-    sum = csum_add(0, out + 8, 32) + <uint32_t>payload + 58
-    put_be16(out + 42, csum_fold(csum_add(sum, out + 40, payload)))
+    put_be16(out + 42, <uint16_t>(~fold(<uint64_t>sum16(out + 8, 32) + <uint32_t>payload + 58 + sum16(out + 40, payload))
+                                  & 0xFFFF))
     return 40 + payload
 
 
@@ -265,10 +249,10 @@ cdef inline Py_ssize_t build_net_unreachable(const uint8_t* offender, Py_ssize_t
     out[14] = (own_addr >> 8) & 0xFF
     out[15] = own_addr & 0xFF
     memcpy(out + 16, offender + 12, 4)
-    put_be16(out + 10, csum_fold(csum_add(0, out, 20)))
+    put_be16(out + 10, checksum(out, 20))
     out[20] = 3
     out[21] = 0
     copy = quoted if quoted <= n else n
     memcpy(out + 28, offender, copy)
-    put_be16(out + 22, csum_fold(csum_add(0, out + 20, 8 + quoted)))
+    put_be16(out + 22, checksum(out + 20, 8 + quoted))
     return total

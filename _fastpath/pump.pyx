@@ -31,57 +31,13 @@ from posix.unistd cimport read, write
 
 from _fastpath.offload cimport *
 from _fastpath.packet cimport *
-from _fastpath.routes cimport Peer, RouteTable, ntohl, sockaddr_in, sockaddr_in6
+from _fastpath.clib cimport *
+from _fastpath.routes cimport Peer, RouteTable
 
 from _fastpath.packet import VERDICT_NAMES
 
+UDP_GRO_OPTION = (SOL_UDP, UDP_GRO)  # for the Python side's setsockopt: CPython's socket module lacks them
 
-cdef extern from "<sys/uio.h>" nogil:
-    cdef struct iovec:
-        void* iov_base
-        size_t iov_len
-    Py_ssize_t writev(int fd, const iovec* iov, int n)
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    cdef struct msghdr:
-        void* msg_name
-        socklen_t msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    cdef struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    cdef struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    cmsghdr* CMSG_FIRSTHDR(msghdr* m)
-    cmsghdr* CMSG_NXTHDR(msghdr* m, cmsghdr* c)
-    unsigned char* CMSG_DATA(cmsghdr* c)
-    size_t CMSG_SPACE(size_t n)
-    size_t CMSG_LEN(size_t n)
-    int recvmmsg(int fd, mmsghdr* vec, unsigned int n, int flags, void* timeout)
-    int sendmmsg(int fd, mmsghdr* vec, unsigned int n, int flags)
-    int MSG_DONTWAIT
-    int MSG_TRUNC
-
-cdef extern from "<errno.h>" nogil:
-    int EIO
-
-cdef extern from "<poll.h>" nogil:
-    cdef struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd* fds, unsigned long n, int timeout)
-    short POLLIN
-    short POLLOUT
-    short POLLERR
-    short POLLNVAL
 
 cdef enum:
     BATCH = 64
@@ -92,9 +48,6 @@ cdef enum:
     DEFAULT_BURST = BATCH
     GRO_BATCH = 8  # messages per receive with UDP GRO: each may hold a run of up to 64 KB of datagrams
     SEND_WAIT_MS = 20  # how long a full socket buffer may hold a batch before its rest is dropped
-    SOL_UDP = 17
-    UDP_SEGMENT = 103
-    UDP_GRO = 104
     GSO_MAX_SEGMENTS = 64  # the kernel's limit (UDP_MAX_SEGMENTS) on older kernels
     GSO_MAX_BYTES = 65000  # payload of one UDP datagram before segmentation: < 65535 - IP - UDP headers
     CTRL_WORDS = 4  # 32 bytes, 8-aligned: room for one cmsg with an int
@@ -129,6 +82,7 @@ cdef class Pump:
     cdef public bint gso  # UDP_SEGMENT on sends; turned off for good if the kernel refuses it
     cdef public bint gro  # UDP_GRO on receives (set by the caller after the setsockopt succeeded)
     cdef public int gso_error  # errno that turned GSO off, 0 if none
+    cdef int notify_fd  # an eventfd told when GSO is turned off (the control plane logs it at once), -1 if none
     cdef uint8_t* rx_bufs
     cdef mmsghdr rx_msgs[BATCH]
     cdef iovec rx_iov[BATCH]
@@ -142,7 +96,8 @@ cdef class Pump:
     cdef uint64_t tso_reads, tso_segments, tun_writes, coalesced_writes
 
     def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True, int burst=DEFAULT_BURST,
-                  bint gso=False, bint gro=False, bint vnet_hdr=False, int sock6_fd=-1, own_subnet6=None):
+                  bint gso=False, bint gro=False, bint vnet_hdr=False, int sock6_fd=-1, own_subnet6=None,
+                  int notify_fd=-1):
         self.tun_fd = tun_fd
         self.sock_fd = sock_fd
         self.sock6_fd = sock6_fd
@@ -153,6 +108,7 @@ cdef class Pump:
         self.gso = gso
         self.gro = gro
         self.gso_error = 0
+        self.notify_fd = notify_fd
         self.vnet_hdr = vnet_hdr
         self.tx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
         self.rx_bufs = <uint8_t*>calloc(BATCH, BUF_SIZE)
@@ -408,6 +364,7 @@ cdef class Pump:
                     # The egress device cannot checksum-offload: GSO is off from now on; resend the rest plainly.
                     self.gso = False
                     self.gso_error = errno
+                    self._notify()
                     first = self.gso_first[sent]
                     for i in range(first, n):  # move the rest to the front, then send it datagram by datagram
                         self.tx_iov[2 * (i - first)] = self.tx_iov[2 * i]
@@ -430,6 +387,11 @@ cdef class Pump:
                     self.udp_sent_packets += 1
                     self.udp_sent_bytes += self.tx_len[i]
             sent += r
+
+    cdef void _notify(self) noexcept nogil:
+        cdef uint64_t one = 1
+        if self.notify_fd >= 0:
+            write(self.notify_fd, &one, sizeof(one))
 
     cdef void _udp_to_tun(self, int fd, bint v6) noexcept nogil:
         cdef int n, i

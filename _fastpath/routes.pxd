@@ -1,36 +1,7 @@
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+from _fastpath.clib cimport pthread_mutex_t, pthread_mutex_lock, pthread_mutex_unlock, sockaddr_in, sockaddr_in6
 
-cdef extern from "<netinet/in.h>" nogil:
-    ctypedef uint32_t in_addr_t
-    cdef struct in_addr:
-        in_addr_t s_addr
-    cdef struct sockaddr_in:
-        unsigned short sin_family
-        uint16_t sin_port
-        in_addr sin_addr
-    cdef struct in6_addr:
-        unsigned char s6_addr[16]
-    cdef struct sockaddr_in6:
-        unsigned short sin6_family
-        uint16_t sin6_port
-        uint32_t sin6_flowinfo
-        in6_addr sin6_addr
-        uint32_t sin6_scope_id
-    uint32_t htonl(uint32_t)
-    uint32_t ntohl(uint32_t)
-    uint16_t htons(uint16_t)
-    uint16_t ntohs(uint16_t)
-    int AF_INET
-    int AF_INET6
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t* mutex, void* attr)
-    int pthread_mutex_destroy(pthread_mutex_t* mutex)
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
 
 # A key of either family: an IPv4 address or prefix in lo (hi 0), an IPv6 one in hi (first 8 bytes) and lo (last 8),
 # big-endian; tag = family << 8 | prefix length (255 for a peer's address), so the families never meet.

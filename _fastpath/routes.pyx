@@ -11,6 +11,8 @@ import ipaddress
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
+from _fastpath.clib cimport AF_INET, AF_INET6, htonl, htons, ntohs, pthread_mutex_destroy, pthread_mutex_init
+
 cdef uint32_t MIN_CAPACITY = 64
 cdef uint32_t PEER_TAG = 255
 
@@ -387,17 +389,3 @@ cdef class RouteTable:
         finally:
             self.unlock()
         return {str(_key_address(ip)): counters for ip, counters in raw}
-
-    def bench_lookups(self, const unsigned char[:] addresses, int rounds=1):
-        """Look up every big-endian IPv4 address in the buffer `rounds` times, in C; returns the hits (benchmarks)."""
-        cdef Py_ssize_t n = addresses.shape[0] // 4, i
-        cdef int r
-        cdef long hits = 0
-        cdef uint32_t a
-        with nogil:
-            for r in range(rounds):
-                for i in range(n):
-                    a = (<uint32_t>addresses[4*i] << 24) | (<uint32_t>addresses[4*i+1] << 16) | (<uint32_t>addresses[4*i+2] << 8) | addresses[4*i+3]
-                    if self.lookup(a) >= 0:
-                        hits += 1
-        return hits

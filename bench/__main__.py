@@ -1,4 +1,5 @@
 """`python -m bench`: see bench/harness.py."""
+
 import sys
 
 from bench.harness import main

@@ -5,6 +5,7 @@ the same iperf3 runs; the figures are printed as absolute values and as ratios t
 this machine is shared and noisy. Routed and VXLAN are set up by hand here, as flannel's host-gw and vxlan backends set
 them up (reference §4.2, §4.3), so that the udp backend is compared with the kernel on identical plumbing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flannel_udp.testbed import Host, Testbed, in_ns
+from testbed.cluster import Host, Testbed, in_ns
 
 NETWORK = ipaddress.ip_network("10.244.0.0/16")
 
@@ -28,8 +29,10 @@ NETWORK = ipaddress.ip_network("10.244.0.0/16")
 def fake_subnet_env(host: Host, index: int, mtu: int) -> ipaddress.IPv4Network:
     subnet = ipaddress.ip_network(f"10.244.{index}.0/24")
     with open(host.subnet_file, "w") as f:
-        f.write(f"FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={subnet.network_address + 1}/24\nFLANNEL_MTU={mtu}\n"
-                "FLANNEL_IPMASQ=false\n")
+        f.write(
+            f"FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={subnet.network_address + 1}/24\nFLANNEL_MTU={mtu}\n"
+            "FLANNEL_IPMASQ=false\n"
+        )
     return subnet
 
 
@@ -46,8 +49,24 @@ def setup_vxlan(bed: Testbed) -> None:
     subnets = [fake_subnet_env(h, i + 1, mtu) for i, h in enumerate(bed.hosts)]
     macs = [f"02:00:00:00:00:{i + 1:02x}" for i in range(len(bed.hosts))]
     for i, host in enumerate(bed.hosts):
-        in_ns(host.ns, "ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", str(host.address), "dev", "eth0",
-              "dstport", "8472", "nolearning")
+        in_ns(
+            host.ns,
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            str(host.address),
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        )
         in_ns(host.ns, "ip", "link", "set", "flannel.1", "address", macs[i], "mtu", str(mtu), "up")
         in_ns(host.ns, "ip", "addr", "add", f"{subnets[i].network_address}/32", "dev", "flannel.1")
         for j, other in enumerate(bed.hosts):
@@ -55,7 +74,19 @@ def setup_vxlan(bed: Testbed) -> None:
                 continue
             gw = str(subnets[j].network_address)
             in_ns(host.ns, "ip", "neigh", "replace", gw, "lladdr", macs[j], "dev", "flannel.1", "nud", "permanent")
-            in_ns(host.ns, "bridge", "fdb", "append", macs[j], "dev", "flannel.1", "dst", str(other.address), "self", "permanent")
+            in_ns(
+                host.ns,
+                "bridge",
+                "fdb",
+                "append",
+                macs[j],
+                "dev",
+                "flannel.1",
+                "dst",
+                str(other.address),
+                "self",
+                "permanent",
+            )
             in_ns(host.ns, "ip", "route", "replace", str(subnets[j]), "via", gw, "dev", "flannel.1", "onlink")
 
 
@@ -67,7 +98,7 @@ def setup_udp(bed: Testbed, *flags: str) -> None:
 
 
 def setup_udp_plain(bed: Testbed) -> None:
-    """The udp backend with every offload off (no TUN TSO/coalescing, no UDP GSO/GRO): the before of the offload work."""
+    """The udp backend with every offload off (no TUN TSO/coalescing, no UDP GSO/GRO): before the offload work."""
     setup_udp(bed, "--udp-offload=false")
 
 
@@ -93,8 +124,16 @@ def setup_limit_c(bed: Testbed) -> None:
     subnets = [fake_subnet_env(h, i + 1, mtu) for i, h in enumerate(bed.hosts)]
     for i, host in enumerate(bed.hosts):
         peer = bed.hosts[1 - i]
-        bed.popen(host.ns, limit_tunnel_binary(), "flannel0", str(host.address), "8285", str(peer.address),
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        bed.popen(
+            host.ns,
+            limit_tunnel_binary(),
+            "flannel0",
+            str(host.address),
+            "8285",
+            str(peer.address),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 5
         while in_ns(host.ns, "ip", "link", "show", "flannel0", check=False).returncode != 0:
             if time.monotonic() > deadline:
@@ -105,16 +144,31 @@ def setup_limit_c(bed: Testbed) -> None:
         in_ns(host.ns, "ip", "route", "add", str(NETWORK), "dev", "flannel0")
 
 
-VARIANTS = {"routed": setup_routed, "vxlan": setup_vxlan, "udp": setup_udp, "udp-plain": setup_udp_plain,
-            "limit-c": setup_limit_c}
+VARIANTS = {
+    "routed": setup_routed,
+    "vxlan": setup_vxlan,
+    "udp": setup_udp,
+    "udp-plain": setup_udp_plain,
+    "limit-c": setup_limit_c,
+}
 
 
 def iperf(bed: Testbed, client, server, *args: str, seconds: float) -> dict:
     srv = bed.popen(server.ns, "iperf3", "-s", "-1", stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
     time.sleep(0.3)
     try:
-        out = in_ns(client.ns, "iperf3", "-c", str(server.address), "-t", str(seconds), "-J", *args, check=False,
-                    timeout=seconds + 30).stdout
+        out = in_ns(
+            client.ns,
+            "iperf3",
+            "-c",
+            str(server.address),
+            "-t",
+            str(seconds),
+            "-J",
+            *args,
+            check=False,
+            timeout=seconds + 30,
+        ).stdout
         return json.loads(out)
     finally:
         srv.wait(10)
@@ -154,36 +208,52 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5, help="iperf3 TCP duration per variant")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
-    parser.add_argument("--variants", default="routed,vxlan,udp,udp-plain",
-                        help="comma list of: " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default="routed,vxlan,udp,udp-plain", help="comma list of: " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--offloads", choices=["on", "off", "both"], default="on", help="underlay veth TSO/GSO/GRO")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     settings = ["on", "off"] if args.offloads == "both" else [args.offloads]
-    print(f"# {time.strftime('%Y-%m-%d')} kernel {platform.release()}, {os.cpu_count()} cores, iperf3 single TCP stream "
-          f"{args.seconds:g}s and 64-byte UDP, median of {args.repeat}", flush=True)
+    print(
+        f"# {time.strftime('%Y-%m-%d')} kernel {platform.release()}, {os.cpu_count()} cores, iperf3 single TCP stream "
+        f"{args.seconds:g}s and 64-byte UDP, median of {args.repeat}",
+        flush=True,
+    )
     results: dict = {}
     for setting in settings:
         for round_ in range(args.repeat):
             for variant in variants:  # interleaved, so drift on a shared machine hits every variant alike
                 figures = measure(variant, args.seconds, setting == "on")
                 results.setdefault(setting, {}).setdefault(variant, []).append(figures)
-                print(f"  offloads {setting} round {round_ + 1} {variant:9} {figures['tcp_gbps']:6.2f} Gbit/s  "
-                      f"{figures['udp64_received_pps'] / 1e3:7.0f} kpps", file=sys.stderr, flush=True)
+                print(
+                    f"  offloads {setting} round {round_ + 1} {variant:9} {figures['tcp_gbps']:6.2f} Gbit/s  "
+                    f"{figures['udp64_received_pps'] / 1e3:7.0f} kpps",
+                    file=sys.stderr,
+                    flush=True,
+                )
     for setting in settings:
         rows = results[setting]
-        med = {v: {k: statistics.median(r[k] for r in rows[v]) if rows[v][0][k] is not None else None for k in rows[v][0]}
-               for v in variants}
+        med = {
+            v: {k: statistics.median(r[k] for r in rows[v]) if rows[v][0][k] is not None else None for k in rows[v][0]}
+            for v in variants
+        }
         base = med.get("vxlan")
         print(f"\nunderlay offloads {setting}:")
-        print(f"{'variant':9} {'TCP Gbit/s':>10} {'x vxlan':>8} {'64B rx kpps':>12} {'x vxlan':>8} {'daemon CPU s/GB':>16}")
+        print(
+            f"{'variant':9} {'TCP Gbit/s':>10} {'x vxlan':>8} {'64B rx kpps':>12} {'x vxlan':>8} "
+            f"{'daemon CPU s/GB':>16}"
+        )
         for v in variants:
             m = med[v]
             ratio_tcp = f"{m['tcp_gbps'] / base['tcp_gbps']:.2f}" if base else "-"
             ratio_pps = f"{m['udp64_received_pps'] / base['udp64_received_pps']:.2f}" if base else "-"
             cpu = f"{m['daemon_cpu_s_per_gb']:.2f}" if m["daemon_cpu_s_per_gb"] is not None else "-"
-            print(f"{v:9} {m['tcp_gbps']:10.2f} {ratio_tcp:>8} {m['udp64_received_pps'] / 1e3:12.0f} {ratio_pps:>8} {cpu:>16}")
+            print(
+                f"{v:9} {m['tcp_gbps']:10.2f} {ratio_tcp:>8} {m['udp64_received_pps'] / 1e3:12.0f} {ratio_pps:>8} "
+                f"{cpu:>16}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -16,6 +16,7 @@ kube-controller-manager) in a network namespace of its own: the N Node objects a
 once, annotate their Node and follow the others. Simplified: no data plane, every node on one machine's cores (with
 the servers), and a node "sees" a lease when its watch delivers it. Nothing is left behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,10 @@ import sys
 import tempfile
 import time
 
-from flannel_udp.etcdserver import EtcdCluster
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import LeaseAttrs
 from flannel_udp.subnet.watcher import LeaseWatcher
+from testbed.etcdserver import EtcdCluster
 
 CONFIG = '{"Network": "10.100.0.0/16", "SubnetLen": 26}'
 UNDERLAY = ipaddress.ip_network("198.18.0.0/15")
@@ -66,17 +67,23 @@ async def open_node(store: str, target: dict, i: int):
         from flannel_udp.subnet.config import parse_config
         from flannel_udp.subnet.kube_client import KubeOptions
         from flannel_udp.subnet.kube_manager import KubeManager
-        manager = await KubeManager.open(KubeOptions(kubeconfig_file=target["kubeconfig"]),
-                                         parse_config(json.dumps({"Network": KUBE_NETWORK})),
-                                         node_name=target["names"][i])
+
+        manager = await KubeManager.open(
+            KubeOptions(kubeconfig_file=target["kubeconfig"]),
+            parse_config(json.dumps({"Network": KUBE_NETWORK})),
+            node_name=target["names"][i],
+        )
         return manager, manager.close
     from flannel_udp.subnet.manager import Manager
+
     if store == "embedded":
         from flannel_udp.subnet.local_store import LocalRegistry
+
         registry = LocalRegistry.open_sync(target["lease_file"])
     else:
         from flannel_udp.subnet.etcd_client import EtcdOptions
         from flannel_udp.subnet.etcd_store import EtcdRegistry
+
         registry = EtcdRegistry(EtcdOptions(endpoints=target["endpoints"], prefix=target["prefix"]))
     return Manager(registry, load_config(CONFIG)), registry.close
 
@@ -111,7 +118,7 @@ class Follower:
 async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrier, timeout: float) -> dict:
     """Acquire and converge; then (lease stores) the churn: every CHURN_EVERY-th node releases its lease and, once
     every survivor has seen that, acquires again; the survivors' time to see each change is measured."""
-    opened = dict(zip(ids, [await open_node(store, target, i) for i in ids]))
+    opened = dict(zip(ids, [await open_node(store, target, i) for i in ids], strict=True))
     followers: dict[int, Follower] = {}
     await asyncio.to_thread(barrier.wait, timeout)  # every process has its clients: all nodes start at once
     started = time.time()
@@ -154,7 +161,8 @@ async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrie
 def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrier, timeout: float) -> None:
     """One OS process's share of the nodes (runs in a spawned process); puts its result on `results`."""
     if store == "kube":
-        from flannel_udp import kubeserver
+        from testbed import kubeserver
+
         kubeserver.enter_netns(target["ns"])  # the API server is on this namespace's loopback
     lost = LostWatches()
     nodes_log = logging.getLogger("flannel_udp")
@@ -163,7 +171,7 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     nodes_log.propagate = False  # the nodes' chatter is not the point; the lost watches are counted
     try:
         result = asyncio.run(run_share(store, target, ids, nodes, barrier, timeout))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         result = {"timeout": True}
     except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
         result = {"error": f"{type(e).__name__}: {e}"}
@@ -176,9 +184,12 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
     processes = min(processes, nodes)
     context = multiprocessing.get_context("spawn")  # no fork: gRPC and threads do not survive it
     barrier, queue = context.Barrier(processes), context.Queue()
-    workers = [context.Process(target=worker, args=(queue, store, target, list(range(k, nodes, processes)), nodes,
-                                                    barrier, timeout))
-               for k in range(processes)]
+    workers = [
+        context.Process(
+            target=worker, args=(queue, store, target, list(range(k, nodes, processes)), nodes, barrier, timeout)
+        )
+        for k in range(processes)
+    ]
     try:
         for process in workers:
             process.start()
@@ -200,13 +211,21 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
     if errors:
         raise RuntimeError(f"{len(errors)} of {processes} node processes failed; the first: {errors[0]}")
     if any(r.get("timeout") for r in results):
-        raise asyncio.TimeoutError(lost)
+        raise TimeoutError(lost)
     start = min(r["started"] for r in results)
     converged = [t - start for r in results for t in r["converged"]]
-    return {"nodes": nodes, "processes": processes, "all_acquired_s": max(t - start for r in results for t in r["acquired"]),
-            "all_converged_s": max(converged), "median_node_converged_s": statistics.median(converged),
-            "lost_watches": lost, **{f"churn_{phase}": max(r[phase] for r in results) if all(phase in r for r in results)
-                                     else None for phase in ("left_s", "rejoined_s")}}
+    return {
+        "nodes": nodes,
+        "processes": processes,
+        "all_acquired_s": max(t - start for r in results for t in r["acquired"]),
+        "all_converged_s": max(converged),
+        "median_node_converged_s": statistics.median(converged),
+        "lost_watches": lost,
+        **{
+            f"churn_{phase}": max(r[phase] for r in results) if all(phase in r for r in results) else None
+            for phase in ("left_s", "rejoined_s")
+        },
+    }
 
 
 def run_embedded(nodes: int, processes: int, timeout: float) -> dict:
@@ -230,7 +249,7 @@ def run_kube(nodes: int, processes: int, timeout: float) -> dict:
     import secrets
     import subprocess
 
-    from flannel_udp import kubeserver
+    from testbed import kubeserver
 
     ns = f"fu{secrets.token_hex(3)}-cpbench"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -248,6 +267,7 @@ def run_kube(nodes: int, processes: int, timeout: float) -> dict:
 def register_nodes(client, names: list[str]) -> None:
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.core_v1 import Node
+
     for name in names:
         client.create(Node(metadata=ObjectMeta(name=name)))
     deadline = time.monotonic() + 120
@@ -261,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="100,300,1000", help="comma list of cluster sizes (at most 1023)")
     parser.add_argument("--stores", default="embedded,etcd", help="comma list of: embedded, etcd, kube")
-    parser.add_argument("--processes", type=int, default=4 * (os.cpu_count() or 1),
-                        help="OS processes the nodes are spread over (each node has its own store client)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=4 * (os.cpu_count() or 1),
+        help="OS processes the nodes are spread over (each node has its own store client)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds one size may take")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
@@ -275,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in stores else None
     try:
-        print(f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
-              f"{'lost watches':>13} {'10% left s':>11} {'rejoined s':>11}", flush=True)
+        print(
+            f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
+            f"{'lost watches':>13} {'10% left s':>11} {'rejoined s':>11}",
+            flush=True,
+        )
         for store in stores:
             for n in sizes:
                 try:
@@ -290,17 +317,25 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{store:9} {n:6} failed: {e}", flush=True)
                     results[store].append({"nodes": n, "failed": str(e)})
                     continue
-                except asyncio.TimeoutError as e:
+                except TimeoutError as e:
                     lost = e.args[0] if e.args else "?"
-                    print(f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47} "
-                          f"{lost:>13}", flush=True)
+                    print(
+                        f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47} "
+                        f"{lost:>13}",
+                        flush=True,
+                    )
                     results[store].append({"nodes": n, "timeout_s": args.timeout, "lost_watches": lost})
                     continue
                 results[store].append(figures)
-                churn = "".join(f" {figures[k]:11.2f}" if figures[k] is not None else f" {'-':>11}"
-                                for k in ("churn_left_s", "churn_rejoined_s"))
-                print(f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
-                      f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d}{churn}", flush=True)
+                churn = "".join(
+                    f" {figures[k]:11.2f}" if figures[k] is not None else f" {'-':>11}"
+                    for k in ("churn_left_s", "churn_rejoined_s")
+                )
+                print(
+                    f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
+                    f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d}{churn}",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

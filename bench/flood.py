@@ -9,6 +9,7 @@ reason, or dropped by the kernel's socket buffer), the drops by reason, and the 
 
     .venv/bin/python -m bench.flood --datagrams 1000000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from flannel_udp.testbed import Testbed, in_ns, scrape_metrics, wait_for
+from testbed.cluster import Testbed, in_ns, scrape_metrics, wait_for
 
 from .harness import NETWORK
 
@@ -111,13 +112,34 @@ def main(argv: list[str] | None = None) -> int:
             own = str(ipaddress.ip_interface(peer.subnet_env()["FLANNEL_SUBNET"]).network)
             theirs = str(ipaddress.ip_interface(target.subnet_env()["FLANNEL_SUBNET"]).network)
             drops_before, received_before = drops_and_received(target.ns)
-            ping = bed.popen(a.ns, "ping", "-i", "0.01", "-W", "1", str(b.address), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+            ping = bed.popen(
+                a.ns,
+                "ping",
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                str(b.address),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             started = time.monotonic()
             sent = {}
             for name, host in (("stranger", stranger), ("peer", peer)):
-                out = in_ns(host.ns, sys.executable, "-c", GENERATOR, str(target.address), "8285",
-                            str(args.datagrams), own, theirs, "7", timeout=args.datagrams / 1000 + 120).stdout
+                out = in_ns(
+                    host.ns,
+                    sys.executable,
+                    "-c",
+                    GENERATOR,
+                    str(target.address),
+                    "8285",
+                    str(args.datagrams),
+                    own,
+                    theirs,
+                    "7",
+                    timeout=args.datagrams / 1000 + 120,
+                ).stdout
                 sent[name] = int(out.strip())
             flood_seconds = time.monotonic() - started
             time.sleep(5)
@@ -130,14 +152,23 @@ def main(argv: list[str] | None = None) -> int:
             received = received_after - received_before - during[0] - after[0]  # the ping requests are not hostile
             socket_drops = drops.pop("socket_receive_buffer", 0)
             total_sent = sum(sent.values())
-            print(f"sent {total_sent:,} hostile datagrams in {flood_seconds:.1f} s "
-                  f"({', '.join(f'{k} {v:,}' for k, v in sent.items())}; {total_sent / flood_seconds / 1e3:.0f} k/s)")
-            print(f"node: {'alive' if alive else 'DEAD'}; received by the pump {received:,.0f}, dropped by the "
-                  f"socket buffer {socket_drops:,.0f}: accounted {received + socket_drops:,.0f} of {total_sent:,} "
-                  f"(a 60 KB datagram travels as IP fragments; one lost on the underlay never reaches the node)")
-            print(f"delivered into flannel0 (well-formed, from the peer's subnet to ours): "
-                  f"{received - sum(drops.values()):,.0f}")
-            print("dropped by reason: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]) if v))
+            print(
+                f"sent {total_sent:,} hostile datagrams in {flood_seconds:.1f} s "
+                f"({', '.join(f'{k} {v:,}' for k, v in sent.items())}; {total_sent / flood_seconds / 1e3:.0f} k/s)"
+            )
+            print(
+                f"node: {'alive' if alive else 'DEAD'}; received by the pump {received:,.0f}, dropped by the "
+                f"socket buffer {socket_drops:,.0f}: accounted {received + socket_drops:,.0f} of {total_sent:,} "
+                f"(a 60 KB datagram travels as IP fragments; one lost on the underlay never reaches the node)"
+            )
+            print(
+                f"delivered into flannel0 (well-formed, from the peer's subnet to ours): "
+                f"{received - sum(drops.values()):,.0f}"
+            )
+            print(
+                "dropped by reason: "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]) if v)
+            )
             print(f"pings lost: {during[1]} of {during[0]} during the flood (+5 s), {after[1]} of {after[0]} after")
             return 0 if alive else 1
     except KeyboardInterrupt:

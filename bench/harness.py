@@ -1,5 +1,5 @@
-"""`python -m bench`: the backends side by side, each run as users run it (the real daemon on the embedded store), on the
-same namespace underlay, in the same run. `upstream-udp` and `upstream-vxlan` are upstream's flanneld (built by
+"""`python -m bench`: the backends side by side, each run as users run it (the real daemon on the embedded store), on
+the same namespace underlay, in the same run. `upstream-udp` and `upstream-vxlan` are upstream's flanneld (built by
 scripts/setup.sh) with that backend, on a real etcd since it has no embedded store: the program a user would otherwise
 pick, measured in the same run.
 
@@ -9,6 +9,7 @@ CPU per gigabyte (the daemons' own, and all softirq time from /proc/stat), and t
 figure is the median of --repeat runs with min and max, and each backend is also given as a ratio to host-gw (plain
 routing) of the same run. Backends are interleaved within each repetition, because the machine is shared and noisy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from flannel_udp.testbed import Testbed, in_ns, wait_for
+from testbed.cluster import Testbed, in_ns, wait_for
 
 BACKENDS = ("host-gw", "vxlan", "udp", "upstream-udp", "upstream-vxlan")
 UPSTREAM = "upstream-"
@@ -59,8 +60,18 @@ def iperf(bed: Testbed, client, server, seconds: float, *args: str, ipv6: bool =
     srv = bed.popen(server.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: "5201" in in_ns(server.ns, "ss", "-ltn").stdout, 3)
     try:
-        result = in_ns(client.ns, "iperf3", "-c", target(server, ipv6), "-t", str(seconds), "-J", *args, check=False,
-                       timeout=seconds + 30)
+        result = in_ns(
+            client.ns,
+            "iperf3",
+            "-c",
+            target(server, ipv6),
+            "-t",
+            str(seconds),
+            "-J",
+            *args,
+            check=False,
+            timeout=seconds + 30,
+        )
         return json.loads(result.stdout)
     finally:
         try:
@@ -90,13 +101,27 @@ def rss_mib(pid: int) -> float:
 
 
 def latency(bed: Testbed, client, server, count: int, ipv6: bool = False) -> dict:
-    out = in_ns(client.ns, "ping", "-i", "0.01", "-c", str(count), "-W", "1", target(server, ipv6), check=False,
-                timeout=count * 0.05 + 20).stdout
+    out = in_ns(
+        client.ns,
+        "ping",
+        "-i",
+        "0.01",
+        "-c",
+        str(count),
+        "-W",
+        "1",
+        target(server, ipv6),
+        check=False,
+        timeout=count * 0.05 + 20,
+    ).stdout
     rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", out))
     if not rtts:
         return {"rtt_p50_ms": None, "rtt_p99_ms": None, "rtt_max_ms": None}
-    return {"rtt_p50_ms": rtts[len(rtts) // 2], "rtt_p99_ms": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
-            "rtt_max_ms": rtts[-1]}
+    return {
+        "rtt_p50_ms": rtts[len(rtts) // 2],
+        "rtt_p99_ms": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
+        "rtt_max_ms": rtts[-1],
+    }
 
 
 @contextlib.contextmanager
@@ -129,8 +154,12 @@ def measure(backend: str, offloads: bool, seconds: float, ping_count: int, ipv6:
         figures: dict = {}
         moved = 0
         cpu_before, softirq_before = sum(cpu_seconds(p) for p in daemons), softirq_seconds()
-        for key, args in (("tcp1_gbps", ()), ("tcp1_reverse_gbps", ("-R",)), ("tcp4_gbps", ("-P", "4")),
-                          ("tcp4_reverse_gbps", ("-P", "4", "-R"))):
+        for key, args in (
+            ("tcp1_gbps", ()),
+            ("tcp1_reverse_gbps", ("-R",)),
+            ("tcp4_gbps", ("-P", "4")),
+            ("tcp4_reverse_gbps", ("-P", "4", "-R")),
+        ):
             result = iperf(bed, a, b, seconds, *args, ipv6=ipv6)
             figures[key] = result["end"]["sum_received"]["bits_per_second"] / 1e9
             moved += result["end"]["sum_received"]["bytes"]
@@ -151,7 +180,7 @@ def summarise(runs: list[dict]) -> dict:
     out = {}
     for key, *_ in FIGURES:
         values = [r[key] for r in runs if r.get(key) is not None]
-        out[key] = ({"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None)
+        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
     return out
 
 
@@ -182,56 +211,86 @@ def tool_versions() -> dict:
             return subprocess.run(list(cmd), capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return None
-    return {"iperf3": first_line("iperf3", "--version"), "ping": first_line("ping", "-V"),
-            "python": platform.python_version(), "etcd": first_line("etcd", "--version")}
+
+    return {
+        "iperf3": first_line("iperf3", "--version"),
+        "ping": first_line("ping", "-V"),
+        "python": platform.python_version(),
+        "etcd": first_line("etcd", "--version"),
+    }
 
 
 def plot(path: str, report: dict) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: --plot needs matplotlib: .venv/bin/pip install '.[bench]'")
-    panels = [("tcp1_gbps", "TCP 1 stream (Gbit/s)"), ("tcp4_gbps", "TCP 4 streams (Gbit/s)"),
-              ("udp64_received_kpps", "64 B UDP received (kpps)"), ("rtt_p99_ms", "RTT p99 (ms)"),
-              ("daemon_cpu_s_per_gb", "daemon CPU (s/GB)"), ("softirq_cpu_s_per_gb", "softirq CPU (s/GB)")]
+        raise SystemExit("error: --plot needs matplotlib: .venv/bin/pip install '.[bench]'") from None
+    panels = [
+        ("tcp1_gbps", "TCP 1 stream (Gbit/s)"),
+        ("tcp4_gbps", "TCP 4 streams (Gbit/s)"),
+        ("udp64_received_kpps", "64 B UDP received (kpps)"),
+        ("rtt_p99_ms", "RTT p99 (ms)"),
+        ("daemon_cpu_s_per_gb", "daemon CPU (s/GB)"),
+        ("softirq_cpu_s_per_gb", "softirq CPU (s/GB)"),
+    ]
     settings = list(report["settings"])
     columns = 3
     rows_per_setting = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows_per_setting * len(settings), columns,
-                             figsize=(4.2 * columns, 3.2 * rows_per_setting * len(settings)), squeeze=False)
+    fig, axes = plt.subplots(
+        rows_per_setting * len(settings),
+        columns,
+        figsize=(4.2 * columns, 3.2 * rows_per_setting * len(settings)),
+        squeeze=False,
+    )
     for block, setting in enumerate(settings):
         backends = report["settings"][setting]["backends"]
         names = list(backends)
         for index, (key, title) in enumerate(panels):
             ax = axes[block * rows_per_setting + index // columns][index % columns]
             medians = [(backends[n][key] or {}).get("median", 0) for n in names]
-            lows = [m - (backends[n][key] or {}).get("min", m) for n, m in zip(names, medians)]
-            highs = [(backends[n][key] or {}).get("max", m) - m for n, m in zip(names, medians)]
-            colours = {"host-gw": "#777777", "vxlan": "#4477aa", "udp": "#cc6633", "upstream-udp": "#e8b894",
-                       "upstream-vxlan": "#a9bfd8"}
+            lows = [m - (backends[n][key] or {}).get("min", m) for n, m in zip(names, medians, strict=True)]
+            highs = [(backends[n][key] or {}).get("max", m) - m for n, m in zip(names, medians, strict=True)]
+            colours = {
+                "host-gw": "#777777",
+                "vxlan": "#4477aa",
+                "udp": "#cc6633",
+                "upstream-udp": "#e8b894",
+                "upstream-vxlan": "#a9bfd8",
+            }
             ax.bar(names, medians, yerr=[lows, highs], color=[colours.get(n, "#999999") for n in names], capsize=3)
             ax.tick_params(axis="x", labelrotation=30)
             ax.set_title(f"{title}\nunderlay {setting}", fontsize=9)
             ax.tick_params(labelsize=8)
-    fig.suptitle(f"flannel-udp backends, {report['machine']['date']}, {report['machine']['cores']} cores, "
-                 f"kernel {report['machine']['kernel']}", fontsize=10)
+    fig.suptitle(
+        f"flannel-udp backends, {report['machine']['date']}, {report['machine']['cores']} cores, "
+        f"kernel {report['machine']['kernel']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Compare the backends side by side.")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma list of: " + ", ".join(BACKENDS) + " (default: all; the upstream ones when built); "
-                        "NAME@FLAG@... runs ours with node flags, e.g. udp@-udp-priority=10")
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma list of: " + ", ".join(BACKENDS) + " (default: all; the upstream ones when built); "
+        "NAME@FLAG@... runs ours with node flags, e.g. udp@-udp-priority=10",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure (median, min, max)")
     parser.add_argument("--seconds", type=float, default=5, help="iperf3 duration per TCP test")
     parser.add_argument("--underlay", choices=["defaults", "offloads-off", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="one short repetition, veth defaults only (< 60 s)")
-    parser.add_argument("--ipv6", action="store_true", help="dual-stack network; every figure between the pods' IPv6 "
-                        "addresses (upstream's udp backend is IPv4-only and is left out)")
+    parser.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual-stack network; every figure between the pods' IPv6 "
+        "addresses (upstream's udp backend is IPv4-only and is left out)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in the README)")
     parser.add_argument("--plot", metavar="FILE.png", help="bar charts of the main figures")
     args = parser.parse_args(argv)
@@ -239,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in backends if b.partition("@")[0] not in BACKENDS]
     if unknown or not backends:
         parser.error(f"unknown backend(s): {', '.join(unknown) or '(none given)'}")
-    from flannel_udp import upstreamflannel
+    from testbed import upstreamflannel
+
     if any(b.startswith(UPSTREAM) for b in backends) and not upstreamflannel.available():
         if args.backends != parser.get_default("backends"):
             parser.error(f"upstream flanneld is not built ({upstreamflannel.flanneld_path()}): run scripts/setup.sh")
@@ -254,10 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = ["defaults", "offloads-off"] if args.underlay == "both" else [args.underlay]
     # SIGTERM takes the same clean path as Ctrl-C: every testbed is closed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    machine = {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(), "cores": os.cpu_count(),
-               "cpu": platform.processor() or platform.machine(), "tools": tool_versions()}
-    print(f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
-          f"{args.repeat} x {args.seconds:g}s per TCP test{'; IPv6 pods' if args.ipv6 else ''}", flush=True)
+    machine = {
+        "date": time.strftime("%Y-%m-%d"),
+        "kernel": platform.release(),
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "tools": tool_versions(),
+    }
+    print(
+        f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
+        f"{args.repeat} x {args.seconds:g}s per TCP test{'; IPv6 pods' if args.ipv6 else ''}",
+        flush=True,
+    )
     runs: dict = {s: {b: [] for b in backends} for s in settings}
     started = time.monotonic()
     try:
@@ -265,14 +333,17 @@ def main(argv: list[str] | None = None) -> int:
             for repetition in range(args.repeat):
                 for backend in backends:
                     progress(f"underlay {setting}, repetition {repetition + 1}/{args.repeat}: {backend}")
-                    runs[setting][backend].append(measure(backend, setting == "defaults", args.seconds, ping_count,
-                                                          args.ipv6))
+                    runs[setting][backend].append(
+                        measure(backend, setting == "defaults", args.seconds, ping_count, args.ipv6)
+                    )
     except KeyboardInterrupt:
         print("\ninterrupted; everything built was removed", file=sys.stderr)
         return 130
-    report = {"machine": machine, "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends,
-                                                 "ipv6": args.ipv6},
-              "settings": {}}
+    report = {
+        "machine": machine,
+        "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends, "ipv6": args.ipv6},
+        "settings": {},
+    }
     for setting in settings:
         summary = {b: summarise(runs[setting][b]) for b in backends}
         report["settings"][setting] = {"backends": summary, "runs": runs[setting]}

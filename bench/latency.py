@@ -9,6 +9,7 @@ Percentiles p50/p99/p99.9 in ms, and each backend as a ratio to the first one gi
 
     .venv/bin/python -m bench.latency --backends vxlan,udp,upstream-udp --count 2000 --repeat 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from flannel_udp.testbed import Testbed, in_ns
+from testbed.cluster import Testbed, in_ns
 
 from .harness import two_pod_cluster
 
@@ -34,12 +35,24 @@ def percentiles(samples: list[float]) -> dict:
 
     def at(q: float) -> float:
         return s[min(len(s) - 1, int(len(s) * q))]
+
     return {"p50": at(0.5), "p99": at(0.99), "p999": at(0.999), "n": len(s)}
 
 
 def ping_rtts(bed: Testbed, client, server, count: int, interval: float = 0.005) -> list[float]:
-    out = in_ns(client.ns, "ping", "-i", str(interval), "-c", str(count), "-W", "1", str(server.address), check=False,
-                timeout=count * interval * 4 + 20).stdout
+    out = in_ns(
+        client.ns,
+        "ping",
+        "-i",
+        str(interval),
+        "-c",
+        str(count),
+        "-W",
+        "1",
+        str(server.address),
+        check=False,
+        timeout=count * interval * 4 + 20,
+    ).stdout
     return [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
 
 
@@ -48,8 +61,16 @@ def loaded_rtts(bed: Testbed, client, server, count: int) -> list[float]:
     seconds = count * 0.005 + 3
     srv = bed.popen(server.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
-    cli = bed.popen(client.ns, "iperf3", "-c", str(server.address), "-t", f"{seconds:g}", stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
+    cli = bed.popen(
+        client.ns,
+        "iperf3",
+        "-c",
+        str(server.address),
+        "-t",
+        f"{seconds:g}",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1)  # the stream is at full speed
     try:
         return ping_rtts(bed, client, server, count)
@@ -64,12 +85,37 @@ def loaded_rtts(bed: Testbed, client, server, count: int) -> list[float]:
 
 def request_response(bed: Testbed, client, server, seconds: float) -> dict:
     """sockperf TCP ping-pong, 64-byte messages, closed loop at full speed."""
-    srv = bed.popen(server.ns, "sockperf", "sr", "--tcp", "-i", str(server.address), "-p", str(RR_PORT),
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = bed.popen(
+        server.ns,
+        "sockperf",
+        "sr",
+        "--tcp",
+        "-i",
+        str(server.address),
+        "-p",
+        str(RR_PORT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.5)
-        out = in_ns(client.ns, "sockperf", "pp", "--tcp", "-i", str(server.address), "-p", str(RR_PORT), "-m", "64",
-                    "--mps=max", "-t", f"{seconds:g}", check=False, timeout=seconds + 30).stdout
+        out = in_ns(
+            client.ns,
+            "sockperf",
+            "pp",
+            "--tcp",
+            "-i",
+            str(server.address),
+            "-p",
+            str(RR_PORT),
+            "-m",
+            "64",
+            "--mps=max",
+            "-t",
+            f"{seconds:g}",
+            check=False,
+            timeout=seconds + 30,
+        ).stdout
     finally:
         srv.kill()
         srv.wait()
@@ -85,9 +131,11 @@ def request_response(bed: Testbed, client, server, seconds: float) -> dict:
 def measure(backend: str, count: int, rr_seconds: float) -> dict:
     with two_pod_cluster(backend) as (bed, a, b):
         ping_rtts(bed, a, b, 100)  # warm-up: neighbours, routes, caches
-        return {"idle": percentiles(ping_rtts(bed, a, b, count)),
-                "loaded": percentiles(loaded_rtts(bed, a, b, count)),
-                "rr": request_response(bed, a, b, rr_seconds)}
+        return {
+            "idle": percentiles(ping_rtts(bed, a, b, count)),
+            "loaded": percentiles(loaded_rtts(bed, a, b, count)),
+            "rr": request_response(bed, a, b, rr_seconds),
+        }
 
 
 def median_of(runs: list[dict], section: str, key: str):
@@ -115,8 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; everything built was removed", file=sys.stderr)
         return 130
     base = backends[0]
-    rows = [("idle", "p50"), ("idle", "p99"), ("idle", "p999"), ("loaded", "p50"), ("loaded", "p99"),
-            ("loaded", "p999"), ("rr", "p50"), ("rr", "p99"), ("rr", "p999"), ("rr", "tps")]
+    rows = [
+        ("idle", "p50"),
+        ("idle", "p99"),
+        ("idle", "p999"),
+        ("loaded", "p50"),
+        ("loaded", "p99"),
+        ("loaded", "p999"),
+        ("rr", "p50"),
+        ("rr", "p99"),
+        ("rr", "p999"),
+        ("rr", "tps"),
+    ]
     print(f"{'figure':16}" + "".join(f"{b:>24}" for b in backends))
     for section, key in rows:
         unit = "/s" if key == "tps" else " ms"

@@ -5,6 +5,7 @@ sample (after a warm-up) to the last.
 
     .venv/bin/python -m bench.soak --minutes 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from flannel_udp.testbed import scrape_metrics
+from testbed.cluster import scrape_metrics
 
 from .harness import rss_mib, two_pod_cluster
 
@@ -28,11 +29,16 @@ def sample(bed) -> list[dict]:
     for host in bed.hosts:
         pid = host.process.pid
         metrics = scrape_metrics(host.ns, HEALTH_PORT)
-        rows.append({"rss_mib": rss_mib(pid), "fds": len(os.listdir(f"/proc/{pid}/fd")),
-                     "threads": len(os.listdir(f"/proc/{pid}/task")),
-                     "packets": metrics.get('flannel_udp_packets_total{stage="udp_received"}', 0)
-                     + metrics.get('flannel_udp_packets_total{stage="udp_sent"}', 0),
-                     "alive": host.process.poll() is None})
+        rows.append(
+            {
+                "rss_mib": rss_mib(pid),
+                "fds": len(os.listdir(f"/proc/{pid}/fd")),
+                "threads": len(os.listdir(f"/proc/{pid}/task")),
+                "packets": metrics.get('flannel_udp_packets_total{stage="udp_received"}', 0)
+                + metrics.get('flannel_udp_packets_total{stage="udp_sent"}', 0),
+                "alive": host.process.poll() is None,
+            }
+        )
     return rows
 
 
@@ -57,23 +63,53 @@ def main(argv: list[str] | None = None) -> int:
             log = os.path.join(bed.workdir, "soak-ping.log")
             server = bed.popen(b.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-            client = bed.popen(a.ns, "iperf3", "-c", str(b.address), "-t", f"{seconds + args.warmup:.0f}", "-J",
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            client = bed.popen(
+                a.ns,
+                "iperf3",
+                "-c",
+                str(b.address),
+                "-t",
+                f"{seconds + args.warmup:.0f}",
+                "-J",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             with open(log, "w") as out:
-                ping = bed.popen(a.ns, "ping", "-i", "0.01", "-W", "1", "-w", f"{seconds + args.warmup:.0f}",
-                                 str(b.address), stdout=out, stderr=subprocess.STDOUT)
+                ping = bed.popen(
+                    a.ns,
+                    "ping",
+                    "-i",
+                    "0.01",
+                    "-W",
+                    "1",
+                    "-w",
+                    f"{seconds + args.warmup:.0f}",
+                    str(b.address),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             time.sleep(args.warmup)
             start = time.monotonic()
             first = sample(bed)
-            print(f"{'t s':>6} " + "".join(f"{h.name + ' RSS MiB':>14}{'fds':>6}{'thr':>5}{'Mpkts':>8}"
-                                           for h in bed.hosts) + f"{'pings':>10}{'lost':>7}", flush=True)
+            print(
+                f"{'t s':>6} "
+                + "".join(f"{h.name + ' RSS MiB':>14}{'fds':>6}{'thr':>5}{'Mpkts':>8}" for h in bed.hosts)
+                + f"{'pings':>10}{'lost':>7}",
+                flush=True,
+            )
             rows = first
             while True:
                 elapsed = time.monotonic() - start
                 sent, answered = pings_so_far(log)
-                print(f"{elapsed:6.0f} " + "".join(f"{r['rss_mib']:14.1f}{r['fds']:6d}{r['threads']:5d}"
-                                                   f"{r['packets'] / 1e6:8.2f}" for r in rows)
-                      + f"{sent:10d}{sent - answered:7d}", flush=True)
+                print(
+                    f"{elapsed:6.0f} "
+                    + "".join(
+                        f"{r['rss_mib']:14.1f}{r['fds']:6d}{r['threads']:5d}{r['packets'] / 1e6:8.2f}" for r in rows
+                    )
+                    + f"{sent:10d}{sent - answered:7d}",
+                    flush=True,
+                )
                 if elapsed >= seconds or not all(r["alive"] for r in rows):
                     break
                 time.sleep(min(args.interval, max(seconds - elapsed, 0.1)))
@@ -83,12 +119,19 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(10)
             sent, answered = pings_so_far(log)
             moved = re.search(r'"sum_received":\s*{[^}]*"bytes":\s*(\d+)', result)
-            print(f"\nafter {args.minutes:g} min: " + "; ".join(
-                f"{h.name}: RSS {last['rss_mib'] - begin['rss_mib']:+.1f} MiB, fds {last['fds'] - begin['fds']:+d}, "
-                f"threads {last['threads'] - begin['threads']:+d}, {'alive' if last['alive'] else 'DEAD'}"
-                for h, begin, last in zip(bed.hosts, first, rows)))
-            print(f"pings: {sent} sent, {sent - answered} lost; TCP moved "
-                  f"{int(moved.group(1)) / 1e9 if moved else 0:.1f} GB")
+            print(
+                f"\nafter {args.minutes:g} min: "
+                + "; ".join(
+                    f"{h.name}: RSS {last['rss_mib'] - begin['rss_mib']:+.1f} MiB, "
+                    f"fds {last['fds'] - begin['fds']:+d}, "
+                    f"threads {last['threads'] - begin['threads']:+d}, {'alive' if last['alive'] else 'DEAD'}"
+                    for h, begin, last in zip(bed.hosts, first, rows, strict=True)
+                )
+            )
+            print(
+                f"pings: {sent} sent, {sent - answered} lost; TCP moved "
+                f"{int(moved.group(1)) / 1e9 if moved else 0:.1f} GB"
+            )
             return 0 if all(r["alive"] for r in rows) else 1
     except KeyboardInterrupt:
         print("\ninterrupted; everything built was removed", file=sys.stderr)

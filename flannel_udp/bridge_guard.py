@@ -5,6 +5,7 @@ Driven by netlink notifications (net/bridge.LinkEvents), never by polling: an ev
 recorded veth wakes one check, which reads the CNI plugin's port records (cni_ports) and runs the idempotent repair
 (net/bridge.repair_bridge) for each bridge they name. A repair is one log line saying what was done.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ import logging
 
 from . import cni_ports
 from .net import netlink
-from .net.bridge import BridgeError, BridgeSpec, LinkEvent, LinkEvents, repair_bridge
+from .net.bridge import BridgeError, BridgePort, BridgeSpec, LinkEvent, LinkEvents, link_indexes, repair_bridge
 from .subnet.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,11 @@ DEFAULT_BRIDGE = "cni0"
 def gateway_addresses(lease: Lease) -> tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]:
     """The bridge's addresses as subnet.env gives them (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET): each subnet's first
     address with the subnet's prefix length, which is what the bridge plugin sets with isGateway."""
-    return tuple(ipaddress.ip_interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
-                 for subnet in (lease.subnet, lease.ipv6_subnet) if subnet is not None)
+    return tuple(
+        ipaddress.ip_interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+        for subnet in (lease.subnet, lease.ipv6_subnet)
+        if subnet is not None
+    )
 
 
 class BridgeGuard:
@@ -76,21 +80,20 @@ class BridgeGuard:
             by_bridge.setdefault(record.bridge, []).append(record)
         self._bridges = {DEFAULT_BRIDGE, *by_bridge}
         self._veths = {record.veth for record in records}
-        indexes = set()
         for name, ports in by_bridge.items():
             # The newest record has the bridge's current MAC (the CNI plugin may have rebuilt it since older ones).
             mac = max(ports, key=lambda p: p.written).bridge_mac
             spec = BridgeSpec(name, mac, self.mtu, self.addresses)
             try:
-                result = await self.netlink.call(repair_bridge, spec, ports)
+                attached = [BridgePort(p.veth, p.veth_index, p.hairpin) for p in ports]
+                result = await self.netlink.call(repair_bridge, spec, attached)
             except (BridgeError, netlink.NetlinkError, OSError) as e:
                 if self._failing.get(name) != str(e):
                     log.error("Cannot repair %s: %s", name, e)
                     self._failing[name] = str(e)
                 continue
             self._failing.pop(name, None)
-            if result.index is not None:
-                indexes.add(result.index)
             if result.actions:
                 log.warning("Repaired %s: %s", name, ", ".join(result.actions))
-        self._bridge_indexes = indexes
+        # Every watched bridge that exists, with or without recorded pods yet: its address events must be seen.
+        self._bridge_indexes = await self.netlink.call(link_indexes, self._bridges)

@@ -4,6 +4,7 @@ checks (_fastpath.packet); writes the inner (or outer) packets to a pcap; prints
 
 scapy is imported here only, lazily: the daemon never loads it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,19 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .defaults import LEASE_FILE, UDP_PORT
+
 DLT_RAW = 101
 ICMP_TYPES = {0: "echo-reply", 3: "unreachable", 8: "echo-request", 11: "time-exceeded"}
-ICMP6_TYPES = {1: "unreachable", 2: "packet-too-big", 3: "time-exceeded", 128: "echo-request", 129: "echo-reply",
-               135: "neighbour-solicitation", 136: "neighbour-advertisement"}
+ICMP6_TYPES = {
+    1: "unreachable",
+    2: "packet-too-big",
+    3: "time-exceeded",
+    128: "echo-request",
+    129: "echo-reply",
+    135: "neighbour-solicitation",
+    136: "neighbour-advertisement",
+}
 
 
 class CaptureError(RuntimeError):
@@ -27,6 +37,7 @@ class CaptureError(RuntimeError):
 @dataclass
 class Record:
     """One captured packet, decoded."""
+
     time: float
     outer_src: str | None
     outer_dst: str | None
@@ -43,6 +54,7 @@ class Verdicts:
 
     def __init__(self, leases: list, port: int, own_subnet: ipaddress.IPv4Network | None = None) -> None:
         from _fastpath.routes import RouteTable
+
         self.leases = leases
         self.port = port
         self.own_subnet = own_subnet
@@ -65,6 +77,7 @@ class Verdicts:
         """The route table of the node that owns `subnet`: every other lease, IPv6 subnets too, each to the next hop
         that node's udp backend would choose (the peer's PublicIPv6 when both have one)."""
         from _fastpath.routes import RouteTable
+
         key = str(subnet)
         if key not in self.tables:
             owner = next((lease for lease in self.leases if lease.subnet == subnet), None)
@@ -75,7 +88,9 @@ class Verdicts:
                     continue
                 table.set_route(lease.subnet, lease.attrs.public_ip, self.port)
                 if lease.ipv6_subnet is not None and owner is not None and owner.ipv6_subnet is not None:
-                    hop = lease.attrs.public_ipv6 if owner_has_ipv6 and lease.attrs.public_ipv6 else lease.attrs.public_ip
+                    hop = (
+                        lease.attrs.public_ipv6 if owner_has_ipv6 and lease.attrs.public_ipv6 else lease.attrs.public_ip
+                    )
                     table.set_route(lease.ipv6_subnet, hop, self.port)
             self.tables[key] = table
         return self.tables[key]
@@ -84,6 +99,7 @@ class Verdicts:
         """A datagram from `sender` to `receiver_ip` (an underlay address of either family), as the receiving node's
         pump judges it."""
         from _fastpath.packet import inbound_verdict
+
         receiver = self.by_public_ip.get(receiver_ip) or self.by_public_ipv6.get(receiver_ip)
         if receiver is None:  # not sent to a known node: only the structural checks apply
             return self.structural(inner)
@@ -93,11 +109,13 @@ class Verdicts:
     def structural(self, inner: bytes) -> str:
         """The checks that need no leases, for either family."""
         from _fastpath.packet import inbound_verdict
+
         return inbound_verdict(inner, "0.0.0.0", self.empty, "0.0.0.0/32", False, "::/128")
 
     def on_tun(self, inner: bytes) -> str:
         """A packet on flannel0: delivered to this node, or leaving it (then it needs a route and a live TTL)."""
         from _fastpath.packet import outbound_verdict
+
         addresses = inner_addresses(inner)
         if addresses is not None and self.own_subnet is not None:
             destination = ipaddress.ip_address(addresses[1])
@@ -111,6 +129,7 @@ class Verdicts:
 def describe_inner(inner: bytes) -> tuple[str, str]:
     """A readable summary of the inner packet and its flow key."""
     from scapy.layers.inet import ICMP, IP
+
     version = inner[0] >> 4 if inner else 0
     if version == 6 and len(inner) >= 40:
         return describe_inner6(inner)
@@ -133,6 +152,7 @@ def describe_inner(inner: bytes) -> tuple[str, str]:
 def describe_inner6(inner: bytes) -> tuple[str, str]:
     """The same for an IPv6 packet (dual-stack pod traffic, carried by vxlan)."""
     from scapy.layers.inet6 import IPv6
+
     ip = IPv6(inner)
     described = describe_transport(ip, f"[{ip.src}]", f"[{ip.dst}]")
     if described is not None:
@@ -150,6 +170,7 @@ def describe_inner6(inner: bytes) -> tuple[str, str]:
 def describe_transport(ip, src: str, dst: str) -> tuple[str, str] | None:
     """Flow key and detail of a TCP or UDP packet (addresses as given: IPv6 ones in brackets); None for others."""
     from scapy.layers.inet import TCP, UDP
+
     if TCP in ip:
         t = ip[TCP]
         flow = f"TCP {src}:{t.sport} > {dst}:{t.dport}"
@@ -184,6 +205,7 @@ def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: b
     from scapy.layers.inet import IP, UDP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.vxlan import VXLAN
+
     when = float(packet.time)
     if on_tun:
         inner = bytes(packet)
@@ -201,7 +223,7 @@ def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: b
         payload = bytes(udp.payload)
         if len(payload) < 8 + 14 + 20:
             return None
-        inner = payload[8 + 14:]  # VXLAN header, then the inner Ethernet frame
+        inner = payload[8 + 14 :]  # VXLAN header, then the inner Ethernet frame
         verdict = verdicts.structural(inner)
         encapsulation = f"vxlan vni {VXLAN(payload).vni}"
     else:
@@ -228,8 +250,10 @@ def format_record(record: Record, verdicts: Verdicts) -> str:
     mark = "ok" if record.verdict == "ok" else f"DROP {record.verdict}"
     if record.encapsulation == "tun":
         return f"{stamp} flannel0 {record.summary} {mark}"
-    return (f"{stamp} {record.outer_src}{verdicts.subnet_of(record.outer_src)} > {record.outer_dst}"
-            f"{verdicts.subnet_of(record.outer_dst)} {record.encapsulation}: {record.summary} {mark}")
+    return (
+        f"{stamp} {record.outer_src}{verdicts.subnet_of(record.outer_src)} > {record.outer_dst}"
+        f"{verdicts.subnet_of(record.outer_dst)} {record.encapsulation}: {record.summary} {mark}"
+    )
 
 
 # -- summary -------------------------------------------------------------------------------------------------------
@@ -267,6 +291,7 @@ def is_tun(iface: str) -> bool:
 def tun_address(iface: str) -> ipaddress.IPv4Address | None:
     """flannel0's /32 address is its node's subnet IP: the lease with that subnet IP is the node's own."""
     from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=iface)
         if not index:
@@ -276,21 +301,13 @@ def tun_address(iface: str) -> ipaddress.IPv4Address | None:
     return None
 
 
-def load_leases(args: argparse.Namespace) -> list:
-    """The current leases, for node subnets and verdicts; none when no store is reachable (said on stderr)."""
+def load_leases(source) -> list:
+    """The current leases (from a subnet.source.LeaseSource), for node subnets and verdicts; none when no store is
+    reachable (said on stderr)."""
     import asyncio
-    from .cli import kube_options, open_registry
+
     try:
-        async def read():
-            if getattr(args, "kube_subnet_mgr", False):
-                from .subnet.kube_manager import list_node_leases
-                return [lease for _node, lease in await list_node_leases(kube_options(args))]
-            registry = open_registry(args)
-            try:
-                return (await registry.get_subnets())[0]
-            finally:
-                await registry.close()
-        return asyncio.run(read())
+        return [lease for _node, lease in asyncio.run(source.read())]
     except Exception as e:  # no lease file, etcd away, bad flags: the capture is still useful, with structural verdicts
         print(f"note: no leases ({e}); verdicts cover the packet checks only, not peers and subnets", file=sys.stderr)
         return []
@@ -309,17 +326,20 @@ def check_filter(expression: str | None, on_tun: bool) -> None:
         return
     from scapy.arch.common import compile_filter
     from scapy.error import Scapy_Exception
+
     try:
         compile_filter(expression, linktype=DLT_RAW if on_tun else 1)
     except (Scapy_Exception, OSError) as e:
         raise CaptureError(f"bad filter {expression!r}: {str(e).strip() or 'does not compile'}") from None
 
 
-def run_capture(args: argparse.Namespace) -> int:
+def run_capture(args: argparse.Namespace, source) -> int:
     if bool(args.iface) == bool(args.read):
         raise CaptureError("give exactly one source: --iface NAME (underlay or flannel0) or --read FILE")
     if args.read and not os.access(args.read, os.R_OK):
-        raise CaptureError(f"cannot read {args.read}: {'no such file' if not os.path.exists(args.read) else 'permission denied'}")
+        raise CaptureError(
+            f"cannot read {args.read}: {'no such file' if not os.path.exists(args.read) else 'permission denied'}"
+        )
     for flag in ("pod", "peer"):  # canonical text (IPv6 compressed), compared with the decoded addresses
         value = getattr(args, flag)
         if value:
@@ -336,9 +356,10 @@ def run_capture(args: argparse.Namespace) -> int:
     from scapy.packet import bind_layers
     from scapy.sendrecv import sniff
     from scapy.utils import PcapWriter
+
     bind_layers(UDP, VXLAN, dport=args.vxlan_port)
 
-    leases = load_leases(args)
+    leases = load_leases(source)
     own = None
     if on_tun:
         own_ip = tun_address(args.iface)
@@ -387,7 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("source (one of)")
     source.add_argument("--iface", help="the underlay interface (udp and vxlan datagrams), or flannel0 (bare packets)")
     source.add_argument("--read", metavar="FILE", help="a pcap file")
-    parser.add_argument("--port", type=int, default=8285, help="the udp backend's port (default 8285)")
+    parser.add_argument("--port", type=int, default=UDP_PORT, help=f"the udp backend's port (default {UDP_PORT})")
     parser.add_argument("--vxlan-port", type=int, default=8472, help="vxlan's port, decoded too (default 8472)")
     parser.add_argument("--count", type=int, default=0, help="stop after N shown packets")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
@@ -397,5 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", help="a BPF filter on the outer packet (on flannel0: on the packet)")
     parser.add_argument("--write", metavar="FILE", help="write the inner packets (DLT_RAW) to a pcap")
     parser.add_argument("--outer", action="store_true", help="with --write: the outer packets instead")
-    parser.add_argument("--lease-file", default="/var/lib/flannel-udp/leases.db",
-                        help="the embedded store, for node subnets and verdicts (optional)")
+    parser.add_argument(
+        "--lease-file",
+        default=LEASE_FILE,
+        help="the embedded store, for node subnets and verdicts (optional)",
+    )

@@ -5,6 +5,7 @@ taking a node out of the overlay for good (or after an experiment): flannel0, fl
 the FLANNEL-POSTRTG / FLANNEL-FWD chains and their jumps, the nftables tables, and the blackhole route of the subnet in
 subnet.env. Run it with the node stopped.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -52,6 +53,7 @@ def remove_blackhole(ipr, subnet_file: str) -> list[str]:
 
 def cleanup(subnet_file: str) -> list[str]:
     from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         removed = remove_devices(ipr) + remove_blackhole(ipr, subnet_file)
     return removed + remove_rules() + delete_nft_tables()

@@ -4,6 +4,7 @@
 -bool=false) plus FLANNELD_* variables for flags not given on the command line. Unlike upstream, an unknown flag is an
 error (exit 1), not a silent exit 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,7 @@ import re
 import sys
 import time
 
-from . import __version__
-from .cni_ports import DEFAULT_DATA_DIR
+from . import __version__, defaults
 
 log = logging.getLogger("flannel_udp")
 
@@ -32,13 +32,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 # flanneld flags (reference §7.1) and ours: name -> (kind, default, help). kind: str | int | bool | list.
 RUN_FLAGS: dict[str, tuple[str, object, str]] = {
-    "net-config-path": ("str", "/etc/kube-flannel/net-conf.json", "path to the network configuration (net-conf.json)"),
-    "subnet-file": ("str", "/run/flannel/subnet.env", "file the CNI plugin reads the subnet from"),
+    "net-config-path": ("str", defaults.NET_CONFIG_PATH, "path to the network configuration (net-conf.json)"),
+    "subnet-file": ("str", defaults.SUBNET_FILE, "file the CNI plugin reads the subnet from"),
     "iface": ("list", None, "interface (name or IP) for inter-host traffic; repeatable, first match wins"),
     "iface-regex": ("list", None, "regex on interface addresses, then names; repeatable"),
     "iface-can-reach": ("str", "", "use the interface that routes to this IP"),
     "public-ip": ("str", "", "IP other nodes send to (default: the interface address)"),
-    "public-ipv6": ("str", "", "IPv6 address other nodes send IPv6 pod traffic to (dual stack; default: the interface's)"),
+    "public-ipv6": (
+        "str",
+        "",
+        "IPv6 address other nodes send IPv6 pod traffic to (dual stack; default: the interface's)",
+    ),
     "subnet-lease-renew-margin": ("int", 60, "minutes before expiry to renew the lease (1..1439)"),
     "ip-masq": ("bool", False, "set up masquerade rules for traffic leaving the overlay"),
     "ip-masq-fully-random-disable": ("bool", False, "do not use --random-fully in masquerade rules"),
@@ -61,16 +65,26 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "set-node-network-unavailable": ("bool", True, "set the node's NetworkUnavailable condition to False once up"),
     "v": ("int", 0, "log verbosity (>= 1: debug)"),
     # flannel-udp's own
-    "lease-file": ("str", "/var/lib/flannel-udp/leases.db", "embedded lease store shared by the nodes of this machine"),
+    "lease-file": ("str", defaults.LEASE_FILE, "embedded lease store shared by the nodes of this machine"),
     "lease-ttl": ("int", 86400, "seconds a lease lives without renewal (embedded store)"),
-    "udp-source-check": ("bool", True, "accept a datagram only from a lease's PublicIP with an inner source in its "
-                                       "subnet (turn off behind NAT)"),
+    "udp-source-check": (
+        "bool",
+        True,
+        "accept a datagram only from a lease's PublicIP with an inner source in its subnet (turn off behind NAT)",
+    ),
     "udp-offload": ("bool", True, "batch datagrams with UDP GSO/GRO (false: one datagram per syscall message)"),
     "udp-priority": ("int", 0, "real-time (SCHED_FIFO) priority 1..99 of the packet thread; 0: ordinary scheduling"),
-    "cni-bridge-repair": ("bool", True, "rebuild the pods' bridge (cni0) when it is deleted or loses its address or "
-                                        "MTU, and re-attach the veths the flannel CNI plugin attached"),
-    "cni-data-dir": ("str", DEFAULT_DATA_DIR, "dataDir of the flannel CNI plugin's config (its port records are in "
-                                              "<dataDir>-ports)"),
+    "cni-bridge-repair": (
+        "bool",
+        True,
+        "rebuild the pods' bridge (cni0) when it is deleted or loses its address or "
+        "MTU, and re-attach the veths the flannel CNI plugin attached",
+    ),
+    "cni-data-dir": (
+        "str",
+        defaults.CNI_DATA_DIR,
+        "dataDir of the flannel CNI plugin's config (its port records are in <dataDir>-ports)",
+    ),
 }
 
 
@@ -104,11 +118,15 @@ def build_run_parser(prog: str) -> OneLineParser:
     for name, (kind, default, help_text) in RUN_FLAGS.items():
         dest = name.replace("-", "_")
         if kind == "bool":
-            parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(
+                f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         elif kind == "list":
             parser.add_argument(f"--{name}", dest=dest, action="append", default=[], help=help_text)
         else:
-            parser.add_argument(f"--{name}", dest=dest, type=int if kind == "int" else str, default=default, help=help_text)
+            parser.add_argument(
+                f"--{name}", dest=dest, type=int if kind == "int" else str, default=default, help=help_text
+            )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     return parser
 
@@ -133,12 +151,17 @@ def apply_env(args: argparse.Namespace, given: set[str]) -> None:
             else:
                 setattr(args, dest, value)
         except ValueError:
-            log.error("Failed to set flag FLANNELD_%s from env: invalid value %r", name.upper().replace("-", "_"), value)
+            log.error(
+                "Failed to set flag FLANNELD_%s from env: invalid value %r", name.upper().replace("-", "_"), value
+            )
 
 
 def setup_logging(verbosity: int) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbosity >= 1 else logging.INFO,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbosity >= 1 else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+    )
     # The HTTP client logs every request at INFO: a watch would log each reconnection attempt.
     logging.getLogger("httpx2").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
 
@@ -158,28 +181,45 @@ def run_command(argv: list[str], prog: str) -> int:
     setup_logging(args.v)
     if not 0 < args.subnet_lease_renew_margin < 1440:
         return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
-    for flag, value, low, high in (("-healthz-port", args.healthz_port, 0, 65535),
-                                   ("-iptables-resync", args.iptables_resync, 1, 86400), ("-v", args.v, 0, 10),
-                                   ("-udp-priority", args.udp_priority, 0, 99)):
+    for flag, value, low, high in (
+        ("-healthz-port", args.healthz_port, 0, 65535),
+        ("-iptables-resync", args.iptables_resync, 1, 86400),
+        ("-v", args.v, 0, 10),
+        ("-udp-priority", args.udp_priority, 0, 99),
+    ):
         if not low <= value <= high:
             return fail(f"{flag} must be from {low} to {high}, got {value}")
     if args.lease_ttl <= 0:
         return fail("--lease-ttl must be a positive number of seconds")
 
-    from .daemon import Daemon, Options, StartupError
     import uvloop
 
+    from .daemon import Daemon, Options, StartupError
+
     opts = Options(
-        net_config_path=args.net_config_path, subnet_file=args.subnet_file, lease_file=args.lease_file,
-        lease_ttl=float(args.lease_ttl), iface=args.iface, iface_regex=args.iface_regex,
-        iface_can_reach=args.iface_can_reach, public_ip=args.public_ip, public_ipv6=args.public_ipv6,
-        subnet_lease_renew_margin=args.subnet_lease_renew_margin, ip_masq=args.ip_masq, healthz_ip=args.healthz_ip,
-        healthz_port=args.healthz_port, udp_source_check=args.udp_source_check, udp_offload=args.udp_offload,
+        net_config_path=args.net_config_path,
+        subnet_file=args.subnet_file,
+        lease_file=args.lease_file,
+        lease_ttl=float(args.lease_ttl),
+        iface=args.iface,
+        iface_regex=args.iface_regex,
+        iface_can_reach=args.iface_can_reach,
+        public_ip=args.public_ip,
+        public_ipv6=args.public_ipv6,
+        subnet_lease_renew_margin=args.subnet_lease_renew_margin,
+        ip_masq=args.ip_masq,
+        healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port,
+        udp_source_check=args.udp_source_check,
+        udp_offload=args.udp_offload,
         udp_priority=args.udp_priority,
-        etcd=None if args.kube_subnet_mgr else etcd_options(args), kube=kube_options(args),
+        etcd=None if args.kube_subnet_mgr else etcd_options(args),
+        kube=kube_options(args),
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
-        iptables_forward_rules=args.iptables_forward_rules, iptables_resync=args.iptables_resync,
-        ip_blackhole_route=args.ip_blackhole_route, cni_bridge_repair=args.cni_bridge_repair,
+        iptables_forward_rules=args.iptables_forward_rules,
+        iptables_resync=args.iptables_resync,
+        ip_blackhole_route=args.ip_blackhole_route,
+        cni_bridge_repair=args.cni_bridge_repair,
         cni_data_dir=args.cni_data_dir,
     )
     try:
@@ -193,9 +233,16 @@ def etcd_options(args: argparse.Namespace):
     if not args.etcd_endpoints:
         return None
     from .subnet.etcd_client import EtcdOptions
-    return EtcdOptions(endpoints=args.etcd_endpoints, prefix=args.etcd_prefix, keyfile=args.etcd_keyfile,
-                       certfile=args.etcd_certfile, cafile=args.etcd_cafile, username=args.etcd_username,
-                       password=args.etcd_password)
+
+    return EtcdOptions(
+        endpoints=args.etcd_endpoints,
+        prefix=args.etcd_prefix,
+        keyfile=args.etcd_keyfile,
+        certfile=args.etcd_certfile,
+        cafile=args.etcd_cafile,
+        username=args.etcd_username,
+        password=args.etcd_password,
+    )
 
 
 def kube_options(args: argparse.Namespace):
@@ -203,25 +250,25 @@ def kube_options(args: argparse.Namespace):
     if not args.kube_subnet_mgr:
         return None
     from .subnet.kube_client import KubeOptions
-    return KubeOptions(api_url=args.kube_api_url, kubeconfig_file=args.kubeconfig_file,
-                       annotation_prefix=args.kube_annotation_prefix,
-                       set_node_network_unavailable=getattr(args, "set_node_network_unavailable", True))
+
+    return KubeOptions(
+        api_url=args.kube_api_url,
+        kubeconfig_file=args.kubeconfig_file,
+        annotation_prefix=args.kube_annotation_prefix,
+        set_node_network_unavailable=getattr(args, "set_node_network_unavailable", True),
+    )
 
 
-def open_registry(args: argparse.Namespace):
-    """The store `leases` reads: etcd when -etcd-endpoints is given, else the embedded file (which must exist)."""
-    etcd = etcd_options(args)
-    if etcd is not None:
-        from .subnet.etcd_store import EtcdRegistry
-        return EtcdRegistry(etcd)
-    from .subnet.local_store import LocalRegistry
-    if not os.path.exists(args.lease_file):
-        raise UsageError(f"no lease file at {args.lease_file} (give -etcd-endpoints to read leases from etcd)")
-    return LocalRegistry.open_sync(args.lease_file)
+def lease_source(args: argparse.Namespace):
+    """The store the user tools read leases from, from the store flags."""
+    from .subnet.source import LeaseSource
+
+    return LeaseSource(args.lease_file, etcd_options(args), kube_options(args))
 
 
 def config_command(args: argparse.Namespace) -> int:
     from .subnet.config import ConfigError, load_config
+
     try:
         with open(args.path, "rb") as f:
             cfg = load_config(f.read())
@@ -233,12 +280,21 @@ def config_command(args: argparse.Namespace) -> int:
         return put_config_to_etcd(args)
     rows = []
     if cfg.enable_ipv4:
-        rows += [("Network", cfg.network), ("SubnetLen", cfg.subnet_len), ("SubnetMin", cfg.subnet_min),
-                 ("SubnetMax", cfg.subnet_max), ("Subnets", cfg.subnet_count())]
+        rows += [
+            ("Network", cfg.network),
+            ("SubnetLen", cfg.subnet_len),
+            ("SubnetMin", cfg.subnet_min),
+            ("SubnetMax", cfg.subnet_max),
+            ("Subnets", cfg.subnet_count()),
+        ]
     if cfg.enable_ipv6:
-        rows += [("IPv6Network", cfg.ipv6_network), ("IPv6SubnetLen", cfg.ipv6_subnet_len),
-                 ("IPv6SubnetMin", cfg.ipv6_subnet_min), ("IPv6SubnetMax", cfg.ipv6_subnet_max),
-                 ("IPv6Subnets", cfg.ipv6_subnet_count())]
+        rows += [
+            ("IPv6Network", cfg.ipv6_network),
+            ("IPv6SubnetLen", cfg.ipv6_subnet_len),
+            ("IPv6SubnetMin", cfg.ipv6_subnet_min),
+            ("IPv6SubnetMax", cfg.ipv6_subnet_max),
+            ("IPv6Subnets", cfg.ipv6_subnet_count()),
+        ]
     rows.append(("Backend", cfg.backend_name))
     for name, value in rows:
         print(f"{name + ':':15}{value}")
@@ -264,6 +320,7 @@ def put_config_to_etcd(args: argparse.Namespace) -> int:
         finally:
             await registry.close()
         print(f"stored {args.path} as {registry.config_key}")
+
     try:
         asyncio.run(work())
         return 0
@@ -305,26 +362,28 @@ def print_leases(rows: list[tuple[str, object]], with_node: bool) -> None:
             expires = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
         v6 = f" {str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24}" if dual else ""
         name = f"{node:24} " if with_node else ""
-        print(f"{name}{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} "
-              f"{expires}")
+        print(
+            f"{name}{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} "
+            f"{expires}"
+        )
 
 
 def leases_command(args: argparse.Namespace) -> int:
     from .subnet.etcd_client import EtcdConfigError
     from .subnet.registry import StoreError
 
-    if args.kube_subnet_mgr:
+    source = lease_source(args)
+    if source.kube is not None:
         if args.action == "delete":
             return fail("in kube mode a lease is the Node's podCIDR: delete the Node object instead")
-        from .subnet.kube_manager import list_node_leases
         try:
-            print_leases(asyncio.run(list_node_leases(kube_options(args))), with_node=True)
+            print_leases(asyncio.run(source.read()), with_node=True)
             return 0
         except StoreError as e:
             return fail(str(e))
 
     async def work() -> int:
-        registry = open_registry(args)
+        registry = source.open_registry()
         try:
             leases, _ = await registry.get_subnets()
             if args.action == "delete":
@@ -365,25 +424,33 @@ def main(argv: list[str] | None = None) -> int:
         put = config_sub.add_parser("put", help="check a net-conf.json, then store it in etcd as <prefix>/config")
         put.add_argument("path")
         add_etcd_arguments(put)
-        leases = sub.add_parser("leases", help="list (or delete) the leases in the embedded store, etcd or the "
-                                "Kubernetes API")
+        leases = sub.add_parser(
+            "leases", help="list (or delete) the leases in the embedded store, etcd or the Kubernetes API"
+        )
         leases.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
         leases.add_argument("subnet", nargs="?", help="with delete: the subnet, e.g. 10.244.1.0/24")
-        leases.add_argument("--lease-file", default="/var/lib/flannel-udp/leases.db")
+        leases.add_argument("--lease-file", default=defaults.LEASE_FILE)
         add_etcd_arguments(leases)
         add_kube_arguments(leases)
         demo = sub.add_parser("demo", help="build a cluster in network namespaces on this machine and show it working")
         from .demo import add_arguments
+
         add_arguments(demo)
-        capture = sub.add_parser("capture", help="decode overlay traffic on the underlay, flannel0 or a pcap, with the "
-                                 "data plane's verdicts")
+        capture = sub.add_parser(
+            "capture", help="decode overlay traffic on the underlay, flannel0 or a pcap, with the data plane's verdicts"
+        )
         from .capture import add_arguments as add_capture_arguments
+
         add_capture_arguments(capture)
         add_etcd_arguments(capture)
         add_kube_arguments(capture)
         clean = sub.add_parser("cleanup", help="remove what a node set up in this network namespace (run it stopped)")
-        clean.add_argument("--subnet-file", "-subnet-file", default="/run/flannel/subnet.env",
-                           help="where the node's subnet (for its blackhole route) is read")
+        clean.add_argument(
+            "--subnet-file",
+            "-subnet-file",
+            default=defaults.SUBNET_FILE,
+            help="where the node's subnet (for its blackhole route) is read",
+        )
         sub.add_parser("version", help="print the version")
         args = parser.parse_args(argv)
         if args.command == "config":
@@ -394,15 +461,18 @@ def main(argv: list[str] | None = None) -> int:
             return leases_command(args)
         if args.command == "cleanup":
             from .cleanup import run_cleanup
+
             return run_cleanup(args.subnet_file)
         if args.command == "capture":
             from .capture import CaptureError, run_capture
+
             try:
-                return run_capture(args)
+                return run_capture(args, lease_source(args))
             except CaptureError as e:
                 return fail(str(e))
         if args.command == "demo":
             from .demo import run_demo
+
             return run_demo(args)
         print(__version__)
         return 0

@@ -6,6 +6,7 @@ network), keep it per container for DEL, and run the delegate plugin found on CN
 Protocol (CNI spec): CNI_COMMAND and friends in the environment, the network config on stdin, the result (or an error
 object) on stdout. Unlike upstream, CHECK is delegated too (upstream's is a no-op).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -15,15 +16,16 @@ import subprocess
 import sys
 
 from . import cni_ports
-from .cni_ports import DEFAULT_DATA_DIR
+from .defaults import CNI_DATA_DIR as DEFAULT_DATA_DIR
+from .defaults import SUBNET_FILE as DEFAULT_SUBNET_FILE
 
-DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 # CNI error codes (spec): 4 invalid network config, 7 invalid environment variables, 11 try again later, 999 other.
 INVALID_CONFIG, INVALID_ENV, TRY_AGAIN, OTHER = 4, 7, 11, 999
 # Go's strconv.ParseBool, which upstream's plugin applies to FLANNEL_IPMASQ.
-GO_BOOLS = {v: True for v in ("1", "t", "T", "TRUE", "true", "True")} | \
-           {v: False for v in ("0", "f", "F", "FALSE", "false", "False")}
+GO_BOOLS = {v: True for v in ("1", "t", "T", "TRUE", "true", "True")} | {
+    v: False for v in ("0", "f", "F", "FALSE", "false", "False")
+}
 
 
 class CniError(Exception):
@@ -37,8 +39,11 @@ def read_subnet_env(path: str) -> dict:
         with open(path) as f:
             values = dict(line.strip().split("=", 1) for line in f if "=" in line)
     except OSError as e:
-        raise CniError(TRY_AGAIN, f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
-                       "is flanneld running on this node?") from None
+        raise CniError(
+            TRY_AGAIN,
+            f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
+            "is flanneld running on this node?",
+        ) from None
     except UnicodeDecodeError:  # found by fuzz/targets/cni.py: a damaged file ended the plugin in a traceback
         raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: not UTF-8 text") from None
     required = ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
@@ -54,14 +59,22 @@ def read_subnet_env(path: str) -> dict:
             try:
                 ipaddress.ip_interface(values[key])
             except ValueError:
-                raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: "
-                                               f"invalid CIDR address: {values[key]}") from None
-    if not (values["FLANNEL_MTU"].isascii() and values["FLANNEL_MTU"].isdigit() and int(values["FLANNEL_MTU"]) < 1 << 32):
-        raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: "
-                                       f"invalid FLANNEL_MTU {values['FLANNEL_MTU']!r}")
+                raise CniError(
+                    INVALID_CONFIG,
+                    f"failed to load flannel 'subnet.env' file: {path}: invalid CIDR address: {values[key]}",
+                ) from None
+    if not (
+        values["FLANNEL_MTU"].isascii() and values["FLANNEL_MTU"].isdigit() and int(values["FLANNEL_MTU"]) < 1 << 32
+    ):
+        raise CniError(
+            INVALID_CONFIG,
+            f"failed to load flannel 'subnet.env' file: {path}: invalid FLANNEL_MTU {values['FLANNEL_MTU']!r}",
+        )
     if values["FLANNEL_IPMASQ"] not in GO_BOOLS:
-        raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: "
-                                       f"invalid FLANNEL_IPMASQ {values['FLANNEL_IPMASQ']!r}")
+        raise CniError(
+            INVALID_CONFIG,
+            f"failed to load flannel 'subnet.env' file: {path}: invalid FLANNEL_IPMASQ {values['FLANNEL_IPMASQ']!r}",
+        )
     return values
 
 
@@ -79,7 +92,9 @@ def delegate_config(conf: dict, env: dict) -> dict:
         raise CniError(INVALID_CONFIG, "'delegate' dictionary, if present, must have (string) 'type' field")
     for reserved in ("name", "ipam"):
         if reserved in delegate:
-            raise CniError(INVALID_CONFIG, f"'delegate' dictionary must not have '{reserved}' field, it'll be set by flannel")
+            raise CniError(
+                INVALID_CONFIG, f"'delegate' dictionary must not have '{reserved}' field, it'll be set by flannel"
+            )
     delegate["name"] = conf.get("name")
     delegate.setdefault("type", "bridge")
     delegate.setdefault("ipMasq", not GO_BOOLS[env["FLANNEL_IPMASQ"]])  # flannel masquerades, or the bridge must
@@ -94,7 +109,10 @@ def delegate_config(conf: dict, env: dict) -> dict:
     ipam.setdefault("type", "host-local")
     # One range (and one route to the cluster network) per family in subnet.env, IPv4 first, as upstream.
     ipam["ranges"], routes = [], []
-    for subnet_key, network_key in (("FLANNEL_SUBNET", "FLANNEL_NETWORK"), ("FLANNEL_IPV6_SUBNET", "FLANNEL_IPV6_NETWORK")):
+    for subnet_key, network_key in (
+        ("FLANNEL_SUBNET", "FLANNEL_NETWORK"),
+        ("FLANNEL_IPV6_SUBNET", "FLANNEL_IPV6_NETWORK"),
+    ):
         if not env.get(subnet_key):
             continue
         ipam["ranges"].append([{"subnet": subnet_of(env[subnet_key])}])
@@ -123,10 +141,13 @@ def run_delegate(config: dict) -> str:
     if result.returncode != 0:
         try:
             error = json.loads(result.stdout)
-            raise CniError(error.get("code", OTHER), f"delegate {config['type']}: {error.get('msg', '')}",
-                           error.get("details", ""))
+            raise CniError(
+                error.get("code", OTHER), f"delegate {config['type']}: {error.get('msg', '')}", error.get("details", "")
+            )
         except (ValueError, AttributeError):
-            raise CniError(OTHER, f"delegate {config['type']} failed: {(result.stderr or result.stdout).strip()}") from None
+            raise CniError(
+                OTHER, f"delegate {config['type']} failed: {(result.stderr or result.stdout).strip()}"
+            ) from None
     return result.stdout
 
 

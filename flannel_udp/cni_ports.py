@@ -5,13 +5,12 @@ these ports (and nothing else that happens to live on the node).
 The records live beside the plugin's data directory, in `<dataDir>-ports/<container id>` (a directory of its own: a
 container ID may be any name the plugin's own files use). The plugin writes them; the node agent only reads them.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
-
-DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,18 @@ def record_from_result(container: str, delegate: dict, result: dict) -> PortReco
         return None
     bridge_name = delegate.get("bridge") or "cni0"
     # Only well-formed host-side entries (the delegate's output is not trusted to be).
-    interfaces = [i for i in result.get("interfaces") or [] if isinstance(i, dict) and not i.get("sandbox")
-                  and isinstance(i.get("name"), str) and i["name"] and "/" not in i["name"] and i["name"] != "."
-                  and i["name"] != ".." and isinstance(i.get("mac"), str)]
+    interfaces = [
+        i
+        for i in result.get("interfaces") or []
+        if isinstance(i, dict)
+        and not i.get("sandbox")
+        and isinstance(i.get("name"), str)
+        and i["name"]
+        and "/" not in i["name"]
+        and i["name"] != "."
+        and i["name"] != ".."
+        and isinstance(i.get("mac"), str)
+    ]
     bridge = next((i for i in interfaces if i["name"] == bridge_name), None)
     veth = next((i for i in interfaces if i["name"] != bridge_name), None)
     if bridge is None or veth is None:
@@ -61,8 +69,16 @@ def write(data_dir: str, record: PortRecord) -> None:
     path = record_path(data_dir, record.container)
     scratch = os.path.join(directory, f".{record.container}.tmp")  # a container ID never starts with a dot
     with open(scratch, "w") as f:
-        json.dump({"bridge": record.bridge, "bridgeMac": record.bridge_mac, "veth": record.veth,
-                   "vethIndex": record.veth_index, "hairpin": record.hairpin}, f)
+        json.dump(
+            {
+                "bridge": record.bridge,
+                "bridgeMac": record.bridge_mac,
+                "veth": record.veth,
+                "vethIndex": record.veth_index,
+                "hairpin": record.hairpin,
+            },
+            f,
+        )
     os.replace(scratch, path)  # the node agent never reads half a record
 
 
@@ -88,8 +104,17 @@ def read_all(data_dir: str) -> list[PortRecord]:
             with open(os.path.join(directory, name)) as f:
                 raw = json.load(f)
                 written = os.fstat(f.fileno()).st_mtime
-            records.append(PortRecord(name, str(raw["bridge"]), str(raw["bridgeMac"]), str(raw["veth"]),
-                                      int(raw["vethIndex"]), bool(raw["hairpin"]), written))
+            records.append(
+                PortRecord(
+                    name,
+                    str(raw["bridge"]),
+                    str(raw["bridgeMac"]),
+                    str(raw["veth"]),
+                    int(raw["vethIndex"]),
+                    bool(raw["hairpin"]),
+                    written,
+                )
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return records

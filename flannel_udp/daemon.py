@@ -1,4 +1,5 @@
 """The node agent: composes config, store, interface, backend and health, then follows lease events until stopped."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,23 +10,24 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .backend import BackendError, backend_class
+from . import defaults
+from .backend import BackendError, UdpFlags, backend_class, make_backend
 from .bridge_guard import BridgeGuard
-from .cni_ports import DEFAULT_DATA_DIR
 from .health import HealthError, HealthServer, NodeState
 from .net import iface, netlink
 from .net.rules import FamilyNetworks, RulesError, TrafficRules
 from .net.tun import TunError
+from .net.udp_socket import SocketError
 from .subnet import subnetenv
+from .subnet.allocation import OutOfSubnets
 from .subnet.config import ConfigError, NetworkConfig, load_config, parse_config
 from .subnet.etcd_client import EtcdConfigError, EtcdOptions
 from .subnet.kube_client import KubeOptions
-from .subnet.lease import EventType, Events, Lease, Snapshot
-from .subnet.local_store import DEFAULT_LEASE_FILE, LocalRegistry
+from .subnet.lease import Lease
+from .subnet.local_store import LocalRegistry
 from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
-from .subnet.allocation import OutOfSubnets
 from .subnet.registry import StoreError, StoreUnavailable
-from .subnet.watcher import LeaseWatcher
+from .subnet.watcher import LeaseRevoked, LeaseStream
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,9 @@ class StartupError(RuntimeError):
 
 @dataclass
 class Options:
-    net_config_path: str = "/etc/kube-flannel/net-conf.json"
-    subnet_file: str = "/run/flannel/subnet.env"
-    lease_file: str = DEFAULT_LEASE_FILE
+    net_config_path: str = defaults.NET_CONFIG_PATH
+    subnet_file: str = defaults.SUBNET_FILE
+    lease_file: str = defaults.LEASE_FILE
     lease_ttl: float = DEFAULT_LEASE_TTL
     iface: list[str] = field(default_factory=list)
     iface_regex: list[str] = field(default_factory=list)
@@ -60,14 +62,14 @@ class Options:
     udp_offload: bool = True
     udp_priority: int = 0
     cni_bridge_repair: bool = True
-    cni_data_dir: str = DEFAULT_DATA_DIR
+    cni_data_dir: str = defaults.CNI_DATA_DIR
     etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
     kube: KubeOptions | None = None  # -kube-subnet-mgr: leases are the Nodes' podCIDRs and annotations
 
 
 def read_network_config(path: str, kube: bool = False) -> NetworkConfig:
     """net-conf.json, checked as upstream checks it in etcd mode. Kube mode (as upstream) only parses it: SubnetLen and
-    the like mean nothing when Kubernetes assigns the subnets, but the networks the podCIDRs must lie in must be there."""
+    the like mean nothing when Kubernetes assigns the subnets, but the networks the podCIDRs lie in must be there."""
     try:
         with open(path, "rb") as f:
             text = f.read()
@@ -92,6 +94,7 @@ def read_network_config(path: str, kube: bool = False) -> NetworkConfig:
 async def read_etcd_network_config(registry) -> NetworkConfig:
     """<prefix>/config, tried once a second while it is missing or etcd is out of reach, as upstream's getConfig."""
     from .subnet.etcd_store import ConfigNotFound
+
     last_cause = None  # said once per cause (etcd away, config missing), whatever wording gRPC rotates through
     while True:
         try:
@@ -118,12 +121,14 @@ async def open_store(opts: Options):
     or the Kubernetes API (a KubeManager, which is its own manager)."""
     if opts.kube is not None:
         from .subnet.kube_manager import KubeManager  # the Kubernetes client is loaded only in kube mode
+
         config = read_network_config(opts.net_config_path, kube=True)
         return await KubeManager.open(opts.kube, config), config
     if opts.etcd is None:
         config = read_network_config(opts.net_config_path)
         return LocalRegistry.open_sync(opts.lease_file), config
     from .subnet.etcd_store import EtcdRegistry  # gRPC is loaded only when etcd is used
+
     registry = EtcdRegistry(opts.etcd)
     try:
         return registry, await read_etcd_network_config(registry)
@@ -133,21 +138,30 @@ async def open_store(opts: Options):
 
 
 def previous_network_from(values: dict[str, list], name: str = "FLANNEL_NETWORK"):
-    """FLANNEL_NETWORK (or FLANNEL_IPV6_NETWORK) of an old subnet.env: the network whose masquerade rules may be stale."""
+    """FLANNEL_NETWORK (or FLANNEL_IPV6_NETWORK) of an old subnet.env: the network whose masquerade rules may be
+    stale."""
     entries = values.get(name, [])
     return ipaddress.ip_network(entries[0], strict=False) if len(entries) == 1 else None
 
 
 def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) -> list[FamilyNetworks]:
+    assert config.network is not None  # checked at start: an IPv4 network is required
     families = [FamilyNetworks(config.network, lease.subnet, previous_network_from(old_env), previous[0])]
-    if config.enable_ipv6 and lease.ipv6_subnet is not None:
-        families.append(FamilyNetworks(config.ipv6_network, lease.ipv6_subnet,
-                                       previous_network_from(old_env, "FLANNEL_IPV6_NETWORK"), previous[1]))
+    if config.enable_ipv6 and lease.ipv6_subnet is not None and config.ipv6_network is not None:
+        families.append(
+            FamilyNetworks(
+                config.ipv6_network,
+                lease.ipv6_subnet,
+                previous_network_from(old_env, "FLANNEL_IPV6_NETWORK"),
+                previous[1],
+            )
+        )
     return families
 
 
-async def choose_interface(nl: netlink.Netlink, opts: Options, public_ip: str, public_ipv6: str, ipv6: bool,
-                           ipv6_optional: bool) -> iface.ExternalInterface:
+async def choose_interface(
+    nl: netlink.Netlink, opts: Options, public_ip: str, public_ipv6: str, ipv6: bool, ipv6_optional: bool
+) -> iface.ExternalInterface:
     """The external interface (and with ipv6 its IPv6 side). Where the backend can carry IPv6 pod traffic over the IPv4
     underlay, an interface without an IPv6 address is not an error unless an IPv6 underlay was asked for by name."""
     args = (opts.iface, opts.iface_regex, opts.iface_can_reach, public_ip, public_ipv6)
@@ -167,19 +181,12 @@ async def choose_interface(nl: netlink.Netlink, opts: Options, public_ip: str, p
     return await nl.call(iface.choose, *args, ipv6)
 
 
-def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
-    if isinstance(result, Snapshot):
-        return all(lease.subnet != own.subnet for lease in result.leases)
-    return any(e.type is EventType.REMOVED and e.lease.subnet == own.subnet for e in result.events)
-
-
 class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.state = NodeState()
         self.stopping = asyncio.Event()
         self._starting: asyncio.Task | None = None  # cancelled by a signal that arrives before start-up is done
-        self.exit_reason = "stopped"
 
     async def run(self) -> int:
         """0 after a clean stop (signal or revoked lease), as upstream; raises StartupError for user-fixable faults.
@@ -212,16 +219,23 @@ class Daemon:
                 # node-public-ip(v6) annotations set by the admin replace -public-ip(v6), as upstream.
                 annotated, annotated6 = store.stored_public_ips()
                 public_ip, public_ipv6 = annotated or public_ip, annotated6 or public_ipv6
-            backend_cls = backend_class(config.backend_name)
+            backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
             # The IPv6 side is looked for only where a backend carries IPv6 (udp refuses EnableIPv6 itself).
             dual_stack = config.enable_ipv6 and backend_cls.dual_stack
-            ext = await choose_interface(nl, opts, public_ip, public_ipv6, dual_stack,
-                                         getattr(backend_cls, "ipv6_underlay_optional", False))
-            log.info("Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+            ext = await choose_interface(
+                nl, opts, public_ip, public_ipv6, dual_stack, getattr(backend_cls, "ipv6_underlay_optional", False)
+            )
+            log.info(
+                "Using interface %s with address %s, public IP %s, MTU %d",
+                ext.name,
+                ext.iface_addr,
+                ext.ext_addr,
+                ext.mtu,
+            )
             if ext.iface_addr6 is not None:
                 log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
-            backend = backend_cls(nl, ext, config, source_check=opts.udp_source_check, offload=opts.udp_offload,
-                                  priority=opts.udp_priority)
+            udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority)
+            backend = make_backend(config, nl, ext, udp_flags)
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
             manager = store if opts.kube is not None else Manager(store, config, previous, opts.lease_ttl)
@@ -230,13 +244,18 @@ class Daemon:
                 network = await backend.register_network(manager)
                 self.state.network = network
                 self.state.lease_expiration = network.lease.expiration
-                rules = TrafficRules(rule_families(config, network.lease, old_env, previous), masq=opts.ip_masq,
-                                     forward=opts.iptables_forward_rules, nftables=config.enable_nftables,
-                                     fully_random_disabled=opts.ip_masq_fully_random_disable)
+                rules = TrafficRules(
+                    rule_families(config, network.lease, old_env, previous),
+                    masq=opts.ip_masq,
+                    forward=opts.iptables_forward_rules,
+                    nftables=config.enable_nftables,
+                    fully_random_disabled=opts.ip_masq_fully_random_disable,
+                )
                 await asyncio.to_thread(rules.setup)
                 try:
-                    subnetenv.write_atomically(opts.subnet_file,
-                                               subnetenv.render(config, network.lease, network.mtu, opts.ip_masq))
+                    subnetenv.write_atomically(
+                        opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq)
+                    )
                 except OSError as e:
                     raise StartupError(f"cannot write the subnet file {opts.subnet_file}: {e.strerror}") from None
             except Exception:  # a failure, not a signal: a signal is a clean stop and keeps what a stop keeps
@@ -244,16 +263,30 @@ class Daemon:
                     network = None
                 raise
             self.state.ready = True
-            log.info("Wrote subnet file %s (subnet %s%s); ready", opts.subnet_file, network.lease.subnet,
-                     f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "")
+            log.info(
+                "Wrote subnet file %s (subnet %s%s); ready",
+                opts.subnet_file,
+                network.lease.subnet,
+                f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "",
+            )
             await manager.complete_lease(network.lease)
 
             self._starting = None  # from here on a signal ends the serving loop, not the task
             await self._serve(manager, network, rules, nl)
             log.info("Exiting cleanly...")
             return 0
-        except (iface.InterfaceError, BackendError, TunError, StoreError, OutOfSubnets, AcquireError, EtcdConfigError,
-                RulesError, HealthError) as e:
+        except (
+            SocketError,
+            iface.InterfaceError,
+            BackendError,
+            TunError,
+            StoreError,
+            OutOfSubnets,
+            AcquireError,
+            EtcdConfigError,
+            RulesError,
+            HealthError,
+        ) as e:
             raise StartupError(str(e)) from None
         finally:
             if network is not None:
@@ -279,8 +312,9 @@ class Daemon:
             await asyncio.to_thread(rules.undo)
         if network is not None:
             await network.undo()
-        log.info("Start-up failed: released lease %s and removed the rules and devices this start set up",
-                 released.subnet)
+        log.info(
+            "Start-up failed: released lease %s and removed the rules and devices this start set up", released.subnet
+        )
         return True
 
     def _on_signal(self, sig: int) -> None:
@@ -301,7 +335,7 @@ class Daemon:
             own_subnets = [str(s) for s in (network.lease.subnet, network.lease.ipv6_subnet) if s is not None]
             resync = tasks.create_task(self._resync(rules, nl, own_subnets))
             stop = tasks.create_task(self.stopping.wait())
-            background = [resync]
+            background = [resync, tasks.create_task(network.supervise())]
             if self.opts.cni_bridge_repair:
                 guard = BridgeGuard(nl, self.opts.cni_data_dir, network.lease, network.mtu)
                 background.append(tasks.create_task(guard.run()))
@@ -324,16 +358,14 @@ class Daemon:
                 log.error("Resync of rules and routes failed (trying again): %s", e)
 
     async def _follow_leases(self, manager: Manager, network) -> None:
-        watcher = LeaseWatcher(network.lease.subnet)
+        stream = LeaseStream(manager, network.lease)
         while True:
             try:
-                async for result in manager.watch_leases():
-                    if manager.watches_own_lease and own_lease_gone(result, network.lease):
-                        log.warning("Lease has been revoked. Shutting down daemon.")
-                        return
-                    batch = watcher.apply(result)
-                    if batch:
-                        await network.apply(batch)
+                async for batch in stream.batches():
+                    await network.apply(batch)
+            except LeaseRevoked:
+                log.warning("Lease has been revoked. Shutting down daemon.")
+                return
             except StoreError as e:
                 # Forwarding goes on with the last known routes while the store is unusable.
                 log.error("Lease watch failed (%s); retrying, forwarding continues with the current routes", e)
@@ -349,7 +381,10 @@ class Daemon:
             try:
                 lease = await manager.renew_lease(lease)
                 self.state.lease_expiration = lease.expiration
-                log.info("Lease renewed, new expiration: %s", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expiration)))
+                log.info(
+                    "Lease renewed, new expiration: %s",
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expiration)),
+                )
             except StoreError as e:
                 log.error("Error renewing lease (trying again in 1 min): %s", e)
                 await asyncio.sleep(RENEW_RETRY)

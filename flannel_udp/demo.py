@@ -1,5 +1,6 @@
 """`flannel-udp demo`: a small cluster in network namespaces, shown working, then removed (also on Ctrl-C), or kept
 (`--keep`) until `flannel-udp demo down`."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,26 +9,42 @@ import signal
 import sys
 import time
 
-from .kubeserver import KubeServerError
-from .testbed import Testbed, TestbedError, teardown_saved
+from testbed.cluster import Testbed, TestbedError, teardown_saved
+from testbed.kubeserver import KubeServerError
 
 STATE_FILE = "/run/flannel-udp-demo.json"  # what `demo --keep` left running, for `demo down`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", choices=["up", "down"], default="up",
-                        help="up (default): build, show, remove; down: remove what `--keep` left")
-    parser.add_argument("--backend", choices=["udp", "vxlan", "host-gw"], default="udp", help="data plane (default udp)")
-    parser.add_argument("--keep", action="store_true", help="leave the cluster running; `flannel-udp demo down` removes it")
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=["up", "down"],
+        default="up",
+        help="up (default): build, show, remove; down: remove what `--keep` left",
+    )
+    parser.add_argument(
+        "--backend", choices=["udp", "vxlan", "host-gw"], default="udp", help="data plane (default udp)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the cluster running; `flannel-udp demo down` removes it"
+    )
     parser.add_argument("--nodes", type=int, default=3, help="number of hosts (default 3)")
     parser.add_argument("--pods", type=int, default=2, help="pods per host (default 2)")
     parser.add_argument("--network", default="10.244.0.0/16", help="overlay network (default 10.244.0.0/16)")
-    parser.add_argument("--ipv6-network", default="", metavar="CIDR",
-                        help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (vxlan and host-gw)")
+    parser.add_argument(
+        "--ipv6-network",
+        default="",
+        metavar="CIDR",
+        help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (vxlan and host-gw)",
+    )
     parser.add_argument("--iperf-seconds", type=float, default=3, help="length of the throughput sample (0: skip)")
-    parser.add_argument("--kube", action="store_true",
-                        help="run the nodes with -kube-subnet-mgr against a real Kubernetes control plane (etcd, "
-                             "kube-apiserver, kube-controller-manager assigning the podCIDRs) instead of the embedded store")
+    parser.add_argument(
+        "--kube",
+        action="store_true",
+        help="run the nodes with -kube-subnet-mgr against a real Kubernetes control plane (etcd, "
+        "kube-apiserver, kube-controller-manager assigning the podCIDRs) instead of the embedded store",
+    )
 
 
 def step(message: str) -> None:
@@ -54,8 +71,10 @@ def run_demo(args: argparse.Namespace) -> int:
             config.update(EnableIPv6=True, IPv6Network=args.ipv6_network)
         bed.write_config(config)
         if args.kube:
-            step("Starting a Kubernetes control plane on the underlay (198.18.0.200): etcd, kube-apiserver with RBAC, "
-                 "kube-controller-manager --allocate-node-cidrs")
+            step(
+                "Starting a Kubernetes control plane on the underlay (198.18.0.200): etcd, kube-apiserver with RBAC, "
+                "kube-controller-manager --allocate-node-cidrs"
+            )
             bed.start_kube()
             store = "Kubernetes API: podCIDRs from kube-controller-manager, the flannel ServiceAccount's token"
         else:
@@ -67,7 +86,10 @@ def run_demo(args: argparse.Namespace) -> int:
             bed.wait_ready(host)
             env = host.subnet_env()
             v6 = f" FLANNEL_IPV6_SUBNET={env['FLANNEL_IPV6_SUBNET']}" if "FLANNEL_IPV6_SUBNET" in env else ""
-            print(f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']}{v6} FLANNEL_MTU={env['FLANNEL_MTU']}")
+            print(
+                f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']}{v6} "
+                f"FLANNEL_MTU={env['FLANNEL_MTU']}"
+            )
         step(f"Creating {args.pods} pods per host through the flannel CNI plugin (bridge cni0, host-local IPAM)")
         for host in bed.hosts:
             for _ in range(args.pods):
@@ -93,8 +115,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 failures += 1
         if args.keep:
             bed.save_state(STATE_FILE)
-            step(f"Done; the cluster keeps running (namespaces {bed.prefix}-*, logs in {bed.workdir}); "
-                 "remove it with `flannel-udp demo down`" + ("" if not failures else f" ({failures} checks failed)"))
+            step(
+                f"Done; the cluster keeps running (namespaces {bed.prefix}-*, logs in {bed.workdir}); "
+                "remove it with `flannel-udp demo down`" + ("" if not failures else f" ({failures} checks failed)")
+            )
             bed = None  # not closed: kept
         else:
             step("Done; removing the cluster" + ("" if not failures else f" ({failures} checks failed)"))

@@ -1,4 +1,5 @@
 """/healthz, /readyz (upstream's texts) and /metrics (Prometheus) on one small asyncio HTTP server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,9 @@ class NodeState:
 
     def collect(self):
         families = list(self.network.collect_metrics()) if self.network is not None else []
-        expiry = GaugeMetricFamily("flannel_lease_expiry_seconds", "Seconds until the own lease expires (-1: no expiry)")
+        expiry = GaugeMetricFamily(
+            "flannel_lease_expiry_seconds", "Seconds until the own lease expires (-1: no expiry)"
+        )
         if self.lease_expiration is not None:
             expiry.add_metric([], self.lease_expiration - time.time())
         elif self.network is not None:
@@ -50,8 +53,9 @@ class HealthServer:
             self._server = await asyncio.start_server(self._serve, self.host, self.port)
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)  # uvloop's own wording repeats the address
-            raise HealthError(f"cannot serve /healthz on {self.host}:{self.port}: {reason} (-healthz-ip, -healthz-port)") \
-                from None
+            raise HealthError(
+                f"cannot serve /healthz on {self.host}:{self.port}: {reason} (-healthz-ip, -healthz-port)"
+            ) from None
         log.info("Serving /healthz, /readyz and /metrics on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -59,7 +63,7 @@ class HealthServer:
             self._server.close()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 3)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _respond(self, path: str) -> tuple[int, str, bytes]:
@@ -82,10 +86,13 @@ class HealthServer:
             path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
             status, ctype, body = self._respond(path)
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n".encode()
+                + body
+            )
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
             pass
         finally:
             writer.close()

@@ -6,6 +6,7 @@ fuzz/build.sh has built it with clang's coverage instrumentation into fuzz/.buil
     .venv/bin/python -m fuzz pump -max_total_time=600
     .venv/bin/python -m fuzz netconf -runs=100000
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -19,6 +20,7 @@ INSTRUMENTED = os.path.join(HERE, ".build")
 
 def main() -> int:
     from .targets import NAMES
+
     if len(sys.argv) < 2 or sys.argv[1] not in NAMES:
         print(f"usage: python -m fuzz {{{'|'.join(NAMES)}}} [libFuzzer flags] [corpus dirs]", file=sys.stderr)
         return 2
@@ -30,6 +32,7 @@ def main() -> int:
         # extension modules with RTLD_LOCAL, so they could not reach the copy inside atheris).
         ctypes.CDLL(os.path.join(INSTRUMENTED, "libfuzzer.so"), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
     import atheris
+
     with atheris.instrument_imports(include=["flannel_udp", "fuzz"]):
         target = importlib.import_module(f"fuzz.targets.{name}")
     if not any(not f.startswith("-") for f in flags):

@@ -1,10 +1,15 @@
 """Backends by name (upstream's registry): each turns lease events into kernel or fast-path state."""
+
 from __future__ import annotations
 
+import asyncio
+import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
-from ..subnet.lease import Lease, LeaseEvent
+from ..subnet.lease import Lease, LeaseEvent, LeaseRemoved
 
+log = logging.getLogger(__name__)
 
 IPV4_MIN_MTU = 68  # RFC 791: every IPv4 link carries 68 bytes unfragmented
 IPV6_MIN_MTU = 1280  # RFC 8200
@@ -16,6 +21,7 @@ class BackendError(RuntimeError):
 
 class Network(ABC):
     """What a backend hands back after acquiring the lease and setting up its devices."""
+
     lease: Lease
     mtu: int
 
@@ -27,6 +33,11 @@ class Network(ABC):
         """Prometheus metric families of the data plane (none by default)."""
         return []
 
+    async def supervise(self) -> None:
+        """The backend's own background work (vxlan's device watchdog, host-gw's route check), run by the daemon in
+        its task group for as long as the node serves; by default none."""
+        await asyncio.Event().wait()
+
     @abstractmethod
     async def close(self) -> None: ...
 
@@ -36,13 +47,57 @@ class Network(ABC):
         await self.close()
 
 
+@dataclass(frozen=True)
+class UdpFlags:
+    """The node flags of the udp backend (-udp-source-check, -udp-offload, -udp-priority)."""
+
+    source_check: bool = True
+    offload: bool = True
+    priority: int = 0
+
+
+class BackendTypeFilter:
+    """Upstream's rule in the kernel backends: a lease of another backend type is ignored (said once per type).
+    Removals always pass: they name only subnets, and a backend removes only what it set up."""
+
+    def __init__(self, backend_type: str) -> None:
+        self.backend_type = backend_type
+        self._ignored: set[str] = set()
+
+    def accepts(self, event: LeaseEvent) -> bool:
+        if isinstance(event, LeaseRemoved) or event.lease.attrs.backend_type == self.backend_type:
+            return True
+        kind = event.lease.attrs.backend_type
+        if kind not in self._ignored:
+            self._ignored.add(kind)
+            log.warning(
+                "Ignoring leases of backend type %r (this node runs %s), e.g. %s",
+                kind or "udp",
+                self.backend_type,
+                event.subnet,
+            )
+        return False
+
+
 def check_families(config, ext) -> None:
     """The kernel backends run IPv4 or dual stack; an IPv6 side needs an IPv6 address on the external interface."""
     if not config.enable_ipv4:
-        raise BackendError("IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 "
-                           "subnet): set EnableIPv4 too (dual stack)")
+        raise BackendError(
+            "IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 "
+            "subnet): set EnableIPv4 too (dual stack)"
+        )
     if config.enable_ipv6 and ext.ext_addr6 is None:
         raise BackendError(f"EnableIPv6 is set but no IPv6 address was chosen on {ext.name}")
+
+
+def make_backend(config, nl, ext, udp: UdpFlags):
+    """The backend the config names, given what it needs: the kernel backends their config, udp its flags too."""
+    from .udp import UdpBackend
+
+    cls = backend_class(config.backend_name)
+    if cls is UdpBackend:
+        return UdpBackend(nl, ext, config, udp)
+    return cls(nl, ext, config)
 
 
 def backend_class(name: str):
@@ -50,6 +105,7 @@ def backend_class(name: str):
     from .hostgw import HostGwBackend
     from .udp import UdpBackend
     from .vxlan import VxlanBackend
+
     registry = {"udp": UdpBackend, "vxlan": VxlanBackend, "host-gw": HostGwBackend}
     name = name.lower()
     try:

@@ -1,6 +1,7 @@
 """The host-gw backend (upstream pkg/backend/hostgw + route_network.go): a route per remote host-gw lease via its
 public IP on the external interface. No device, no encapsulation; the nodes must share a layer-2 segment. In dual stack,
 also a route per remote IPv6 subnet via the peer's PublicIPv6."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,9 +12,9 @@ from prometheus_client.core import GaugeMetricFamily
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig
-from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
+from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ..subnet.manager import Manager
-from . import BackendError, Network, check_families
+from . import BackendError, BackendTypeFilter, Network, check_families
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,18 @@ class HostGwBackend:
     backend_type = "host-gw"
     dual_stack = True
 
-    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, **_unused) -> None:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig) -> None:
         if ext.ext_addr != ext.iface_addr:
-            raise BackendError("your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
-                               "which is not supported by host-gw backend")
+            raise BackendError(
+                "your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
+                "which is not supported by host-gw backend"
+            )
         check_families(config, ext)
         if config.enable_ipv6 and ext.ext_addr6 != ext.iface_addr6:
-            raise BackendError("your PublicIPv6 differs from interface IPv6, meaning that probably you're on a NAT, "
-                               "which is not supported by host-gw backend")
+            raise BackendError(
+                "your PublicIPv6 differs from interface IPv6, meaning that probably you're on a NAT, "
+                "which is not supported by host-gw backend"
+            )
         self.netlink = nl
         self.ext = ext
         self.config = config
@@ -52,25 +57,26 @@ class RoutedNetwork(Network):
         self.link_index = link_index
         self.backend_type = backend_type
         self.routes: dict[str, str] = {}  # remote subnet -> gateway (its public IP)
-        self._ignored_types: set[str] = set()
-        self._checker = asyncio.get_running_loop().create_task(self._check_routes())
+        self._types = BackendTypeFilter(backend_type)
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
-            lease = event.lease
-            if lease.attrs.backend_type != self.backend_type and event.type is EventType.ADDED:
-                if lease.attrs.backend_type not in self._ignored_types:
-                    self._ignored_types.add(lease.attrs.backend_type)
-                    log.warning("Ignoring leases of backend type %r (this node runs %s), e.g. %s",
-                                lease.attrs.backend_type or "udp", self.backend_type, lease.subnet)
+            if not self._types.accepts(event):
                 continue
-            for subnet, gateway in ((lease.subnet, lease.attrs.public_ip), (lease.ipv6_subnet, lease.attrs.public_ipv6)):
+            if isinstance(event, LeaseRemoved):
+                for subnet in (event.subnet, event.ipv6_subnet):
+                    if subnet is not None:
+                        await self._remove_route(str(subnet))
+                continue
+            lease = event.lease
+            for subnet, gateway in (
+                (lease.subnet, lease.attrs.public_ip),
+                (lease.ipv6_subnet, lease.attrs.public_ipv6),
+            ):
                 if subnet is None or (subnet.version == 6 and not self.lease.ipv6_subnet):
                     continue  # an IPv4-only peer, or an IPv4-only node
-                if event.type is EventType.ADDED and gateway is not None:
+                if gateway is not None:
                     await self._add_route(str(subnet), str(gateway))
-                elif event.type is EventType.REMOVED:
-                    await self._remove_route(str(subnet))
 
     async def _add_route(self, subnet: str, gateway: str) -> None:
         self.routes[subnet] = gateway
@@ -89,12 +95,16 @@ class RoutedNetwork(Network):
         except netlink.NetlinkError as e:
             log.error("Cannot remove route %s: %s", subnet, e)
 
-    async def _check_routes(self) -> None:
+    async def supervise(self) -> None:
+        """Upstream's route check: every ROUTE_CHECK_PERIOD, a missing route to a peer is put back."""
         while True:
             await asyncio.sleep(ROUTE_CHECK_PERIOD)
             try:
-                present = {(r["dst"], r["gateway"]) for family in (2, 10)  # AF_INET, AF_INET6
-                           for r in await self.netlink.call(netlink.routes, family)}
+                present = {
+                    (r["dst"], r["gateway"])
+                    for family in (2, 10)  # AF_INET, AF_INET6
+                    for r in await self.netlink.call(netlink.routes, family)
+                }
                 for subnet, gateway in list(self.routes.items()):
                     if (subnet, gateway) not in present:
                         await self.netlink.call(netlink.replace_route, subnet, oif=self.link_index, gateway=gateway)
@@ -108,5 +118,4 @@ class RoutedNetwork(Network):
         return [routes]
 
     async def close(self) -> None:
-        # Nothing is removed on exit, as upstream: traffic keeps flowing across a restart.
-        self._checker.cancel()
+        pass  # nothing is removed on exit, as upstream: traffic keeps flowing across a restart

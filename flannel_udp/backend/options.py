@@ -1,5 +1,6 @@
 """Reading a backend's options from the raw `Backend` object of net-conf.json: keys case-insensitive (as Go's JSON),
 wrong types refused with one line that names the backend and the option."""
+
 from __future__ import annotations
 
 from typing import Any

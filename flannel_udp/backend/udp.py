@@ -3,70 +3,42 @@
 Beyond upstream (IPv4 only): with EnableIPv6 the lease gets an IPv6 subnet too and flannel0 carries both families.
 IPv6 pod packets go to a peer's PublicIPv6 over an IPv6 underlay socket when both nodes have one, else over the IPv4
 underlay; either way the UDP payload stays the raw inner packet, so IPv4 traffic with an upstream peer is unchanged."""
+
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import socket
-import sys
 import threading
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from _fastpath.pump import Pump
 from _fastpath.routes import RouteTable
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..defaults import UDP_PORT
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..net.tun import open_tun
+from ..net.udp_socket import accept_local_icmp, enable_gro, open_socket, socket_drops, tun_queue_drops
 from ..subnet.config import NetworkConfig
-from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
+from ..subnet.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, Network
+from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, Network, UdpFlags
 from .options import int_option
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 ENCAP_OVERHEAD_V6 = 48  # outer IPv6 (40) + UDP (8)
-SOCKET_BUFFER = 4 << 20
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # the socket's own drop counter (a full receive buffer), as `ss -m` shows it
-SOL_UDP, UDP_GRO = 17, 104  # not in Python's socket module
 # The TUN's queue towards us (default 500) overflows in bursts while the pump is busy with the other direction; each
 # overflow is a TCP loss inside the tunnel. A deeper queue absorbs the bursts.
 TUN_TXQUEUELEN = 5000
 
 
 def parse_options(backend: dict[str, Any]) -> int:
-    return int_option(backend, "UDP", "Port", DEFAULT_PORT, 1, 65535)
-
-
-def open_socket(address: str, port: int) -> socket.socket:
-    """The underlay socket of the address's family (an IPv6 one carries only IPv6: the IPv4 socket has the rest)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-        sock.bind((address, port))
-    except OSError as e:
-        sock.close()
-        where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
-        if e.errno == errno.EADDRINUSE:
-            raise BackendError(f"UDP port {port} on {address} is already in use (is another flanneld running?)") from None
-        raise BackendError(f"cannot bind the UDP socket to {where}: {e.strerror}") from None
-    return sock
+    return int_option(backend, "UDP", "Port", UDP_PORT, 1, 65535)
 
 
 class UdpBackend:
@@ -74,24 +46,29 @@ class UdpBackend:
     # IPv6 pod traffic may cross the IPv4 underlay: an interface without an IPv6 address is no error here.
     ipv6_underlay_optional = True
 
-    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, source_check: bool = True,
-                 offload: bool = True, priority: int = 0) -> None:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, flags: UdpFlags) -> None:
         if not config.enable_ipv4:
-            raise BackendError("the udp backend needs EnableIPv4: IPv6-only networks are not supported (IPv6 runs "
-                               "beside IPv4 with EnableIPv6)")
+            raise BackendError(
+                "the udp backend needs EnableIPv4: IPv6-only networks are not supported (IPv6 runs "
+                "beside IPv4 with EnableIPv6)"
+            )
         if config.ipv6_network is not None and not config.enable_ipv6:
-            raise BackendError("IPv6Network is set but EnableIPv6 is not: the udp backend would give pods no IPv6 "
-                               "subnet (set EnableIPv6, or remove IPv6Network)")
+            raise BackendError(
+                "IPv6Network is set but EnableIPv6 is not: the udp backend would give pods no IPv6 "
+                "subnet (set EnableIPv6, or remove IPv6Network)"
+            )
         if config.enable_ipv6 and ext.ext_addr6 is not None and ext.ext_addr6 != ext.iface_addr6:
-            raise BackendError(f"-public-ipv6 {ext.ext_addr6} is not an address of {ext.name} ({ext.iface_addr6}): the "
-                               "udp backend receives IPv6 underlay traffic on the interface's own address")
+            raise BackendError(
+                f"-public-ipv6 {ext.ext_addr6} is not an address of {ext.name} ({ext.iface_addr6}): the "
+                "udp backend receives IPv6 underlay traffic on the interface's own address"
+            )
         self.netlink = nl
         self.ext = ext
         self.config = config
         self.port = parse_options(config.backend)
-        self.source_check = source_check
-        self.offload = offload
-        self.priority = priority
+        self.source_check = flags.source_check
+        self.offload = flags.offload
+        self.priority = flags.priority
 
     def tun_mtu(self) -> int:
         """The interface's MTU less the encapsulation of the larger outer header in use."""
@@ -100,8 +77,10 @@ class UdpBackend:
         mtu = self.ext.mtu - overhead
         family, minimum = ("IPv6", IPV6_MIN_MTU) if self.config.enable_ipv6 else ("IPv4", IPV4_MIN_MTU)
         if mtu < minimum:
-            raise BackendError(f"the MTU of {self.ext.name} ({self.ext.mtu}) leaves {mtu} bytes for flannel0 after the "
-                               f"{overhead}-byte UDP encapsulation, below {family}'s minimum of {minimum}")
+            raise BackendError(
+                f"the MTU of {self.ext.name} ({self.ext.mtu}) leaves {mtu} bytes for flannel0 after the "
+                f"{overhead}-byte UDP encapsulation, below {family}'s minimum of {minimum}"
+            )
         return mtu
 
     def lease_attrs(self) -> LeaseAttrs:
@@ -124,14 +103,36 @@ class UdpBackend:
             tun_fd, tun_name, tun_offloads = open_tun(offloads=self.offload)
             network6 = str(self.config.ipv6_network) if lease.ipv6_subnet is not None else None
             await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network), network6)
+            subnet6 = lease.ipv6_subnet
             accept_local_icmp(tun_name)
-            log.info("%s is up: address %s/32%s, MTU %d, route %s%s; UDP on %s", tun_name, lease.subnet.network_address,
-                     f" and {lease.ipv6_subnet.network_address}/128" if network6 else "", mtu, self.config.network,
-                     f" and {network6}" if network6 else "",
-                     " and ".join(f"[{s.getsockname()[0]}]:{self.port}" if s.family == socket.AF_INET6
-                                  else f"{s.getsockname()[0]}:{self.port}" for s in socks))
-            return UdpNetwork(lease, mtu, tun_fd, tun_name, socks[0], self.port, self.source_check, self.offload,
-                              tun_offloads, self.priority, sock6=socks[1] if len(socks) > 1 else None)
+            log.info(
+                "%s is up: address %s/32%s, MTU %d, route %s%s; UDP on %s",
+                tun_name,
+                lease.subnet.network_address,
+                f" and {subnet6.network_address}/128" if subnet6 is not None else "",
+                mtu,
+                self.config.network,
+                f" and {network6}" if network6 else "",
+                " and ".join(
+                    f"[{s.getsockname()[0]}]:{self.port}"
+                    if s.family == socket.AF_INET6
+                    else f"{s.getsockname()[0]}:{self.port}"
+                    for s in socks
+                ),
+            )
+            return UdpNetwork(
+                lease,
+                mtu,
+                tun_fd,
+                tun_name,
+                socks[0],
+                self.port,
+                self.source_check,
+                self.offload,
+                tun_offloads,
+                self.priority,
+                sock6=socks[1] if len(socks) > 1 else None,
+            )
         except BaseException:
             if tun_fd >= 0:
                 os.close(tun_fd)  # the kernel removes the device, its address and its route
@@ -144,8 +145,10 @@ def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str, network6
     """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network; in dual stack
     also <IPv6 subnet address>/128 and a route for the IPv6Network."""
     link = netlink.link_by_name(ipr, name)
+    if link is None:
+        raise BackendError(f"{name} vanished while it was being configured")
     netlink.replace_address(ipr, link.index, str(lease.subnet.network_address), 32)
-    if network6 is not None:
+    if network6 is not None and lease.ipv6_subnet is not None:
         netlink.replace_address(ipr, link.index, str(lease.ipv6_subnet.network_address), 128)
     netlink.set_link(ipr, link.index, mtu=mtu, up=True, txqlen=TUN_TXQUEUELEN)
     netlink.replace_route(ipr, network, oif=link.index)
@@ -153,48 +156,56 @@ def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str, network6
         netlink.replace_route(ipr, network6, oif=link.index)
 
 
-def enable_gro(sock: socket.socket) -> bool:
-    """UDP_GRO (Linux 5.0+): one receive may then carry a run of datagrams from one sender."""
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-        return True
-    except OSError as e:
-        log.warning("UDP GRO unavailable (%s); receiving one datagram per message", e.strerror)
-        return False
-
-
-def accept_local_icmp(tun_name: str) -> None:
-    """Let the kernel accept our ICMP net-unreachable, whose source (the subnet's .0, as upstream) is flannel0's own
-    address: without accept_local Linux drops it as a martian source and the sender never learns the net is gone."""
-    try:
-        with open(f"/proc/sys/net/ipv4/conf/{tun_name}/accept_local", "w") as f:
-            f.write("1")
-    except OSError as e:
-        log.warning("Cannot set accept_local on %s (%s): ICMP net-unreachable will not reach local senders", tun_name, e)
-
-
 class UdpNetwork(Network):
-    def __init__(self, lease: Lease, mtu: int, tun_fd: int, tun_name: str, sock: socket.socket, port: int,
-                 source_check: bool, offload: bool, tun_offloads: int = 0, priority: int = 0,
-                 sock6: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        lease: Lease,
+        mtu: int,
+        tun_fd: int,
+        tun_name: str,
+        sock: socket.socket,
+        port: int,
+        source_check: bool,
+        offload: bool,
+        tun_offloads: int = 0,
+        priority: int = 0,
+        sock6: socket.socket | None = None,
+    ) -> None:
         self.lease = lease
         self.mtu = mtu
         self.tun_fd = tun_fd
         self.tun_name = tun_name
         self.sock = sock
         self.sock6 = sock6
+        self.sockets = [s for s in (sock, sock6) if s is not None]
         self.port = port
         self.routes = RouteTable()
         self._ipv6_subnets: dict = {}  # a peer's IPv4 subnet -> its IPv6 subnet, to remove both routes together
         gro = offload and enable_gro(sock)
         if sock6 is not None:
             gro = gro and enable_gro(sock6)
-        self.pump = Pump(tun_fd, sock.fileno(), self.routes, str(lease.subnet), source_check, gso=offload, gro=gro,
-                         vnet_hdr=bool(tun_offloads), sock6_fd=sock6.fileno() if sock6 is not None else -1,
-                         own_subnet6=str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None)
-        log.info("Offloads: UDP GSO %s, UDP GRO %s, TUN %s", "on" if offload else "off", "on" if gro else "off",
-                 f"{tun_offloads:#x} (TSO split, TCP coalescing)" if tun_offloads else "off")
-        self._gso_fallback_logged = False
+        # The pump thread tells the event loop through this eventfd when it had to turn GSO off: logged at once.
+        self._notice_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        asyncio.get_running_loop().add_reader(self._notice_fd, self._on_pump_notice)
+        self.pump = Pump(
+            tun_fd,
+            sock.fileno(),
+            self.routes,
+            str(lease.subnet),
+            source_check,
+            gso=offload,
+            gro=gro,
+            vnet_hdr=bool(tun_offloads),
+            sock6_fd=sock6.fileno() if sock6 is not None else -1,
+            own_subnet6=str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None,
+            notify_fd=self._notice_fd,
+        )
+        log.info(
+            "Offloads: UDP GSO %s, UDP GRO %s, TUN %s",
+            "on" if offload else "off",
+            "on" if gro else "off",
+            f"{tun_offloads:#x} (TSO split, TCP coalescing)" if tun_offloads else "off",
+        )
         # The pump's own thread: its loop never takes the GIL, so nothing the control plane does in this interpreter
         # (watches, netlink, SQLite, metrics, garbage collection) delays a packet.
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -212,15 +223,23 @@ class UdpNetwork(Network):
                 os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
                 log.info("Packet thread runs at real-time priority %d (SCHED_FIFO)", self.priority)
             except OSError as e:
-                log.warning("Cannot give the packet thread real-time priority %d (%s); it runs at ordinary priority",
-                            self.priority, e.strerror)
+                log.warning(
+                    "Cannot give the packet thread real-time priority %d (%s); it runs at ordinary priority",
+                    self.priority,
+                    e.strerror,
+                )
         self.pump.run(self._stop_fd)
 
-    def check_offload_fallback(self) -> None:
-        if not self.pump.gso and self.pump.gso_error and not self._gso_fallback_logged:
-            self._gso_fallback_logged = True
-            log.warning("UDP GSO refused by the kernel (errno %d); sending one datagram per packet from now on",
-                        self.pump.gso_error)
+    def _on_pump_notice(self) -> None:
+        try:
+            os.eventfd_read(self._notice_fd)
+        except BlockingIOError:
+            return
+        if not self.pump.gso and self.pump.gso_error:
+            log.warning(
+                "UDP GSO refused by the kernel (%s); sending one datagram per packet from now on",
+                os.strerror(self.pump.gso_error),
+            )
 
     def ipv6_next_hop(self, lease: Lease):
         """Where a peer's IPv6 pod traffic goes: its PublicIPv6 when both nodes have an IPv6 underlay, else its
@@ -231,8 +250,8 @@ class UdpNetwork(Network):
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
-            lease = event.lease
-            if event.type is EventType.ADDED:
+            if isinstance(event, LeaseAdded):
+                lease = event.lease
                 # Every lease gets a route whatever its BackendType, as upstream.
                 self.routes.set_route(lease.subnet, lease.attrs.public_ip, self.port)
                 log.info("Route %s via %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
@@ -243,66 +262,79 @@ class UdpNetwork(Network):
                     hop = self.ipv6_next_hop(lease)
                     self.routes.set_route(lease.ipv6_subnet, hop, self.port)
                     self._ipv6_subnets[lease.subnet] = lease.ipv6_subnet
-                    log.info("Route %s via %s", lease.ipv6_subnet,
-                             f"[{hop}]:{self.port}" if hop.version == 6 else f"{hop}:{self.port}")
+                    log.info(
+                        "Route %s via %s",
+                        lease.ipv6_subnet,
+                        f"[{hop}]:{self.port}" if hop.version == 6 else f"{hop}:{self.port}",
+                    )
             else:
-                if self.routes.delete_route(lease.subnet):
-                    log.info("Route %s removed", lease.subnet)
-                subnet6 = self._ipv6_subnets.pop(lease.subnet, None) or lease.ipv6_subnet
+                if self.routes.delete_route(event.subnet):
+                    log.info("Route %s removed", event.subnet)
+                subnet6 = self._ipv6_subnets.pop(event.subnet, None) or event.ipv6_subnet
                 if subnet6 is not None and self.routes.delete_route(subnet6):
                     log.info("Route %s removed", subnet6)
 
     def collect_metrics(self):
-        self.check_offload_fallback()
         counters = self.pump.counters()
-        packets = CounterMetricFamily("flannel_udp_peer_packets", "Packets exchanged with a peer node", labels=["peer", "direction"])
-        octets = CounterMetricFamily("flannel_udp_peer_bytes", "Inner IP bytes exchanged with a peer node", labels=["peer", "direction"])
+        packets = CounterMetricFamily(
+            "flannel_udp_peer_packets", "Packets exchanged with a peer node", labels=["peer", "direction"]
+        )
+        octets = CounterMetricFamily(
+            "flannel_udp_peer_bytes", "Inner IP bytes exchanged with a peer node", labels=["peer", "direction"]
+        )
         for peer, (tx_p, tx_b, rx_p, rx_b) in self.routes.peer_stats().items():
             packets.add_metric([peer, "tx"], tx_p)
             packets.add_metric([peer, "rx"], rx_p)
             octets.add_metric([peer, "tx"], tx_b)
             octets.add_metric([peer, "rx"], rx_b)
-        drops = CounterMetricFamily("flannel_udp_dropped_packets", "Packets dropped by the data plane, by reason",
-                                    labels=["direction", "reason"])
+        drops = CounterMetricFamily(
+            "flannel_udp_dropped_packets",
+            "Packets dropped by the data plane, by reason",
+            labels=["direction", "reason"],
+        )
         for direction in ("tun_to_udp", "udp_to_tun"):
             for reason, count in counters[f"drops_{direction}"].items():
                 drops.add_metric([direction, reason], count)
         # Drops before the pump sees a packet: the kernel's counters of the two queues in front of it.
-        drops.add_metric(["udp_to_tun", "socket_receive_buffer"], self.socket_drops())
-        drops.add_metric(["tun_to_udp", "tun_queue"], self.tun_queue_drops())
+        drops.add_metric(["udp_to_tun", "socket_receive_buffer"], sum(map(socket_drops, self.sockets)))
+        drops.add_metric(["tun_to_udp", "tun_queue"], tun_queue_drops(self.tun_name))
         totals = CounterMetricFamily("flannel_udp_packets", "Packets through the data plane", labels=["stage"])
-        for stage in ("tun_read_packets", "udp_sent_packets", "udp_received_packets", "tun_written_packets",
-                      "icmp_unreachable_sent"):
+        for stage in (
+            "tun_read_packets",
+            "udp_sent_packets",
+            "udp_received_packets",
+            "tun_written_packets",
+            "icmp_unreachable_sent",
+        ):
             totals.add_metric([stage.removesuffix("_packets")], counters[stage])
-        calls = CounterMetricFamily("flannel_udp_io_calls", "Readiness callbacks and batched syscalls (packets per call "
-                                    "shows how well batching works)", labels=["kind"])
-        for kind in ("tun_wakeups", "socket_wakeups", "send_batches", "receive_batches", "gso_sends", "gro_receives",
-                     "tso_reads", "tso_segments", "tun_writes", "coalesced_writes"):
+        calls = CounterMetricFamily(
+            "flannel_udp_io_calls",
+            "Readiness callbacks and batched syscalls (packets per call shows how well batching works)",
+            labels=["kind"],
+        )
+        for kind in (
+            "tun_wakeups",
+            "socket_wakeups",
+            "send_batches",
+            "receive_batches",
+            "gso_sends",
+            "gro_receives",
+            "tso_reads",
+            "tso_segments",
+            "tun_writes",
+            "coalesced_writes",
+        ):
             calls.add_metric([kind], counters[kind])
         routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
         routes.add_metric([], len(self.routes))
         return [packets, octets, drops, totals, calls, routes]
 
-    def socket_drops(self) -> int:
-        total = 0
-        for sock in (self.sock, self.sock6):
-            if sock is not None:
-                meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
-                total += int.from_bytes(meminfo[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4], sys.byteorder)
-        return total
-
-    def tun_queue_drops(self) -> int:
-        """Packets the kernel dropped because the TUN's queue towards the pump was full (its tx_dropped)."""
-        try:
-            with open(f"/sys/class/net/{self.tun_name}/statistics/tx_dropped") as f:
-                return int(f.read())
-        except (OSError, ValueError):
-            return 0
-
     async def close(self) -> None:
         os.eventfd_write(self._stop_fd, 1)
         await asyncio.to_thread(self._thread.join)
         os.close(self._stop_fd)
+        asyncio.get_running_loop().remove_reader(self._notice_fd)
+        os.close(self._notice_fd)
         os.close(self.tun_fd)
         self.sock.close()
         if self.sock6 is not None:

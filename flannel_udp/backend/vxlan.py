@@ -9,12 +9,14 @@ device and replays every peer (upstream forgets them).
 Dual stack adds flannel-v6.<VNI> with the same duties for the IPv6 side: local = public IPv6, the lease's IPv6
 subnet, PublicIPv6 and BackendV6Data. Each family's device is a `Vtep`; the network drives one or two of them.
 """
+
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,9 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig, lookup_key
-from ..subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent
+from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ..subnet.manager import Manager
-from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, Network, check_families
+from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, BackendTypeFilter, Network, check_families
 from .options import bool_option, int_option
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ STEP_RETRIES = 5
 class VxlanOptions:
     vni: int
     port: int  # 0: the kernel's default (8472)
-    mtu: int   # of the underlay; the device gets mtu - 50
+    mtu: int  # of the underlay; the device gets mtu - 50
     gbp: bool
     learning: bool
     direct_routing: bool
@@ -49,16 +51,24 @@ def parse_options(backend: dict, ext_mtu: int, ipv6: bool = False) -> VxlanOptio
     name = "VXLAN"
     mtu = int_option(backend, name, "MTU", ext_mtu, -(1 << 31), 1 << 31)
     if mtu - ENCAP_OVERHEAD < IPV4_MIN_MTU:
-        raise BackendError(f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD} bytes for "
-                           f"pods after the {ENCAP_OVERHEAD}-byte VXLAN overhead, below IPv4's minimum of {IPV4_MIN_MTU}")
+        raise BackendError(
+            f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD} bytes for "
+            f"pods after the {ENCAP_OVERHEAD}-byte VXLAN overhead, below IPv4's minimum of {IPV4_MIN_MTU}"
+        )
     if ipv6 and mtu - ENCAP_OVERHEAD_V6 < IPV6_MIN_MTU:
-        raise BackendError(f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD_V6} bytes for "
-                           f"pods after the {ENCAP_OVERHEAD_V6}-byte VXLAN-over-IPv6 overhead, below IPv6's minimum "
-                           f"of {IPV6_MIN_MTU}")
-    return VxlanOptions(vni=int_option(backend, name, "VNI", 1, 0, (1 << 24) - 1),
-                        port=int_option(backend, name, "Port", 0, 0, 65535), mtu=mtu,
-                        gbp=bool_option(backend, name, "GBP"), learning=bool_option(backend, name, "Learning"),
-                        direct_routing=bool_option(backend, name, "DirectRouting"))
+        raise BackendError(
+            f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD_V6} bytes for "
+            f"pods after the {ENCAP_OVERHEAD_V6}-byte VXLAN-over-IPv6 overhead, below IPv6's minimum "
+            f"of {IPV6_MIN_MTU}"
+        )
+    return VxlanOptions(
+        vni=int_option(backend, name, "VNI", 1, 0, (1 << 24) - 1),
+        port=int_option(backend, name, "Port", 0, 0, 65535),
+        mtu=mtu,
+        gbp=bool_option(backend, name, "GBP"),
+        learning=bool_option(backend, name, "Learning"),
+        direct_routing=bool_option(backend, name, "DirectRouting"),
+    )
 
 
 def random_mac() -> str:
@@ -72,7 +82,7 @@ class VxlanBackend:
     backend_type = "vxlan"
     dual_stack = True
 
-    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, **_unused) -> None:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig) -> None:
         check_families(config, ext)
         self.netlink = nl
         self.ext = ext
@@ -92,15 +102,20 @@ class VxlanBackend:
         for vtep in self.vteps:
             mac = stored[0] if vtep.version == 4 else stored[1]
             existed = await self.netlink.call(netlink.vxlan_info, vtep.name)
-            vtep.index, vtep.mac = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index,
-                                                           mac or None)
+            vtep.index, vtep.mac = await self.netlink.call(
+                ensure_device, vtep, self.options, self.ext.index, mac or None
+            )
             if not existed:
                 created.append(vtep)
         v4 = self.vteps[0]
         v6 = self.vteps[1] if len(self.vteps) > 1 else None
-        attrs = LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6 if v6 else None, backend_type=self.backend_type,
-                           backend_data={"VNI": self.options.vni, "VtepMAC": v4.mac},
-                           backend_v6_data={"VNI": self.options.vni, "VtepMAC": v6.mac} if v6 else None)
+        attrs = LeaseAttrs(
+            self.ext.ext_addr,
+            self.ext.ext_addr6 if v6 else None,
+            backend_type=self.backend_type,
+            backend_data={"VNI": self.options.vni, "VtepMAC": v4.mac},
+            backend_v6_data={"VNI": self.options.vni, "VtepMAC": v6.mac} if v6 else None,
+        )
         try:
             lease = await manager.acquire_lease(attrs)
         except BaseException:
@@ -108,19 +123,30 @@ class VxlanBackend:
                 await self.netlink.call(netlink.delete_link, vtep.index)
             raise
         for vtep in self.vteps:
-            vtep.subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
+            subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
+            if subnet is None:
+                raise BackendError(f"the lease has no IPv{vtep.version} subnet for {vtep.name}")
+            vtep.subnet = subnet
             await self.netlink.call(configure_device, vtep)
-            log.info("%s is up: VNI %d, MAC %s, address %s/%d, MTU %d", vtep.name, self.options.vni, vtep.mac,
-                     vtep.subnet.network_address, vtep.subnet.max_prefixlen, vtep.mtu)
+            log.info(
+                "%s is up: VNI %d, MAC %s, address %s/%d, MTU %d",
+                vtep.name,
+                self.options.vni,
+                vtep.mac,
+                subnet.network_address,
+                subnet.max_prefixlen,
+                vtep.mtu,
+            )
         return VxlanNetwork(self.netlink, lease, self.vteps, self.options, self.ext, created)
 
 
 @dataclass
 class Vtep:
     """One family's vxlan device and what it needs to (re)build itself."""
-    version: int       # 4 or 6: of the pod subnets it routes and of its underlay
-    name: str          # flannel.<VNI> or flannel-v6.<VNI>
-    local: str         # the public IP of that family
+
+    version: int  # 4 or 6: of the pod subnets it routes and of its underlay
+    name: str  # flannel.<VNI> or flannel-v6.<VNI>
+    local: str  # the public IP of that family
     mtu: int
     network: ipaddress.IPv4Network | None = None  # IPv4 only: other addresses inside it are removed from the device
     index: int = 0
@@ -132,9 +158,14 @@ def ensure_device(ipr, vtep: Vtep, opts: VxlanOptions, link: int, mac: str | Non
     """Reuse a compatible device (keeping its MAC, so peers' FDB entries stay right); recreate one that is not."""
     existing = netlink.vxlan_info(ipr, vtep.name)
     if existing:
-        compatible = (existing.vni == opts.vni and existing.local in (None, vtep.local)
-                      and existing.link in (None, 0, link) and (not opts.port or existing.port in (0, opts.port))
-                      and existing.gbp == opts.gbp and existing.learning == opts.learning)
+        compatible = (
+            existing.vni == opts.vni
+            and existing.local in (None, vtep.local)
+            and existing.link in (None, 0, link)
+            and (not opts.port or (existing.port or 0) in (0, opts.port))
+            and existing.gbp == opts.gbp
+            and existing.learning == opts.learning
+        )
         if compatible:
             netlink.set_link(ipr, existing.index, mtu=vtep.mtu)
             return existing.index, existing.mac
@@ -142,16 +173,19 @@ def ensure_device(ipr, vtep: Vtep, opts: VxlanOptions, link: int, mac: str | Non
     if existing is not None:
         netlink.delete_link(ipr, ipr.link_lookup(ifname=vtep.name)[0])
     mac = mac or random_mac()
-    index = netlink.create_vxlan(ipr, vtep.name, opts.vni, vtep.local, link, opts.port, opts.learning, opts.gbp,
-                                 mac, vtep.mtu)
+    index = netlink.create_vxlan(
+        ipr, vtep.name, opts.vni, vtep.local, link, opts.port, opts.learning, opts.gbp, mac, vtep.mtu
+    )
     netlink.write_sysctl(f"net/ipv6/conf/{vtep.name}/accept_ra", "0")
     return index, mac
 
 
 def configure_device(ipr, vtep: Vtep) -> None:
     """<subnet IP>/32 (/128), stale addresses removed, up, and the MAC the lease advertises."""
-    netlink.keep_only_address(ipr, vtep.index, str(vtep.subnet.network_address), vtep.subnet.max_prefixlen,
-                              vtep.network)
+    assert vtep.subnet is not None  # set from the lease before the device is configured
+    netlink.keep_only_address(
+        ipr, vtep.index, str(vtep.subnet.network_address), vtep.subnet.max_prefixlen, vtep.network
+    )
     netlink.set_link(ipr, vtep.index, up=True)
     actual = ipr.get_links(vtep.index)[0].get_attr("IFLA_ADDRESS")
     if actual != vtep.mac:
@@ -166,8 +200,15 @@ class PeerState:
 
 
 class VxlanNetwork(Network):
-    def __init__(self, nl: netlink.Netlink, lease: Lease, vteps: list[Vtep], options: VxlanOptions,
-                 ext: ExternalInterface, created: list[Vtep] | None = None) -> None:
+    def __init__(
+        self,
+        nl: netlink.Netlink,
+        lease: Lease,
+        vteps: list[Vtep],
+        options: VxlanOptions,
+        ext: ExternalInterface,
+        created: list[Vtep] | None = None,
+    ) -> None:
         self.netlink = nl
         self.created = created or []  # devices this start made (undo() removes them)
         self.lease = lease
@@ -178,39 +219,27 @@ class VxlanNetwork(Network):
         self.ext = ext
         self.peers: dict[str, dict] = {vtep.name: {} for vtep in vteps}  # device -> remote subnet -> PeerState
         self.device_recreations = 0
-        self._ignored_types: set[str] = set()
+        self._types = BackendTypeFilter("vxlan")
         self._lock = asyncio.Lock()  # lease events and the watchdog's replay never interleave
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch_devices())
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         async with self._lock:
             for event in events:
-                if not self._is_vxlan(event):
+                if not self._types.accepts(event):
                     continue
                 for vtep in self.vteps:
                     await self._apply_one(vtep, event)
 
-    def _is_vxlan(self, event: LeaseEvent) -> bool:
-        backend_type = event.lease.attrs.backend_type
-        if backend_type == "vxlan" or event.type is EventType.REMOVED:
-            return True
-        if backend_type not in self._ignored_types:
-            self._ignored_types.add(backend_type)
-            log.warning("Ignoring leases of backend type %r (this node runs vxlan), e.g. %s",
-                        backend_type or "udp", event.lease.subnet)
-        return False
-
     async def _apply_one(self, vtep: Vtep, event: LeaseEvent) -> None:
-        lease = event.lease
-        subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
+        subnet = event.subnet if vtep.version == 4 else event.ipv6_subnet
         if subnet is None:
             return  # an IPv4-only peer has nothing for the IPv6 device
         peers = self.peers[vtep.name]
-        if event.type is EventType.REMOVED:
+        if isinstance(event, LeaseRemoved):
             if subnet in peers:
                 await self._remove(vtep, peers.pop(subnet))
             return
-        peer = peer_from(lease, vtep.version)
+        peer = peer_from(event.lease, vtep.version)
         if peer is None:
             return
         old = peers.get(subnet)
@@ -230,12 +259,22 @@ class VxlanNetwork(Network):
             await self.netlink.call(netlink.replace_route, subnet, gateway=peer.public_ip)
             log.info("Direct route %s via %s", subnet, peer.public_ip)
             return True
-        steps = [
-            (netlink.replace_neighbour, (index, gateway, peer.mac), netlink.delete_neighbour, (index, gateway, peer.mac)),
-            (netlink.replace_fdb, (index, peer.mac, peer.public_ip), netlink.delete_fdb, (index, peer.mac, peer.public_ip)),
+        steps: list[tuple[Callable, tuple, Callable, tuple]] = [
+            (
+                netlink.replace_neighbour,
+                (index, gateway, peer.mac),
+                netlink.delete_neighbour,
+                (index, gateway, peer.mac),
+            ),
+            (
+                netlink.replace_fdb,
+                (index, peer.mac, peer.public_ip),
+                netlink.delete_fdb,
+                (index, peer.mac, peer.public_ip),
+            ),
             (route_via_device, (subnet, index, gateway), netlink.delete_route, (subnet,)),
         ]
-        done = []
+        done: list[tuple[Callable, tuple]] = []
         for do, do_args, undo, undo_args in steps:
             if not await self._retry(do, *do_args):
                 for undo_fn, args in reversed(done):
@@ -273,8 +312,8 @@ class VxlanNetwork(Network):
         except (netlink.NetlinkError, OSError) as e:
             log.debug("%s%r: %s", fn.__name__, args, e)
 
-    async def _watch_devices(self) -> None:
-        """Recreate a deleted (or replaced) device with the same MAC and replay every peer of it."""
+    async def supervise(self) -> None:
+        """The device watchdog: recreate a deleted (or replaced) device with the same MAC and replay its peers."""
         while True:
             await asyncio.sleep(WATCHDOG_PERIOD)
             for vtep in self.vteps:
@@ -285,8 +324,9 @@ class VxlanNetwork(Network):
                     async with self._lock:
                         peers = self.peers[vtep.name]
                         log.warning("%s disappeared; recreating it and replaying %d peers", vtep.name, len(peers))
-                        vtep.index, _ = await self.netlink.call(ensure_device, vtep, self.options, self.ext.index,
-                                                                vtep.mac)
+                        vtep.index, _ = await self.netlink.call(
+                            ensure_device, vtep, self.options, self.ext.index, vtep.mac
+                        )
                         await self.netlink.call(configure_device, vtep)
                         for peer in list(peers.values()):
                             await self._add(vtep, peer)
@@ -302,8 +342,7 @@ class VxlanNetwork(Network):
         return [peers, recreated]
 
     async def close(self) -> None:
-        # Nothing is removed on exit, as upstream: the kernel keeps forwarding across a restart.
-        self._watchdog.cancel()
+        pass  # nothing is removed on exit, as upstream: the kernel keeps forwarding across a restart
 
     async def undo(self) -> None:
         await self.close()
@@ -314,11 +353,18 @@ class VxlanNetwork(Network):
 def peer_from(lease: Lease, version: int) -> PeerState | None:
     """The peer's subnet, public IP and VTEP MAC of one family; None (logged) when the lease lacks them."""
     attrs = lease.attrs
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     if version == 4:
         subnet, public_ip, data, field_name = lease.subnet, attrs.public_ip, attrs.backend_data, "BackendData"
     else:
-        subnet, public_ip, data, field_name = lease.ipv6_subnet, attrs.public_ipv6, attrs.backend_v6_data, "BackendV6Data"
-    if public_ip is None:
+        subnet, public_ip, data, field_name = (
+            lease.ipv6_subnet,
+            attrs.public_ipv6,
+            attrs.backend_v6_data,
+            "BackendV6Data",
+        )
+    if public_ip is None or subnet is None:
         log.error("Ignoring vxlan lease %s: no PublicIPv6 for its IPv6 subnet %s", lease.subnet, subnet)
         return None
     mac = lookup_key(data if isinstance(data, dict) else {}, "VtepMAC")  # case-insensitive, as Go decodes it upstream

@@ -4,6 +4,7 @@ idempotent repair itself (run on the netlink thread through Netlink.call).
 Notifications come from a NETLINK_ROUTE socket subscribed to the link and address groups, read on the event loop
 (add_reader: no thread, no polling) and decoded by pyroute2's rtnetlink parser.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +14,11 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-
-from ..cni_ports import PortRecord
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,30 @@ class LinkEvents:
     def _event(msg) -> LinkEvent | None:
         kind = msg["header"]["type"]
         if kind in (RTM_NEWLINK, RTM_DELLINK):
-            return LinkEvent("link" if kind == RTM_NEWLINK else "link_gone", msg.get_attr("IFLA_IFNAME"),
-                             msg["index"], msg.get_attr("IFLA_MASTER"))
+            return LinkEvent(
+                "link" if kind == RTM_NEWLINK else "link_gone",
+                msg.get_attr("IFLA_IFNAME"),
+                msg["index"],
+                msg.get_attr("IFLA_MASTER"),
+            )
         if kind == RTM_DELADDR:
             return LinkEvent("address_gone", None, msg["index"])
         return None
 
 
 @dataclass(frozen=True)
+class BridgePort:
+    """A pod's host-side veth as the CNI plugin attached it."""
+
+    veth: str
+    veth_index: int  # with the name: a later link that reuses the name is never enslaved by mistake
+    hairpin: bool
+
+
+@dataclass(frozen=True)
 class BridgeSpec:
     """What the bridge must look like, from subnet.env: the gateway address of each family's subnet, FLANNEL_MTU."""
+
     name: str
     mac: str
     mtu: int
@@ -101,7 +115,6 @@ class BridgeSpec:
 
 @dataclass
 class RepairResult:
-    index: int | None = None  # the bridge's ifindex (None: there is none)
     actions: list[str] = field(default_factory=list)  # what was wrong and is now put right; empty if nothing was
 
 
@@ -109,7 +122,7 @@ class BridgeError(RuntimeError):
     pass
 
 
-def _live_ports(ipr: IPRoute, ports: list[PortRecord]) -> list[tuple[PortRecord, object]]:
+def _live_ports(ipr: IPRoute, ports: list[BridgePort]) -> list[tuple[BridgePort, Any]]:
     """The recorded ports whose veth still exists as the same link (same name and ifindex)."""
     live = []
     for port in ports:
@@ -128,13 +141,18 @@ def _link(ipr: IPRoute, index: int):
         raise
 
 
-def repair_bridge(ipr: IPRoute, spec: BridgeSpec, ports: list[PortRecord]) -> RepairResult:
+def link_indexes(ipr: IPRoute, names: set[str]) -> set[int]:
+    """The ifindexes of the links with these names that exist."""
+    return {index for name in names for index in ipr.link_lookup(ifname=name)}
+
+
+def repair_bridge(ipr: IPRoute, spec: BridgeSpec, ports: list[BridgePort]) -> RepairResult:
     """Make the bridge match `spec` and enslave its recorded, still existing ports; nothing at all while no recorded
     port is alive (then no pod needs the bridge, and the CNI plugin builds it for the next one)."""
     live = _live_ports(ipr, ports)
     found = ipr.link_lookup(ifname=spec.name)
     if not live:
-        return RepairResult(index=found[0] if found else None)
+        return RepairResult()
     result = RepairResult()
     if not found:
         try:
@@ -147,7 +165,6 @@ def repair_bridge(ipr: IPRoute, spec: BridgeSpec, ports: list[PortRecord]) -> Re
         if not found:
             raise BridgeError(f"{spec.name} vanished while it was being rebuilt")
     index = found[0]
-    result.index = index
     link = ipr.get_links(index)[0]
     kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
     if kind != "bridge":
@@ -175,6 +192,7 @@ def repair_bridge(ipr: IPRoute, spec: BridgeSpec, ports: list[PortRecord]) -> Re
             ipr.brport("set", index=port.veth_index, mode=1)  # IFLA_BRPORT_MODE: hairpin, as the bridge plugin set it
         attached.append(port.veth)
     if attached:
-        result.actions.append(f"re-attached {len(attached)} pod veth{'s' if len(attached) > 1 else ''} "
-                              f"({', '.join(attached)})")
+        result.actions.append(
+            f"re-attached {len(attached)} pod veth{'s' if len(attached) > 1 else ''} ({', '.join(attached)})"
+        )
     return result

@@ -1,8 +1,11 @@
 """Choosing the external interface, its address and the public IP, in upstream's order and with its error texts."""
+
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -16,6 +19,9 @@ IFA_F_PERMANENT = 0x80
 
 class InterfaceError(RuntimeError):
     pass
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -32,25 +38,38 @@ class ExternalInterface:
 
 def _usable_addresses(ipr: IPRoute, index: int, version: int = 4) -> list[netlink.AddrInfo]:
     family = 2 if version == 4 else 10
-    usable = [a for a in netlink.addresses(ipr, index, family) if not a.flags & IFA_F_DEPRECATED
-              and not a.address.is_loopback and not a.address.is_multicast and not a.address.is_unspecified]
+    usable = [
+        a
+        for a in netlink.addresses(ipr, index, family)
+        if not a.flags & IFA_F_DEPRECATED
+        and not a.address.is_loopback
+        and not a.address.is_multicast
+        and not a.address.is_unspecified
+    ]
     # Global before link-local, permanent before dynamic, non-temporary first (upstream's sort).
-    return sorted(usable, key=lambda a: (a.address.is_link_local, not a.flags & IFA_F_PERMANENT, bool(a.flags & IFA_F_TEMPORARY)))
+    return sorted(
+        usable, key=lambda a: (a.address.is_link_local, not a.flags & IFA_F_PERMANENT, bool(a.flags & IFA_F_TEMPORARY))
+    )
 
 
-def _by_name(ipr: IPRoute, name: str, addr: ipaddress.IPv4Address | None = None) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+def _by_name(ipr: IPRoute, name: str, addr: ipaddress.IPv4Address | None = None) -> tuple[netlink.LinkInfo, IPAddress]:
     link = netlink.link_by_name(ipr, name)
     if link is None:
         raise InterfaceError(f"no interface named {name}")
-    if addr is None:
-        usable = _usable_addresses(ipr, link.index)
-        if not usable:
-            raise InterfaceError(f"failed to find IPv4 address for interface {name}")
-        addr = usable[0].address
-    return link, addr
+    if addr is not None:
+        return link, addr
+    usable = _usable_addresses(ipr, link.index)
+    if not usable:
+        raise InterfaceError(f"failed to find IPv4 address for interface {name}")
+    return link, usable[0].address
 
 
-def _by_ip(ipr: IPRoute, addr: ipaddress.IPv4Address) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+def _by_iface(ipr: IPRoute, value: str) -> tuple[netlink.LinkInfo, IPAddress]:
+    """-iface: an IPv4 address, or an interface name."""
+    return _by_ip(ipr, ipaddress.IPv4Address(value)) if _is_ip(value) else _by_name(ipr, value)
+
+
+def _by_ip(ipr: IPRoute, addr: IPAddress) -> tuple[netlink.LinkInfo, IPAddress]:
     family = 2 if addr.version == 4 else 10
     for link in netlink.links(ipr):
         if any(a.address == addr for a in netlink.addresses(ipr, link.index, family)):
@@ -58,7 +77,7 @@ def _by_ip(ipr: IPRoute, addr: ipaddress.IPv4Address) -> tuple[netlink.LinkInfo,
     raise InterfaceError(f"no interface with address {addr}")
 
 
-def _by_regex(ipr: IPRoute, pattern: str) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+def _by_regex(ipr: IPRoute, pattern: str) -> tuple[netlink.LinkInfo, IPAddress]:
     try:
         regex = re.compile(pattern)
     except re.error as e:
@@ -71,16 +90,19 @@ def _by_regex(ipr: IPRoute, pattern: str) -> tuple[netlink.LinkInfo, ipaddress.I
     for link in all_links:
         if regex.search(link.name):
             return _by_name(ipr, link.name)
-    available = ", ".join(f"{link.name}:[{' '.join(str(a.address) for a in netlink.addresses(ipr, link.index))}]"
-                          for link in all_links)
+    available = ", ".join(
+        f"{link.name}:[{' '.join(str(a.address) for a in netlink.addresses(ipr, link.index))}]" for link in all_links
+    )
     raise InterfaceError(f"could not match pattern {pattern} to any of the available network interfaces ({available})")
 
 
-def _by_reach(ipr: IPRoute, target: str) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+def _by_reach(ipr: IPRoute, target: str) -> tuple[netlink.LinkInfo, IPAddress]:
     route = netlink.route_get(ipr, target)
     if route is None or route["oif"] is None:
         raise InterfaceError(f"no route to {target}")
     link = netlink.link_by_index(ipr, route["oif"])
+    if link is None:
+        raise InterfaceError(f"no route to {target}")
     return _by_name(ipr, link.name, ipaddress.IPv4Address(route["src"]) if route["src"] else None)
 
 
@@ -94,7 +116,7 @@ def _default_route_link(ipr: IPRoute, family: int = 2) -> netlink.LinkInfo:
     return link
 
 
-def _by_default_route(ipr: IPRoute) -> tuple[netlink.LinkInfo, ipaddress.IPv4Address]:
+def _by_default_route(ipr: IPRoute) -> tuple[netlink.LinkInfo, IPAddress]:
     return _by_name(ipr, _default_route_link(ipr).name)
 
 
@@ -107,16 +129,24 @@ def _parse_public(value: str, version: int):
         raise InterfaceError(f"invalid public IP{'v6' if version == 6 else ''} address: {value}") from None
 
 
-def _ipv6_side(ipr: IPRoute, link: netlink.LinkInfo, public_ipv6: str, ifaces: list[str], by_default_route: bool,
-               by_public_ip: bool):
+def _ipv6_side(
+    ipr: IPRoute,
+    link: netlink.LinkInfo,
+    public_ipv6: str,
+    ifaces: list[str],
+    by_default_route: bool,
+    by_public_ip: bool,
+):
     """Dual stack: the IPv6 address of the interface the IPv4 side chose, and the public IPv6 (upstream requires both
     families on one interface)."""
     ext6 = _parse_public(public_ipv6, 6)
     if by_default_route:
         link6 = _default_route_link(ipr, 10)
         if link6.index != link.index:
-            raise InterfaceError(f"the IPv6 default route uses {link6.name}, the IPv4 one {link.name}: "
-                                 "dual stack needs both on one interface")
+            raise InterfaceError(
+                f"the IPv6 default route uses {link6.name}, the IPv4 one {link.name}: "
+                "dual stack needs both on one interface"
+            )
     fixed = next((ipaddress.IPv6Address(v) for v in ifaces if _is_ip(v, 6)), None)
     if fixed is None and ext6 is not None and by_public_ip:
         fixed = ext6  # interface found by -public-ip: the public IPv6 must be on it too
@@ -131,8 +161,15 @@ def _ipv6_side(ipr: IPRoute, link: netlink.LinkInfo, public_ipv6: str, ifaces: l
     return usable[0].address, ext6 or usable[0].address
 
 
-def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, public_ip: str,
-           public_ipv6: str = "", ipv6: bool = False) -> ExternalInterface:
+def choose(
+    ipr: IPRoute,
+    ifaces: list[str],
+    regexes: list[str],
+    can_reach: str,
+    public_ip: str,
+    public_ipv6: str = "",
+    ipv6: bool = False,
+) -> ExternalInterface:
     """Runs on the netlink thread. Raises InterfaceError with upstream's message. With ipv6 (dual stack) the interface
     must also carry an IPv6 address, which becomes the IPv6 side's address."""
     ext_addr = _parse_public(public_ip, 4)
@@ -147,11 +184,12 @@ def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, 
         else:
             link, addr = _by_default_route(ipr)
     else:
-        attempts = [(lambda v=v: _by_ip(ipr, ipaddress.IPv4Address(v)) if _is_ip(v) else _by_name(ipr, v), f"-iface {v}")
-                    for v in v4_ifaces]
-        attempts += [(lambda r=r: _by_regex(ipr, r), f"-iface-regex {r}") for r in regexes]
+        attempts: list[tuple[Callable[[], tuple[netlink.LinkInfo, IPAddress]], str]] = [
+            (functools.partial(_by_iface, ipr, v), f"-iface {v}") for v in v4_ifaces
+        ]
+        attempts += [(functools.partial(_by_regex, ipr, r), f"-iface-regex {r}") for r in regexes]
         if can_reach:
-            attempts.append((lambda: _by_reach(ipr, can_reach), f"-iface-can-reach {can_reach}"))
+            attempts.append((functools.partial(_by_reach, ipr, can_reach), f"-iface-can-reach {can_reach}"))
         failures = []
         for attempt, label in attempts:
             try:
@@ -160,15 +198,25 @@ def choose(ipr: IPRoute, ifaces: list[str], regexes: list[str], can_reach: str, 
             except InterfaceError as e:
                 failures.append(f"{label}: {e}")
         else:
-            raise InterfaceError("Failed to find interface to use that matches the interfaces and/or regexes provided ("
-                                 + "; ".join(failures) + ")")
+            raise InterfaceError(
+                "Failed to find interface to use that matches the interfaces and/or regexes provided ("
+                + "; ".join(failures)
+                + ")"
+            )
     if not link.mtu:
         raise InterfaceError(f"failed to determine MTU for {addr} interface")
     addr6 = ext6 = None
     if ipv6:
-        addr6, ext6 = _ipv6_side(ipr, link, public_ipv6, ifaces, by_default_route=default_mode and ext_addr is None,
-                                 by_public_ip=default_mode and ext_addr is not None)
-    return ExternalInterface(link.name, link.index, addr, ext_addr or addr, link.mtu, addr6, ext6)
+        addr6, ext6 = _ipv6_side(
+            ipr,
+            link,
+            public_ipv6,
+            ifaces,
+            by_default_route=default_mode and ext_addr is None,
+            by_public_ip=default_mode and ext_addr is not None,
+        )
+    iface_addr = ipaddress.IPv4Address(addr)  # the IPv4 side's address: every way above looks up an IPv4 one
+    return ExternalInterface(link.name, link.index, iface_addr, ext_addr or iface_addr, link.mtu, addr6, ext6)
 
 
 def _is_ip(value: str, version: int = 4) -> bool:

@@ -4,12 +4,14 @@ pyroute2 cannot run on uvloop (its async socket wants a selector loop, and the s
 thread owns one IPRoute built on its own SelectorEventLoop, and the event loop calls it through run_in_executor.
 Every change is idempotent (replace, never add) so that a restart or a retry never fails on EEXIST.
 """
+
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import ipaddress
 from dataclasses import dataclass
+from typing import Literal
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -47,21 +49,22 @@ class Netlink:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._handle(), *args, **kwargs))
 
-    def call_sync(self, fn, *args, **kwargs):
-        return self._executor.submit(lambda: fn(self._handle(), *args, **kwargs)).result()
-
     def close(self) -> None:
         def shut():
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+
         self._executor.submit(shut).result()
         self._executor.shutdown(wait=True)
 
 
 # -- operations, run on the netlink thread via Netlink.call(op, ...) ----------------------------------------------
 def links(ipr: IPRoute) -> list[LinkInfo]:
-    return [LinkInfo(link.get("ifname"), link["index"], link.get("mtu"), bool(link["flags"] & 1)) for link in ipr.get_links()]
+    return [
+        LinkInfo(link.get("ifname"), link["index"], link.get("mtu"), bool(link["flags"] & 1))
+        for link in ipr.get_links()
+    ]
 
 
 def link_by_name(ipr: IPRoute, name: str) -> LinkInfo | None:
@@ -91,8 +94,14 @@ def replace_address(ipr: IPRoute, index: int, address: str, prefixlen: int) -> N
     ipr.addr("replace", index=index, address=address, prefixlen=prefixlen)
 
 
-def replace_route(ipr: IPRoute, dst: str, oif: int | None = None, gateway: str | None = None, onlink: bool = False,
-                  scope: int | None = None) -> None:
+def replace_route(
+    ipr: IPRoute,
+    dst: str,
+    oif: int | None = None,
+    gateway: str | None = None,
+    onlink: bool = False,
+    scope: int | None = None,
+) -> None:
     kwargs: dict = {"dst": dst, "table": MAIN_TABLE}
     if oif is not None:
         kwargs["oif"] = oif
@@ -119,12 +128,14 @@ def routes(ipr: IPRoute, family: int = 2) -> list[dict]:
     out = []
     for msg in ipr.get_routes(family=family, table=MAIN_TABLE):
         dst = msg.get_attr("RTA_DST")
-        out.append({
-            "dst": f"{dst}/{msg['dst_len']}" if dst else ("0.0.0.0/0" if family == 2 else "::/0"),
-            "gateway": msg.get_attr("RTA_GATEWAY"),
-            "oif": msg.get_attr("RTA_OIF"),
-            "type": msg["type"],
-        })
+        out.append(
+            {
+                "dst": f"{dst}/{msg['dst_len']}" if dst else ("0.0.0.0/0" if family == 2 else "::/0"),
+                "gateway": msg.get_attr("RTA_GATEWAY"),
+                "oif": msg.get_attr("RTA_OIF"),
+                "type": msg["type"],
+            }
+        )
     return out
 
 
@@ -139,7 +150,6 @@ def route_get(ipr: IPRoute, dst: str) -> dict | None:
 # -- kernel backends: vxlan devices, neighbours, FDB ----------------------------------------------------------------
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
-AF_BRIDGE = 7
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,7 @@ class VxlanInfo:
     mtu: int
 
 
-def vxlan_info(ipr: IPRoute, name: str) -> VxlanInfo | None | bool:
+def vxlan_info(ipr: IPRoute, name: str) -> VxlanInfo | Literal[False] | None:
     """The vxlan device `name`; None if there is no such link, False if it exists but is no vxlan."""
     found = ipr.link_lookup(ifname=name)
     if not found:
@@ -165,14 +175,22 @@ def vxlan_info(ipr: IPRoute, name: str) -> VxlanInfo | None | bool:
         return False
     data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
     local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")
-    return VxlanInfo(link["index"], data.get_attr("IFLA_VXLAN_ID"), local,
-                     data.get_attr("IFLA_VXLAN_LINK"), data.get_attr("IFLA_VXLAN_PORT"),
-                     data.get_attr("IFLA_VXLAN_GBP") is not None, bool(data.get_attr("IFLA_VXLAN_LEARNING")),
-                     link.get_attr("IFLA_ADDRESS"), link.get_attr("IFLA_MTU"))
+    return VxlanInfo(
+        link["index"],
+        data.get_attr("IFLA_VXLAN_ID"),
+        local,
+        data.get_attr("IFLA_VXLAN_LINK"),
+        data.get_attr("IFLA_VXLAN_PORT"),
+        data.get_attr("IFLA_VXLAN_GBP") is not None,
+        bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        link.get_attr("IFLA_ADDRESS"),
+        link.get_attr("IFLA_MTU"),
+    )
 
 
-def create_vxlan(ipr: IPRoute, name: str, vni: int, local: str, link: int, port: int, learning: bool, gbp: bool,
-                 mac: str, mtu: int) -> int:
+def create_vxlan(
+    ipr: IPRoute, name: str, vni: int, local: str, link: int, port: int, learning: bool, gbp: bool, mac: str, mtu: int
+) -> int:
     local_key = "vxlan_local6" if ":" in local else "vxlan_local"  # the underlay's family follows the local address
     kwargs = {"vxlan_id": vni, local_key: local, "vxlan_link": link, "vxlan_learning": int(learning)}
     if port:
@@ -191,12 +209,14 @@ def delete_link(ipr: IPRoute, index: int) -> None:
             raise
 
 
-def keep_only_address(ipr: IPRoute, index: int, address: str, prefixlen: int, inside: ipaddress.IPv4Network | None) -> None:
+def keep_only_address(
+    ipr: IPRoute, index: int, address: str, prefixlen: int, inside: ipaddress.IPv4Network | None
+) -> None:
     """Upstream's EnsureV4AddressOnLink / EnsureV6AddressOnLink: our address on the link; any other IPv4 address of it
     inside `inside` gone, or for IPv6 every other address that is not link-local."""
     wanted = ipaddress.ip_interface(f"{address}/{prefixlen}")
     for a in addresses(ipr, index, 2 if wanted.version == 4 else 10):
-        stale = a.address in inside if wanted.version == 4 else not a.address.is_link_local
+        stale = (inside is not None and a.address in inside) if wanted.version == 4 else not a.address.is_link_local
         if stale and (a.address, a.prefixlen) != (wanted.ip, prefixlen):
             ipr.addr("del", index=index, address=str(a.address), prefixlen=a.prefixlen)
     replace_address(ipr, index, address, prefixlen)
@@ -218,15 +238,6 @@ def delete_fdb(ipr: IPRoute, index: int, mac: str, dst: str) -> None:
     ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF, state=NUD_PERMANENT)
 
 
-def neighbours(ipr: IPRoute, index: int, family: int = 2) -> list[tuple[str, str]]:
-    return [(m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")) for m in ipr.get_neighbours(ifindex=index, family=family)]
-
-
-def fdb_entries(ipr: IPRoute, index: int) -> list[tuple[str, str]]:
-    return [(m.get_attr("NDA_LLADDR"), m.get_attr("NDA_DST")) for m in ipr.get_neighbours(family=AF_BRIDGE, ifindex=index)
-            if m.get_attr("NDA_DST")]
-
-
 def write_sysctl(path: str, value: str) -> bool:
     try:
         with open(f"/proc/sys/{path}", "w") as f:
@@ -243,7 +254,11 @@ def ensure_blackhole(ipr: IPRoute, dst: str) -> bool:
     """`blackhole <dst>` unless a blackhole route for dst exists; True if it was added."""
     net = ipaddress.ip_network(dst)
     for msg in ipr.get_routes(family=2 if net.version == 4 else 10, table=MAIN_TABLE):
-        if msg["type"] == RTN_BLACKHOLE and msg["dst_len"] == net.prefixlen and msg.get_attr("RTA_DST") == str(net.network_address):
+        if (
+            msg["type"] == RTN_BLACKHOLE
+            and msg["dst_len"] == net.prefixlen
+            and msg.get_attr("RTA_DST") == str(net.network_address)
+        ):
             return False
     ipr.route("add", dst=dst, table=MAIN_TABLE, type=RTN_BLACKHOLE)
     return True

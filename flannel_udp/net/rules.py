@@ -2,8 +2,10 @@
 iptables-restore --noflush (iptables mode) or nft (EnableNFTables), kept in place by a periodic resync.
 
 Rule texts, order and comments are upstream's (reference §6), so `iptables -S` on a flannel-udp node reads like one on a
-flanneld node. Everything here runs the iptables/nft binaries of the node's namespace; callers run it off the event loop.
+flanneld node. Everything here runs the iptables/nft binaries of the node's namespace; callers run it off the event
+loop.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -47,7 +49,10 @@ def multicast_of(network) -> str:
     return "224.0.0.0/4" if network.version == 4 else "ff00::/8"
 
 
-def masq_rules(cluster: ipaddress.IPv4Network, pod: ipaddress.IPv4Network, random_fully: bool) -> list[Rule]:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def masq_rules(cluster: Network, pod: Network, random_fully: bool) -> list[Rule]:
     """Upstream's set; for IPv6 (ip6tables) the same with ff00::/8 as the multicast range."""
     c, net, sub = _comment(MASQ_COMMENT), str(cluster), str(pod)
     fully = ("--random-fully",) if random_fully else ()
@@ -63,7 +68,7 @@ def masq_rules(cluster: ipaddress.IPv4Network, pod: ipaddress.IPv4Network, rando
     ]
 
 
-def forward_rules(cluster: ipaddress.IPv4Network) -> list[Rule]:
+def forward_rules(cluster: Network) -> list[Rule]:
     c, net = _comment(FORWARD_COMMENT), str(cluster)
     return [
         Rule("filter", "FORWARD", c + ("-j", "FLANNEL-FWD")),
@@ -73,8 +78,11 @@ def forward_rules(cluster: ipaddress.IPv4Network) -> list[Rule]:
 
 
 def restore_payload(lines_by_table: dict[str, list[str]]) -> str:
-    return "".join(f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
-                   for table, lines in lines_by_table.items() if lines)
+    return "".join(
+        f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+        for table, lines in lines_by_table.items()
+        if lines
+    )
 
 
 class Iptables:
@@ -143,8 +151,10 @@ class Iptables:
 
     def remove_chains(self, rules: list[Rule]) -> list[str]:
         """Delete the rules, then flush and delete their own chains (for cleanup)."""
-        removed = [f"{self.binary} -t {r.table} -D {r.chain} ..."
-                   for r in self.delete([r for r in rules if r.chain in BUILTIN_CHAINS])]
+        removed = [
+            f"{self.binary} -t {r.table} -D {r.chain} ..."
+            for r in self.delete([r for r in rules if r.chain in BUILTIN_CHAINS])
+        ]
         for table, chain in dict.fromkeys((r.table, r.chain) for r in rules if r.chain not in BUILTIN_CHAINS):
             if self.chain_exists(table, chain):
                 self._run(self.binary, "-w", "-t", table, "-F", chain)
@@ -163,40 +173,49 @@ def nft(script: str) -> subprocess.CompletedProcess:
 
 def nft_supports_fully_random() -> bool:
     """Upstream dry-runs a masquerade fully-random rule in a test chain; `nft -c` checks without applying."""
-    probe = ("table ip flannel-probe {\n chain masqueradeTest {\n  type nat hook postrouting priority srcnat;\n"
-             "  masquerade fully-random\n }\n}\n")
-    return subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True, timeout=30).returncode == 0
+    probe = (
+        "table ip flannel-probe {\n chain masqueradeTest {\n  type nat hook postrouting priority srcnat;\n"
+        "  masquerade fully-random\n }\n}\n"
+    )
+    return (
+        subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True, timeout=30).returncode
+        == 0
+    )
 
 
-def nft_script(families: list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]], masq: bool, forward: bool,
-               fully_random: bool) -> str:
+def nft_script(families: list[tuple[Network, Network]], masq: bool, forward: bool, fully_random: bool) -> str:
     """Both tables always (upstream creates them whatever the families); chains and rules for each (cluster, pod)."""
     lines = [f'add table {family} {name} {{ comment "rules for {name}" ; }}' for family, name in NFT_TABLES]
     for cluster, pod in families:
         family, table = NFT_TABLES[0] if cluster.version == 4 else NFT_TABLES[1]
         at, net, sub = f"{family} {table}", str(cluster), str(pod)
         if forward:
-            lines += [f'add chain {at} forward {{ type filter hook forward priority filter ; '
-                      'comment "chain to accept flannel traffic" ; }',
-                      f"flush chain {at} forward",
-                      f"add rule {at} forward {family} saddr {net} accept",
-                      f"add rule {at} forward {family} daddr {net} accept"]
+            lines += [
+                f"add chain {at} forward {{ type filter hook forward priority filter ; "
+                'comment "chain to accept flannel traffic" ; }',
+                f"flush chain {at} forward",
+                f"add rule {at} forward {family} saddr {net} accept",
+                f"add rule {at} forward {family} daddr {net} accept",
+            ]
         if masq:
             fully = " fully-random" if fully_random else ""
-            lines += [f'add chain {at} postrtg {{ type nat hook postrouting priority srcnat ; '
-                      'comment "chain to manage traffic masquerading by flannel" ; }',
-                      f"flush chain {at} postrtg",
-                      f"add rule {at} postrtg meta mark 0x4000 return",
-                      f"add rule {at} postrtg {family} saddr {sub} {family} daddr {net} return",
-                      f"add rule {at} postrtg {family} saddr {net} {family} daddr {sub} return",
-                      f"add rule {at} postrtg {family} saddr != {sub} {family} daddr {net} return",
-                      f"add rule {at} postrtg {family} saddr {net} {family} daddr != {multicast_of(cluster)} masquerade{fully}",
-                      f"add rule {at} postrtg {family} saddr != {net} {family} daddr {net} masquerade{fully}"]
+            lines += [
+                f"add chain {at} postrtg {{ type nat hook postrouting priority srcnat ; "
+                'comment "chain to manage traffic masquerading by flannel" ; }',
+                f"flush chain {at} postrtg",
+                f"add rule {at} postrtg meta mark 0x4000 return",
+                f"add rule {at} postrtg {family} saddr {sub} {family} daddr {net} return",
+                f"add rule {at} postrtg {family} saddr {net} {family} daddr {sub} return",
+                f"add rule {at} postrtg {family} saddr != {sub} {family} daddr {net} return",
+                f"add rule {at} postrtg {family} saddr {net} {family} daddr != {multicast_of(cluster)} "
+                f"masquerade{fully}",
+                f"add rule {at} postrtg {family} saddr != {net} {family} daddr {net} masquerade{fully}",
+            ]
     return "\n".join(lines) + "\n"
 
 
 def delete_nft_tables() -> list[str]:
-    removed = []
+    removed: list[str] = []
     if shutil.which("nft") is None:
         return removed
     for family, name in NFT_TABLES:
@@ -208,16 +227,18 @@ def delete_nft_tables() -> list[str]:
 @dataclass(frozen=True)
 class FamilyNetworks:
     """One address family's networks: the cluster Network, the own pod subnet, and those of the previous run."""
-    cluster: ipaddress.IPv4Network | ipaddress.IPv6Network
-    pod: ipaddress.IPv4Network | ipaddress.IPv6Network
-    previous_cluster: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-    previous_pod: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    cluster: Network
+    pod: Network
+    previous_cluster: Network | None = None
+    previous_pod: Network | None = None
 
 
 @dataclass
 class TrafficRules:
     """The node's rule sets (IPv4 through iptables, IPv6 through ip6tables, or both through nft), installed at start
     and resynced; nothing is removed on exit (upstream)."""
+
     families: list[FamilyNetworks]
     masq: bool
     forward: bool
@@ -229,8 +250,10 @@ class TrafficRules:
             if shutil.which("nft") is None:
                 raise RulesError("EnableNFTables is set but the nft binary was not found")
         else:
-            self.tools = {f.cluster.version: Iptables("iptables" if f.cluster.version == 4 else "ip6tables")
-                          for f in self.families}
+            self.tools = {
+                f.cluster.version: Iptables("iptables" if f.cluster.version == 4 else "ip6tables")
+                for f in self.families
+            }
         self.rule_sets: list[tuple[Iptables, list[Rule]]] = []
 
     def setup(self) -> None:
@@ -249,10 +272,15 @@ class TrafficRules:
             if self.masq and old_net is not None and old_pod is not None and (old_net, old_pod) != (f.cluster, f.pod):
                 stale = tool.delete(masq_rules(old_net, old_pod, random_fully) + masq_rules(old_net, old_pod, False))
                 if stale:
-                    log.info("Removed %d masquerade rules of the previous network %s / subnet %s", len(stale),
-                             old_net, old_pod)
-            rules = (masq_rules(f.cluster, f.pod, random_fully) if self.masq else []) + \
-                    (forward_rules(f.cluster) if self.forward else [])
+                    log.info(
+                        "Removed %d masquerade rules of the previous network %s / subnet %s",
+                        len(stale),
+                        old_net,
+                        old_pod,
+                    )
+            rules = (masq_rules(f.cluster, f.pod, random_fully) if self.masq else []) + (
+                forward_rules(f.cluster) if self.forward else []
+            )
             if rules:
                 tool.install(rules)
                 self.rule_sets.append((tool, rules))

@@ -1,4 +1,5 @@
 """Opening the TUN device (pyroute2 makes only persistent TUNs and hands out no fd, so the ioctl is done here)."""
+
 from __future__ import annotations
 
 import errno
@@ -33,7 +34,9 @@ def open_tun(name_template: str = "flannel%d", offloads: bool = False) -> tuple[
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise TunError("/dev/net/tun does not exist: load the tun module (modprobe tun) or give the container the device") from None
+        raise TunError(
+            "/dev/net/tun does not exist: load the tun module (modprobe tun) or give the container the device"
+        ) from None
     except PermissionError:
         raise TunError("cannot open /dev/net/tun: permission denied (flannel-udp needs CAP_NET_ADMIN)") from None
     flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offloads else 0)
@@ -48,7 +51,10 @@ def open_tun(name_template: str = "flannel%d", offloads: bool = False) -> tuple[
 
 def set_offloads(fd: int) -> int:
     """TCP segmentation offload with checksum offload, plus UDP segmentation where the kernel knows it (6.2+)."""
-    for wanted in (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
+    for wanted in (
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+    ):
         try:
             fcntl.ioctl(fd, TUNSETOFFLOAD, wanted)
             return wanted

@@ -5,6 +5,7 @@ previous subnet from subnet.env if it is still free and fits; else a random free
 among the first 100 free candidates (so N nodes starting together collide about N/100 times each and retry), the pick
 is uniform over the whole SubnetMin..SubnetMax range: nodes starting together rarely choose the same subnet.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -32,10 +33,12 @@ class Decision:
 
 
 def is_compatible(cfg: NetworkConfig, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> bool:
+    assert cfg.subnet_min is not None and cfg.subnet_max is not None  # a checked config has its bounds
     if not (cfg.subnet_min <= subnet.network_address <= cfg.subnet_max and subnet.prefixlen == cfg.subnet_len):
         return False
     if not cfg.enable_ipv6:
         return ipv6_subnet is None
+    assert cfg.ipv6_subnet_min is not None and cfg.ipv6_subnet_max is not None
     return (
         ipv6_subnet is not None
         and cfg.ipv6_subnet_min <= ipv6_subnet.network_address <= cfg.ipv6_subnet_max
@@ -65,19 +68,33 @@ def decide(
         if is_compatible(cfg, prev4, prev6_ok):
             return Decision(prev4, prev6_ok, reuse=None, delete=tuple(delete))
 
-    subnet = _pick_free([lease.subnet for lease in leases], int(cfg.subnet_min), int(cfg.subnet_max), cfg.subnet_len,
-                        ipaddress.IPv4Network, rng)
+    assert cfg.subnet_min is not None and cfg.subnet_max is not None  # a checked config has its bounds
+    subnet = _pick_free(
+        [lease.subnet for lease in leases],
+        int(cfg.subnet_min),
+        int(cfg.subnet_max),
+        cfg.subnet_len,
+        ipaddress.IPv4Network,
+        rng,
+    )
     ipv6_subnet = None
     if cfg.enable_ipv6:
-        ipv6_subnet = _pick_free([lease.ipv6_subnet for lease in leases if lease.ipv6_subnet is not None],
-                                 int(cfg.ipv6_subnet_min), int(cfg.ipv6_subnet_max), cfg.ipv6_subnet_len,
-                                 ipaddress.IPv6Network, rng)
+        assert cfg.ipv6_subnet_min is not None and cfg.ipv6_subnet_max is not None
+        ipv6_subnet = _pick_free(
+            [lease.ipv6_subnet for lease in leases if lease.ipv6_subnet is not None],
+            int(cfg.ipv6_subnet_min),
+            int(cfg.ipv6_subnet_max),
+            cfg.ipv6_subnet_len,
+            ipaddress.IPv6Network,
+            rng,
+        )
     return Decision(subnet, ipv6_subnet, reuse=None, delete=tuple(delete))
 
 
 class _Taken:
     """Overlap test against the taken subnets: a candidate overlaps a taken net iff one contains the other; longer
-    taken nets are folded to their enclosing candidate, shorter ones (rare: a changed SubnetLen) checked by containment."""
+    taken nets are folded to their enclosing candidate, shorter ones (rare: a changed SubnetLen) checked by
+    containment."""
 
     def __init__(self, taken: list, length: int) -> None:
         self.covering = {net.supernet(new_prefix=length) for net in taken if net.prefixlen >= length}

@@ -1,9 +1,10 @@
 """The network configuration (net-conf.json or etcd <prefix>/config), parsed and checked as upstream flanneld does.
 
-Parsing follows Go encoding/json semantics (keys matched case-insensitively, the last duplicate wins, unknown keys ignored,
-a wrong JSON type is an error). Checking derives SubnetLen/SubnetMin/SubnetMax and uses upstream's error texts verbatim,
-because operators search for them.
+Parsing follows Go encoding/json semantics (keys matched case-insensitively, the last duplicate wins, unknown keys
+ignored, a wrong JSON type is an error). Checking derives SubnetLen/SubnetMin/SubnetMax and uses upstream's error texts
+verbatim, because operators search for them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -186,7 +187,9 @@ def _parse_backend(raw: Any) -> tuple[str, dict[str, Any]]:
     if backend_type is None:
         backend_type = ""
     if not isinstance(backend_type, str):
-        raise ConfigError(f"error decoding Backend property of config: Type must be a string, got {json.dumps(backend_type)}")
+        raise ConfigError(
+            f"error decoding Backend property of config: Type must be a string, got {json.dumps(backend_type)}"
+        )
     return backend_type, raw
 
 

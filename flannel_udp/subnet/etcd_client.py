@@ -4,6 +4,7 @@ aetcd's own connect() dials one plain-text `host:port`. flanneld takes a comma l
 channel is built here (one channel over every endpoint, `pick_first`: a node stays on one member and moves on when it
 fails) and handed to an aetcd.Client, whose API does the rest.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -84,20 +85,28 @@ def parse_endpoints(text: str) -> list[Endpoint]:
 
 def channel_target(endpoints: list[Endpoint]) -> str:
     """One gRPC target for all endpoints: an address list when they are IP literals, else the first name."""
+
     def literal(host: str):
         try:
             return ipaddress.ip_address(host)
         except ValueError:
             return None
+
     addresses = [literal(e.host) for e in endpoints]
     if len(endpoints) > 1 and all(a is not None and a.version == 4 for a in addresses):
         return "ipv4:" + ",".join(f"{e.host}:{e.port}" for e in endpoints)
     if len(endpoints) > 1 and all(a is not None and a.version == 6 for a in addresses):
         return "ipv6:" + ",".join(f"[{e.host}]:{e.port}" for e in endpoints)
     if len(endpoints) > 1:
-        log.warning("etcd endpoints mix host names and addresses; using only %s:%d", endpoints[0].host, endpoints[0].port)
+        log.warning(
+            "etcd endpoints mix host names and addresses; using only %s:%d", endpoints[0].host, endpoints[0].port
+        )
     first = endpoints[0]
-    return f"[{first.host}]:{first.port}" if addresses[0] is not None and addresses[0].version == 6 else f"{first.host}:{first.port}"
+    return (
+        f"[{first.host}]:{first.port}"
+        if addresses[0] is not None and addresses[0].version == 6
+        else f"{first.host}:{first.port}"
+    )
 
 
 def _read(path: str, what: str) -> bytes:
@@ -116,7 +125,9 @@ def tls_credentials(opts: EtcdOptions) -> grpc.ChannelCredentials:
     try:
         context.load_cert_chain(opts.certfile, opts.keyfile)
     except ssl.SSLError as e:
-        raise EtcdConfigError(f"etcd certificate {opts.certfile} and key {opts.keyfile} do not load: {e.reason or e}") from None
+        raise EtcdConfigError(
+            f"etcd certificate {opts.certfile} and key {opts.keyfile} do not load: {e.reason or e}"
+        ) from None
     if ca is not None:
         try:
             context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
@@ -135,9 +146,14 @@ class EtcdClient(aetcd.Client):
         if self._credentials is None:
             log.warning("no certificate provided: connecting to etcd with http. This is insecure")
         self._connect_lock: asyncio.Lock | None = None
-        super().__init__(host=self.endpoints[0].host, port=self.endpoints[0].port,
-                         username=opts.username or None, password=opts.password or None, timeout=RPC_TIMEOUT,
-                         options=CHANNEL_OPTIONS)
+        super().__init__(
+            host=self.endpoints[0].host,
+            port=self.endpoints[0].port,
+            username=opts.username or None,
+            password=opts.password or None,
+            timeout=RPC_TIMEOUT,
+            options=CHANNEL_OPTIONS,
+        )
 
     @property
     def description(self) -> str:
@@ -164,8 +180,9 @@ class EtcdClient(aetcd.Client):
         try:
             if self._username is not None:
                 auth = rpc.AuthStub(self.channel)
-                response = await auth.Authenticate(rpc.AuthenticateRequest(name=self._username, password=self._password),
-                                                   timeout=self._timeout)
+                response = await auth.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout
+                )
                 self.metadata = (("token", response.token),)
         except grpc.aio.AioRpcError as e:
             await self.channel.close()
@@ -175,8 +192,9 @@ class EtcdClient(aetcd.Client):
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=WATCH_CREATE_TIMEOUT,
-                                        metadata=self.metadata)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=WATCH_CREATE_TIMEOUT, metadata=self.metadata
+        )
         self._connected.set()
 
     async def wait_until_reachable(self, limit: float) -> None:
@@ -193,6 +211,6 @@ class EtcdClient(aetcd.Client):
                 return
             try:
                 await asyncio.wait_for(self.channel.wait_for_state_change(state), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             state = self.channel.get_state(try_to_connect=True)

@@ -1,10 +1,11 @@
 """The etcd lease store, byte-compatible with upstream flanneld (reference §2): a mixed cluster shares one prefix.
 
 Keys `<prefix>/subnets/10.244.1.0-24` hold upstream's lease JSON, each attached to an etcd lease of the lease TTL and
-created with a create-if-absent transaction. A key with no etcd lease is a reservation and stays one (upstream re-attaches
-a TTL to it, flannel#1329). The watch is a snapshot, then a prefix watch from its revision + 1; a broken stream is resumed
-from the last revision seen, and a watch that fell behind compaction re-lists.
+created with a create-if-absent transaction. A key with no etcd lease is a reservation and stays one (upstream
+re-attaches a TTL to it, flannel#1329). The watch is a snapshot, then a prefix watch from its revision + 1; a broken
+stream is resumed from the last revision seen, and a watch that fell behind compaction re-lists.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,21 @@ from collections.abc import AsyncIterator
 from aetcd import exceptions as etcd_errors
 
 from .etcd_client import WATCH_CREATE_TIMEOUT, EtcdClient, EtcdOptions
-from .lease import (EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseError, LeaseEvent, Snapshot,
-                    lease_from_kv, make_subnet_key)
+from .lease import (
+    Events,
+    IPv4Net,
+    IPv6Net,
+    Lease,
+    LeaseAdded,
+    LeaseAttrs,
+    LeaseError,
+    LeaseEvent,
+    LeaseRemoved,
+    Snapshot,
+    lease_from_kv,
+    make_subnet_key,
+    parse_subnet_key,
+)
 from .registry import Registry, StoreError, StoreUnavailable, SubnetExists
 
 log = logging.getLogger(__name__)
@@ -27,7 +41,6 @@ WATCH_BACKOFF_FIRST = 0.1
 WATCH_BACKOFF_MAX = 5.0
 CONFIG_NOT_FOUND = "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
 # A removal event carries only the key; the stored lease (with attrs) is reported by the LeaseWatcher.
-_REMOVED_ATTRS = '{"PublicIP":"0.0.0.0"}'
 
 
 class ConfigNotFound(StoreError):
@@ -111,15 +124,20 @@ class EtcdRegistry(Registry):
         key = self.subnet_key(subnet, ipv6_subnet)
         grant = await self._grant(ttl)
         tx = self.client.transactions
-        created, _ = await self._call(self.client.transaction, compare=[tx.create(key) == 0],
-                                      success=[tx.put(key, attrs.to_json().encode(), lease=grant)], failure=[])
+        created, _ = await self._call(
+            self.client.transaction,
+            compare=[tx.create(key) == 0],
+            success=[tx.put(key, attrs.to_json().encode(), lease=grant)],
+            failure=[],
+        )
         if not created:
             await self._call(self.client.revoke_lease, grant.id)
             raise SubnetExists(f"subnet {subnet} already exists")
         return time.time() + grant.ttl
 
-    async def update_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs,
-                            ttl: float | None) -> float | None:
+    async def update_subnet(
+        self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
+    ) -> float | None:
         key = self.subnet_key(subnet, ipv6_subnet)
         if ttl is None:
             await self._call(self.client.put, key, attrs.to_json().encode())
@@ -144,12 +162,10 @@ class EtcdRegistry(Registry):
     async def _event(self, event) -> LeaseEvent | None:
         key = event.kv.key.decode("utf-8", "replace")
         if event.kind == "DELETE":  # a delete, or the expiry of the key's etcd lease
-            try:
-                return LeaseEvent(EventType.REMOVED, lease_from_kv(key, _REMOVED_ATTRS, None))
-            except LeaseError:
-                return None
+            subnets = parse_subnet_key(key)
+            return None if subnets is None else LeaseRemoved(*subnets)
         lease = await self._lease(event.kv.key, event.kv.value, event.kv.lease, expiration=False)
-        return None if lease is None else LeaseEvent(EventType.ADDED, lease)
+        return None if lease is None else LeaseAdded(lease)
 
     async def watch_subnets(self, since: int | None = None) -> AsyncIterator[Snapshot | Events]:
         """Snapshot, then events; survives etcd restarts (resume from the last revision) and compaction (re-list).
@@ -166,10 +182,15 @@ class EtcdRegistry(Registry):
                 if revision is None:
                     leases, revision = await self.get_subnets(expirations=False)
                     yield Snapshot(leases, revision)
-                watch = await self._call(self.client.watch_prefix, self.subnets_key.encode(), start_revision=revision + 1)
+                watch = await self._call(
+                    self.client.watch_prefix, self.subnets_key.encode(), start_revision=revision + 1
+                )
                 if outage:
-                    log.warning("etcd at %s is reachable again; following leases from revision %d",
-                                self.client.description, revision + 1)
+                    log.warning(
+                        "etcd at %s is reachable again; following leases from revision %d",
+                        self.client.description,
+                        revision + 1,
+                    )
                     outage = False
                 backoff = WATCH_BACKOFF_FIRST
                 try:

@@ -3,6 +3,7 @@
 The prefix rules and error texts are upstream's: at most one `/`; without one, `/` is appended; a prefix that then ends
 in neither `/` nor `-` gets `-`; the result must look like `fqdn/[name-]`.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,9 +45,19 @@ class Annotations:
             prefix += "-"
         if _PREFIX_RE.search(prefix) is None:
             raise AnnotationPrefixError("subnet/kube: prefix must be in a format: fqdn/[0-9a-z-_]*")
-        return cls(raw, prefix + "kube-subnet-manager", prefix + "backend-data", prefix + "backend-v6-data",
-                   prefix + "backend-type", prefix + "public-ip", prefix + "public-ipv6", prefix + "node-public-ip",
-                   prefix + "node-public-ipv6", prefix + "public-ip-overwrite", prefix + "public-ipv6-overwrite")
+        return cls(
+            raw,
+            prefix + "kube-subnet-manager",
+            prefix + "backend-data",
+            prefix + "backend-v6-data",
+            prefix + "backend-type",
+            prefix + "public-ip",
+            prefix + "public-ipv6",
+            prefix + "node-public-ip",
+            prefix + "node-public-ipv6",
+            prefix + "public-ip-overwrite",
+            prefix + "public-ipv6-overwrite",
+        )
 
     @property
     def stored_mac_keys(self) -> tuple[str, str]:
@@ -56,8 +67,8 @@ class Annotations:
 
 
 def mac_from_backend_data(value: str | None) -> str:
-    """Upstream's GetStoredMacAddresses parsing: trim `"` and `}` at both ends, split on `:"`, take the second of exactly
-    two parts. `{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}` gives `12:c6:65:89:b4:e3`; anything else gives ""."""
+    """Upstream's GetStoredMacAddresses parsing: trim `"` and `}` at both ends, split on `:"`, take the second of
+    exactly two parts. `{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}` gives `12:c6:65:89:b4:e3`; anything else gives ""."""
     if not value:
         return ""
     parts = value.strip('"}').split(':"')

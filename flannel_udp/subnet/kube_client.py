@@ -5,14 +5,16 @@ else the in-cluster service account (KUBERNETES_SERVICE_HOST/PORT, its token and
 The client is lightkube (PyPI): maintained, asyncio-native over httpx, typed models for Node and Pod, strategic-merge
 patches on subresources, and a watch that we drive ourselves (resume from a resourceVersion, re-list after 410).
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-import msgspec
-from lightkube import AsyncClient, ApiError, ConfigError as LightkubeConfigError, KubeConfig
 import httpx2 as httpx
+import msgspec
+from lightkube import ApiError, AsyncClient, KubeConfig
+from lightkube import ConfigError as LightkubeConfigError
 
 from .registry import StoreError, StoreUnavailable
 
@@ -43,9 +45,12 @@ def load_config(opts: KubeOptions) -> KubeConfig:
             config = KubeConfig.from_file(opts.kubeconfig_file)
             config.get()  # a missing current context or cluster fails here, not at the first request
             if opts.api_url:  # client-go: the URL overrides the kubeconfig's server
+                if config.current_context is None:
+                    raise KubeConfigError(f"{prefix}: {opts.kubeconfig_file} has no current context")
                 cluster_name = config.contexts[config.current_context].cluster
-                config.clusters[cluster_name] = msgspec.structs.replace(config.clusters[cluster_name],
-                                                                        server=opts.api_url)
+                config.clusters[cluster_name] = msgspec.structs.replace(
+                    config.clusters[cluster_name], server=opts.api_url
+                )
             return config
         except OSError as e:
             raise KubeConfigError(f"{prefix}: cannot read kubeconfig {opts.kubeconfig_file}: {e.strerror}") from None
@@ -58,9 +63,11 @@ def load_config(opts: KubeOptions) -> KubeConfig:
             return KubeConfig.from_service_account(SERVICE_ACCOUNT)
         except (LightkubeConfigError, OSError) as e:
             raise KubeConfigError(f"{prefix}: in-cluster service account at {SERVICE_ACCOUNT}: {e}") from None
-    raise KubeConfigError(f"{prefix}: invalid configuration: no configuration has been provided, try setting "
-                          "KUBERNETES_MASTER environment variable (give -kubeconfig-file or -kube-api-url, or run "
-                          "in a pod)")
+    raise KubeConfigError(
+        f"{prefix}: invalid configuration: no configuration has been provided, try setting "
+        "KUBERNETES_MASTER environment variable (give -kubeconfig-file or -kube-api-url, or run "
+        "in a pod)"
+    )
 
 
 def make_client(config: KubeConfig) -> AsyncClient:
@@ -96,6 +103,7 @@ def as_store_error(error: BaseException, what: str) -> StoreError:
 async def resolve_node_name(client: AsyncClient) -> str:
     """NODE_NAME, or the spec.nodeName of the pod POD_NAMESPACE/POD_NAME (the DaemonSet's downward API)."""
     from lightkube.resources.core_v1 import Pod
+
     name = os.environ.get("NODE_NAME", "")
     if name:
         return name
@@ -109,3 +117,12 @@ async def resolve_node_name(client: AsyncClient) -> str:
     if not pod.spec or not pod.spec.nodeName:
         raise KubeConfigError(f"node name not present in pod spec '{pod_namespace}/{pod_name}'")
     return pod.spec.nodeName
+
+
+def node_name(node) -> str:
+    """A Node's name ("" if the object has none: lightkube types every field as optional)."""
+    return (node.metadata.name if node.metadata is not None else None) or ""
+
+
+def node_annotations(node) -> dict[str, str]:
+    return (node.metadata.annotations if node.metadata is not None else None) or {}

@@ -5,6 +5,7 @@ reach) is resumed from the last resourceVersion seen, once a second, while forwa
 holds; only a 410 Gone (that version is no longer in the server's history) makes it list again. Each change reaches
 `on_change(old, new)` (old None: added; new None: deleted) and each fresh list `on_relist()`, in order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,7 @@ import httpx2 as httpx
 from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Node
 
-from .kube_client import describe, is_unavailable
+from .kube_client import describe, is_unavailable, node_name
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,13 @@ class AccessDenied(RuntimeError):
 
 
 class NodeInformer:
-    def __init__(self, client: AsyncClient, probe_node: str,
-                 on_change: Callable[[Node | None, Node | None], None], on_relist: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        probe_node: str,
+        on_change: Callable[[Node | None, Node | None], None],
+        on_relist: Callable[[], None],
+    ) -> None:
         self.client = client
         self.probe_node = probe_node  # a cheap GET that tells whether the server is back (get nodes is granted)
         self.on_change = on_change
@@ -82,20 +88,26 @@ class NodeInformer:
             log.warning("Node watch: %s (trying again)", describe(error))
         if self._outage is None:
             self._outage = describe(error)
-            log.error("Lost the Kubernetes API server (%s); forwarding continues with the routes known, trying again "
-                      "every %.0f s", self._outage, RETRY)
+            log.error(
+                "Lost the Kubernetes API server (%s); forwarding continues with the routes known, trying again "
+                "every %.0f s",
+                self._outage,
+                RETRY,
+            )
 
     def _recovered(self) -> None:
         if self._outage is not None:
-            log.info("The Kubernetes API server is reachable again (resuming the node watch at resourceVersion %s)",
-                     self.resource_version)
+            log.info(
+                "The Kubernetes API server is reachable again (resuming the node watch at resourceVersion %s)",
+                self.resource_version,
+            )
             self._outage = None
 
     async def _list(self) -> None:
         listing = self.client.list(Node)
         fresh = {}
         async for node in listing:
-            fresh[node.metadata.name] = node
+            fresh[node_name(node)] = node
         self.nodes = fresh
         self.resource_version = listing.resourceVersion
         self.lists += 1
@@ -135,7 +147,7 @@ class NodeInformer:
                 self.resource_version = version
             if kind not in ("ADDED", "MODIFIED", "DELETED"):
                 continue  # BOOKMARK: only its version matters
-            name = node.metadata.name
+            name = node_name(node)
             old = self.nodes.get(name)
             if kind == "DELETED":
                 self.nodes.pop(name, None)

@@ -4,6 +4,7 @@ kube-controller-manager; the lease is published as annotations on the Node; the 
 Differences from the lease-store Manager: nothing is allocated or renewed (expiration None: the renewal loop never
 runs), the own lease is not watched for revocation, and `complete_lease` sets the NetworkUnavailable condition.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx2 as httpx
 from lightkube import ApiError, AsyncClient
@@ -22,19 +23,27 @@ from lightkube.types import PatchType
 
 from .config import NetworkConfig
 from .kube_annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
-from .kube_client import KubeConfigError, KubeOptions, as_store_error, load_config, make_client, \
-    resolve_node_name
+from .kube_client import (
+    KubeConfigError,
+    KubeOptions,
+    as_store_error,
+    load_config,
+    make_client,
+    node_annotations,
+    node_name,
+    resolve_node_name,
+)
 from .kube_informer import AccessDenied, NodeInformer
-from .lease import EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseEvent, Snapshot
+from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from .registry import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-NODE_WAIT = 30.0        # upstream: the own node must show up (with its podCIDR) within 30 s, polled every 3 s
+NODE_WAIT = 30.0  # upstream: the own node must show up (with its podCIDR) within 30 s, polled every 3 s
 NODE_POLL = 3.0
-PATCH_RETRY = 3.0       # upstream retries the annotation patch every 3 s for up to 30 s
+PATCH_RETRY = 3.0  # upstream retries the annotation patch every 3 s for up to 30 s
 PATCH_WAIT = 30.0
-SYNC_TIMEOUT = 600.0    # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
+SYNC_TIMEOUT = 600.0  # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
 # Upstream forces every other backend's lease to IPv4 only; "udp" is ours (the backend type of a dual-stack udp lease).
 DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard", "udp")
 _FAILURES = (ApiError, httpx.HTTPError, OSError)
@@ -47,8 +56,13 @@ class LeaseConversionError(ValueError):
 
 def contains_cidr(outer: IPv4Net | IPv6Net, inner: IPv4Net | IPv6Net) -> bool:
     """upstream containsCIDR: the outer prefix is no longer than the inner one and holds its first address."""
-    return (outer.version == inner.version and outer.prefixlen <= inner.prefixlen
-            and inner.network_address in outer)
+    return outer.version == inner.version and outer.prefixlen <= inner.prefixlen and inner.network_address in outer
+
+
+def pod_cidr_text(node: Node) -> str:
+    """The podCIDR fields as the Node spells them, for messages."""
+    spec = node.spec
+    return str((spec.podCIDRs or spec.podCIDR) if spec is not None else None)
 
 
 def pod_cidrs(node: Node) -> tuple[IPv4Net | None, IPv6Net | None]:
@@ -56,7 +70,7 @@ def pod_cidrs(node: Node) -> tuple[IPv4Net | None, IPv6Net | None]:
     spec = node.spec
     cidrs = list(spec.podCIDRs or []) if spec else []
     if len(cidrs) > 2:
-        raise LeaseConversionError(f"node {node.metadata.name!r} pod cidrs should be IPv4/IPv6 only or dualstack")
+        raise LeaseConversionError(f"node {node_name(node)!r} pod cidrs should be IPv4/IPv6 only or dualstack")
     if not cidrs:
         cidrs = [spec.podCIDR] if spec and spec.podCIDR else []
     v4 = v6 = None
@@ -64,7 +78,7 @@ def pod_cidrs(node: Node) -> tuple[IPv4Net | None, IPv6Net | None]:
         try:
             network = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise LeaseConversionError(f"node {node.metadata.name!r} has an invalid pod CIDR {text!r}") from None
+            raise LeaseConversionError(f"node {node_name(node)!r} has an invalid pod CIDR {text!r}") from None
         if network.version == 4:
             v4 = network
         else:
@@ -83,7 +97,7 @@ def _backend_json(text: str | None, name: str):
 
 def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> Lease:
     """upstream nodeToLease: the peer's lease as its annotations and podCIDRs describe it."""
-    annotations = node.metadata.annotations or {}
+    annotations = node_annotations(node)
     v4, v6 = pod_cidrs(node)
     public_ip = public_ipv6 = ipv6_subnet = None
     backend_data = backend_v6_data = None
@@ -106,13 +120,15 @@ def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: 
         ipv6_subnet = v6
         if v6 is None:
             raise LeaseConversionError("missing IPv6 address on n.Spec.PodCIDRs")
+    if public_ip is None or v4 is None:
+        raise LeaseConversionError("IPv6-only nodes are not supported (a lease always has an IPv4 subnet)")
     attrs = LeaseAttrs(public_ip, public_ipv6, annotations.get(ann.backend_type, ""), backend_data, backend_v6_data)
     return Lease(v4, attrs, ipv6_subnet, None, enable_ipv4, enable_ipv6)
 
 
 def lease_relevant_change(old: Node, new: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
     """upstream handleUpdateLeaseEvent: an update matters when backend data, type or public IP changed."""
-    a, b = old.metadata.annotations or {}, new.metadata.annotations or {}
+    a, b = node_annotations(old), node_annotations(new)
     changed = True
     if enable_ipv4 and all(a.get(k) == b.get(k) for k in (ann.backend_data, ann.backend_type, ann.public_ip)):
         changed = False
@@ -140,14 +156,18 @@ def wanted_annotations(current: dict[str, str], attrs: LeaseAttrs, ann: Annotati
             out[ann.public_ip] = overwrite
         else:
             out[ann.public_ip] = str(attrs.public_ip)
-    if ((kind == "vxlan" and v6bd != "null") or (kind == "wireguard" and v6bd != "null" and attrs.public_ipv6)
-            or (kind in ("host-gw", "udp") and attrs.public_ipv6 is not None)):
+    if (
+        (kind == "vxlan" and v6bd != "null")
+        or (kind == "wireguard" and v6bd != "null" and attrs.public_ipv6)
+        or (kind in ("host-gw", "udp") and attrs.public_ipv6 is not None)
+    ):
         out[ann.backend_v6_data] = v6bd
         overwrite = current.get(ann.public_ipv6_overwrite, "")
         if overwrite:
             if current.get(ann.public_ipv6) != overwrite:
-                log.info("Overriding public ipv6 with '%s' from node annotation '%s'", overwrite,
-                         ann.public_ipv6_overwrite)
+                log.info(
+                    "Overriding public ipv6 with '%s' from node annotation '%s'", overwrite, ann.public_ipv6_overwrite
+                )
             out[ann.public_ipv6] = overwrite
         else:
             out[ann.public_ipv6] = str(attrs.public_ipv6)
@@ -165,13 +185,13 @@ async def list_node_leases(opts: KubeOptions) -> list[tuple[str, Lease]]:
     try:
         out = []
         async for node in client.list(Node):
-            if (node.metadata.annotations or {}).get(annotations.kube_managed) != "true":
+            if node_annotations(node).get(annotations.kube_managed) != "true":
                 continue
-            dual = bool((node.metadata.annotations or {}).get(annotations.public_ipv6))
+            dual = bool(node_annotations(node).get(annotations.public_ipv6))
             try:
-                out.append((node.metadata.name, node_to_lease(node, annotations, True, dual)))
+                out.append((node_name(node), node_to_lease(node, annotations, True, dual)))
             except LeaseConversionError as e:
-                log.warning("Node %s: %s", node.metadata.name, e)
+                log.warning("Node %s: %s", node_name(node), e)
         return out
     except _FAILURES as e:
         raise as_store_error(e, "cannot list the nodes") from None
@@ -182,8 +202,14 @@ async def list_node_leases(opts: KubeOptions) -> list[tuple[str, Lease]]:
 class KubeManager:
     watches_own_lease = False  # the Node is the lease: there is no expiry to watch for
 
-    def __init__(self, client: AsyncClient, node_name: str, config: NetworkConfig, annotations: Annotations,
-                 set_node_network_unavailable: bool = True) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        node_name: str,
+        config: NetworkConfig,
+        annotations: Annotations,
+        set_node_network_unavailable: bool = True,
+    ) -> None:
         self.client = client
         self.node_name = node_name
         self.config = config
@@ -206,14 +232,17 @@ class KubeManager:
         try:
             node_name = node_name or await resolve_node_name(client)
             manager = cls(client, node_name, config, annotations, opts.set_node_network_unavailable)
-            log.info("Kubernetes subnet manager for node %s; waiting up to %.0f s for the node list", node_name,
-                     SYNC_TIMEOUT)
+            log.info(
+                "Kubernetes subnet manager for node %s; waiting up to %.0f s for the node list", node_name, SYNC_TIMEOUT
+            )
             try:
                 async with asyncio.timeout(SYNC_TIMEOUT):
                     await manager.informer.start()
             except TimeoutError:
-                raise StoreError("error waiting for nodeController to sync state: the node list did not arrive "
-                                 f"within {SYNC_TIMEOUT:.0f} s") from None
+                raise StoreError(
+                    "error waiting for nodeController to sync state: the node list did not arrive "
+                    f"within {SYNC_TIMEOUT:.0f} s"
+                ) from None
             except AccessDenied as e:
                 raise StoreError(f"error waiting for nodeController to sync state: {e}") from None
             log.info("Node controller sync successful (%d nodes)", len(manager.informer.nodes))
@@ -229,18 +258,20 @@ class KubeManager:
     def stored_public_ips(self) -> tuple[str, str]:
         """node-public-ip / node-public-ipv6 set by the admin: they replace -public-ip / -public-ipv6."""
         node = self.own_node()
-        annotations = (node.metadata.annotations or {}) if node else {}
-        return (annotations.get(self.annotations.node_public_ip, ""),
-                annotations.get(self.annotations.node_public_ipv6, ""))
+        annotations = node_annotations(node) if node else {}
+        return (
+            annotations.get(self.annotations.node_public_ip, ""),
+            annotations.get(self.annotations.node_public_ipv6, ""),
+        )
 
     def stored_mac_addresses(self) -> tuple[str, str]:
         """The VTEP MACs of a previous run, from the backend-data annotations, so that a recreated vxlan device keeps
         the MAC that peers' FDB entries point at."""
         node = self.own_node()
-        annotations = (node.metadata.annotations or {}) if node else {}
+        annotations = node_annotations(node) if node else {}
         key4, key6 = self.annotations.stored_mac_keys
-        macs = (mac_from_backend_data(annotations.get(key4)), mac_from_backend_data(annotations.get(key6)))
-        return tuple(mac if _MAC_RE.fullmatch(mac) else "" for mac in macs)
+        mac4, mac6 = (mac_from_backend_data(annotations.get(key)) for key in (key4, key6))
+        return (mac4 if _MAC_RE.fullmatch(mac4) else "", mac6 if _MAC_RE.fullmatch(mac6) else "")
 
     async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
         """The lease from the own Node's podCIDR(s), checked against the config before anything is written (upstream
@@ -251,24 +282,34 @@ class KubeManager:
         except LeaseConversionError as e:
             raise StoreError(str(e)) from None
         if v4 is None or not self.enable_ipv4:
-            raise StoreError(f'node "{self.node_name}" has no IPv4 podCIDR ({node.spec.podCIDRs or node.spec.podCIDR}): '
-                             "IPv6-only clusters are not supported")
-        if not contains_cidr(self.config.network, v4):
-            raise StoreError(f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
-                             f'contain "{v4}" PodCIDR of the "{self.node_name}" node')
+            raise StoreError(
+                f'node "{self.node_name}" has no IPv4 podCIDR ({pod_cidr_text(node)}): '
+                "IPv6-only clusters are not supported"
+            )
+        if self.config.network is None or not contains_cidr(self.config.network, v4):
+            raise StoreError(
+                f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
+                f'contain "{v4}" PodCIDR of the "{self.node_name}" node'
+            )
         ipv6_subnet = None
         if v6 is not None and self.enable_ipv6 and attrs.backend_type in DUAL_STACK_TYPES:
             if self.config.ipv6_network is None:
-                raise StoreError(f'subnet "{v6}" specified in the PodCIDR, but doesn\'t exist in the flannel net '
-                                 f'config of the "{self.node_name}" node')
+                raise StoreError(
+                    f'subnet "{v6}" specified in the PodCIDR, but doesn\'t exist in the flannel net '
+                    f'config of the "{self.node_name}" node'
+                )
             if not contains_cidr(self.config.ipv6_network, v6):
-                raise StoreError(f'subnet "{self.config.ipv6_network}" specified in the flannel net config doesn\'t '
-                                 f'contain "{v6}" IPv6 PodCIDR of the "{self.node_name}" node')
+                raise StoreError(
+                    f'subnet "{self.config.ipv6_network}" specified in the flannel net config doesn\'t '
+                    f'contain "{v6}" IPv6 PodCIDR of the "{self.node_name}" node'
+                )
             ipv6_subnet = v6
         elif self.enable_ipv6 and attrs.backend_type in DUAL_STACK_TYPES:
-            raise StoreError(f'node "{self.node_name}" has no IPv6 podCIDR but EnableIPv6 is set: give '
-                             "kube-controller-manager an IPv6 cluster CIDR too (dual stack)")
-        current = node.metadata.annotations or {}
+            raise StoreError(
+                f'node "{self.node_name}" has no IPv6 podCIDR but EnableIPv6 is set: give '
+                "kube-controller-manager an IPv6 cluster CIDR too (dual stack)"
+            )
+        current = node_annotations(node)
         wanted = wanted_annotations(current, attrs, self.annotations)
         changed = {key: value for key, value in wanted.items() if current.get(key) != value}
         if changed:
@@ -288,10 +329,15 @@ class KubeManager:
         """NetworkUnavailable=False (reason FlannelIsUp) on the node, unless -set-node-network-unavailable=false."""
         if not self.set_node_network_unavailable:
             return
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        condition = {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp",
-                     "message": "Flannel is running on this node", "lastTransitionTime": now,
-                     "lastHeartbeatTime": now}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        condition = {
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "FlannelIsUp",
+            "message": "Flannel is running on this node",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }
         try:
             await self._patch_status({"status": {"conditions": [condition]}}, "the NetworkUnavailable condition")
         except StoreError as e:
@@ -324,13 +370,13 @@ class KubeManager:
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _managed(self, node: Node | None) -> bool:
-        return node is not None and (node.metadata.annotations or {}).get(self.annotations.kube_managed) == "true"
+        return node is not None and node_annotations(node).get(self.annotations.kube_managed) == "true"
 
     def _to_lease(self, node: Node) -> Lease | None:
         try:
             return node_to_lease(node, self.annotations, self.enable_ipv4, self.enable_ipv6)
         except LeaseConversionError as e:
-            log.info("Error turning node %r to lease: %s", node.metadata.name, e)
+            log.info("Error turning node %r to lease: %s", node_name(node), e)
             return None
 
     def _cached_leases(self) -> list[tuple[str, Lease]]:
@@ -348,18 +394,20 @@ class KubeManager:
 
     def _on_change(self, old: Node | None, new: Node | None) -> None:
         if new is None:  # deleted
-            if self._managed(old):
+            if old is not None and self._managed(old):
                 lease = self._to_lease(old)
                 if lease is not None:
-                    self._publish(Events([LeaseEvent(EventType.REMOVED, lease)]))
+                    self._publish(Events([LeaseRemoved(lease.subnet, lease.ipv6_subnet)]))
             return
         if not self._managed(new):
             return
-        if old is not None and not lease_relevant_change(old, new, self.annotations, self.enable_ipv4, self.enable_ipv6):
+        if old is not None and not lease_relevant_change(
+            old, new, self.annotations, self.enable_ipv4, self.enable_ipv6
+        ):
             return
         lease = self._to_lease(new)
         if lease is not None:
-            self._publish(Events([LeaseEvent(EventType.ADDED, lease)]))
+            self._publish(Events([LeaseAdded(lease)]))
 
     def _on_relist(self) -> None:
         self._publish(Snapshot([lease for _name, lease in self._cached_leases()], 0))
@@ -376,12 +424,18 @@ class KubeManager:
             left = deadline - time.monotonic()
             if left <= 0:
                 if node is None:
-                    raise StoreError(f'timeout contacting kube-api, failed to patch node "{self.node_name}". Error: '
-                                     f'node "{self.node_name}" does not exist')
+                    raise StoreError(
+                        f'timeout contacting kube-api, failed to patch node "{self.node_name}". Error: '
+                        f'node "{self.node_name}" does not exist'
+                    )
                 raise StoreError(f'node "{self.node_name}" pod cidr not assigned')
             if not said:
-                log.info("Waiting up to %.0f s for node %s %s", NODE_WAIT, self.node_name,
-                         "to be registered" if node is None else "to get its podCIDR")
+                log.info(
+                    "Waiting up to %.0f s for node %s %s",
+                    NODE_WAIT,
+                    self.node_name,
+                    "to be registered" if node is None else "to get its podCIDR",
+                )
                 said = True
             self.informer.changed.clear()
             try:

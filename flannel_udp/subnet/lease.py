@@ -1,8 +1,9 @@
 """Leases as upstream stores them: the subnet key (`10.5.52.0-24[&fd00::-64]`) and the LeaseAttrs JSON value.
 
-The JSON is byte-identical to what flanneld writes (field order, compact form, `"PublicIPv6":null`), so a mixed cluster of
-flanneld and flannel-udp nodes reads one another's leases.
+The JSON is byte-identical to what flanneld writes (field order, compact form, `"PublicIPv6":null`), so a mixed cluster
+of flanneld and flannel-udp nodes reads one another's leases.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from .config import lookup_key
 
@@ -139,14 +140,38 @@ class EventType(Enum):
 
 
 @dataclass(frozen=True)
-class LeaseEvent:
-    type: EventType
+class LeaseAdded:
+    """A lease added or changed."""
+
     lease: Lease
+    type: ClassVar[EventType] = EventType.ADDED
+
+    @property
+    def subnet(self) -> IPv4Net:
+        return self.lease.subnet
+
+    @property
+    def ipv6_subnet(self) -> IPv6Net | None:
+        return self.lease.ipv6_subnet
+
+
+@dataclass(frozen=True)
+class LeaseRemoved:
+    """A lease gone, named by its key only: a store has no more to report (a deleted or expired key has no value),
+    and every backend keys its state by the subnets."""
+
+    subnet: IPv4Net
+    ipv6_subnet: IPv6Net | None = None
+    type: ClassVar[EventType] = EventType.REMOVED
+
+
+LeaseEvent = LeaseAdded | LeaseRemoved
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """Every lease at one store revision."""
+
     leases: list[Lease]
     revision: int
 
@@ -154,6 +179,7 @@ class Snapshot:
 @dataclass(frozen=True)
 class Events:
     """Changes since the previous result, in store order."""
+
     events: list[LeaseEvent] = field(default_factory=list)
     revision: int = 0
 

@@ -1,10 +1,11 @@
 """The embedded lease store: one SQLite file shared by every node process on a machine.
 
-It mirrors what the etcd registry offers so that one Manager serves both: keys and values in upstream's format, a store-wide
-revision, an event log that watchers follow (like etcd's watch from a revision) and that is trimmed (like compaction, after
-which a watcher re-lists), and TTL expiry that turns into removal events. WAL mode lets readers poll while a writer commits;
-BEGIN IMMEDIATE makes create-if-absent atomic between processes.
+It mirrors what the etcd registry offers so that one Manager serves both: keys and values in upstream's format, a
+store-wide revision, an event log that watchers follow (like etcd's watch from a revision) and that is trimmed (like
+compaction, after which a watcher re-lists), and TTL expiry that turns into removal events. WAL mode lets readers poll
+while a writer commits; BEGIN IMMEDIATE makes create-if-absent atomic between processes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,12 +16,26 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 
-from .lease import EventType, Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, LeaseError, LeaseEvent, Snapshot, lease_from_kv, make_subnet_key
+from ..defaults import LEASE_FILE as DEFAULT_LEASE_FILE
+from .lease import (
+    Events,
+    IPv4Net,
+    IPv6Net,
+    Lease,
+    LeaseAdded,
+    LeaseAttrs,
+    LeaseError,
+    LeaseEvent,
+    LeaseRemoved,
+    Snapshot,
+    lease_from_kv,
+    make_subnet_key,
+    parse_subnet_key,
+)
 from .registry import Registry, StoreError, SubnetExists
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEASE_FILE = "/var/lib/flannel-udp/leases.db"
 POLL_INTERVAL = 0.2  # watchers see a change within this, well inside the 1 s promise
 EVENTS_KEPT = 10000
 CREATE_RACE_SECONDS = 10.0  # older events are trimmed; a watcher further behind re-lists
@@ -46,6 +61,13 @@ class LocalRegistry(Registry):
         registry = cls(path, poll_interval)
         registry._executor.submit(registry._connect).result()
         return registry
+
+    def _connection(self) -> sqlite3.Connection:
+        """The store thread's connection, opened on first use."""
+        if self._db is None:
+            self._connect()
+        assert self._db is not None
+        return self._db
 
     def _connect(self) -> None:
         # Nodes that start together may race to create the file: switching it to WAL can answer "database is locked"
@@ -86,9 +108,7 @@ class LocalRegistry(Registry):
     # -- synchronous bodies, run on the store thread -------------------------------------------------------------
     def _write(self, fn):
         """Run fn(db) inside one IMMEDIATE transaction (a write lock across processes)."""
-        if self._db is None:
-            self._connect()
-        db = self._db
+        db = self._connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)
@@ -104,15 +124,20 @@ class LocalRegistry(Registry):
 
     def _reap_expired(self, now: float) -> None:
         """Expired leases become deletions with an event, whichever process notices first."""
-        if self._db is None:
-            self._connect()
-        if self._db.execute("SELECT 1 FROM leases WHERE expires IS NOT NULL AND expires <= ? LIMIT 1", (now,)).fetchone() is None:
+        db = self._connection()
+        if (
+            db.execute("SELECT 1 FROM leases WHERE expires IS NOT NULL AND expires <= ? LIMIT 1", (now,)).fetchone()
+            is None
+        ):
             return
 
         def reap(db):
-            for (key,) in db.execute("SELECT key FROM leases WHERE expires IS NOT NULL AND expires <= ?", (now,)).fetchall():
+            for (key,) in db.execute(
+                "SELECT key FROM leases WHERE expires IS NOT NULL AND expires <= ?", (now,)
+            ).fetchall():
                 db.execute("DELETE FROM leases WHERE key = ?", (key,))
                 self._log_event(db, key, None, None)
+
         self._write(reap)
 
     def _revision(self, db: sqlite3.Connection) -> int:
@@ -121,7 +146,7 @@ class LocalRegistry(Registry):
 
     def _snapshot(self) -> Snapshot:
         self._reap_expired(time.time())
-        db = self._db
+        db = self._connection()
         db.execute("BEGIN")  # one read transaction: the rows and the revision agree
         try:
             rows = db.execute("SELECT key, value, expires FROM leases ORDER BY key").fetchall()
@@ -139,20 +164,24 @@ class LocalRegistry(Registry):
     def _events_since(self, revision: int) -> Events | None:
         """Events after `revision`; None when the log was trimmed past it (the watcher must re-list)."""
         self._reap_expired(time.time())
-        db = self._db
+        db = self._connection()
         oldest = db.execute("SELECT MIN(rev) FROM events").fetchone()[0]
         if oldest is not None and oldest > revision + 1:
             return None
-        rows = db.execute("SELECT rev, key, value, expires FROM events WHERE rev > ? ORDER BY rev", (revision,)).fetchall()
-        events = []
+        rows = db.execute(
+            "SELECT rev, key, value, expires FROM events WHERE rev > ? ORDER BY rev", (revision,)
+        ).fetchall()
+        events: list[LeaseEvent] = []
         for rev, key, value, expires in rows:
             revision = rev
             try:
                 if value is None:
-                    subnets = lease_from_kv(key, '{"PublicIP":"0.0.0.0"}', None)
-                    events.append(LeaseEvent(EventType.REMOVED, subnets))
+                    subnets = parse_subnet_key(key)
+                    if subnets is None:
+                        raise LeaseError(f"bad subnet key {key!r}")
+                    events.append(LeaseRemoved(*subnets))
                 else:
-                    events.append(LeaseEvent(EventType.ADDED, lease_from_kv(key, value, expires)))
+                    events.append(LeaseAdded(lease_from_kv(key, value, expires)))
             except LeaseError as e:
                 log.warning("Ignoring bad subnet node %s: %s", key, e)
         return Events(events, revision)
@@ -164,6 +193,7 @@ class LocalRegistry(Registry):
             db.execute("INSERT INTO leases (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
             self._log_event(db, key, value, expires)
             self._trim(db)
+
         self._write(create)
 
     def _put(self, key: str, value: str, expires: float | None) -> None:
@@ -171,12 +201,14 @@ class LocalRegistry(Registry):
             db.execute("INSERT OR REPLACE INTO leases (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
             self._log_event(db, key, value, expires)
             self._trim(db)
+
         self._write(put)
 
     def _delete(self, key: str) -> None:
         def delete(db):
             if db.execute("DELETE FROM leases WHERE key = ?", (key,)).rowcount:
                 self._log_event(db, key, None, None)
+
         self._write(delete)
 
     def _trim(self, db: sqlite3.Connection) -> None:
@@ -197,8 +229,9 @@ class LocalRegistry(Registry):
         await self._run(self._create, make_subnet_key(subnet, ipv6_subnet), attrs.to_json(), expires)
         return expires
 
-    async def update_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs,
-                            ttl: float | None) -> float | None:
+    async def update_subnet(
+        self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
+    ) -> float | None:
         expires = None if ttl is None else time.time() + ttl
         await self._run(self._put, make_subnet_key(subnet, ipv6_subnet), attrs.to_json(), expires)
         return expires

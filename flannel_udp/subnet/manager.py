@@ -1,4 +1,5 @@
 """The subnet Manager: lease acquisition, renewal and watching on top of any Registry (embedded file or etcd)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,14 @@ class AcquireError(RuntimeError):
 class Manager:
     watches_own_lease = True  # a lease deleted from the store (or expired) stops the node, as upstream
 
-    def __init__(self, registry: Registry, config: NetworkConfig, previous: tuple[IPv4Net | None, IPv6Net | None] = (None, None),
-                 lease_ttl: float = DEFAULT_LEASE_TTL, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        config: NetworkConfig,
+        previous: tuple[IPv4Net | None, IPv6Net | None] = (None, None),
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        rng: random.Random | None = None,
+    ) -> None:
         self.registry = registry
         self.config = config
         self.previous = previous
@@ -53,13 +60,16 @@ class Manager:
             return lease
 
     async def _try_acquire(self, attrs: LeaseAttrs) -> Lease:
-        """Upstream's tryAcquireLease, except that a create which loses a race is retried (upstream gives up at once)."""
+        """Upstream's tryAcquireLease, except that a create that loses a race is retried (upstream gives up at once)."""
         for attempt in range(RACE_RETRIES):
             leases, _rev = await self.registry.get_subnets(expirations=False)  # a reservation is told apart anyway
             decision = decide(self.config, leases, attrs.public_ip, self.previous, self.rng)
             for stale in decision.delete:
-                log.warning("Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
-                            stale.key, attrs.public_ip)
+                log.warning(
+                    "Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
+                    stale.key,
+                    attrs.public_ip,
+                )
                 await self.registry.delete_subnet(stale.subnet, stale.ipv6_subnet)
             if decision.reuse is not None:
                 # A reservation (no expiry) stays one; upstream re-attaches a TTL to it (flannel issue #1329).
@@ -68,7 +78,9 @@ class Manager:
                 log.info("Found lease (%s) for current IP (%s), reusing", decision.reuse.key, attrs.public_ip)
             else:
                 try:
-                    expiration = await self.registry.create_subnet(decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl)
+                    expiration = await self.registry.create_subnet(
+                        decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl
+                    )
                     if decision.ipv6_subnet is not None and await self._shares_a_subnet(decision):
                         # A dual-stack key names both subnets, so the store's create-if-absent cannot see another node
                         # that took the same IPv4 (or IPv6) subnet with a different partner at the same moment.
@@ -80,17 +92,28 @@ class Manager:
                     # already shows what the winners took.
                     await asyncio.sleep(self.rng.uniform(0, RACE_BACKOFF * (attempt + 1)))
                     continue
-                log.info("Allocated lease (%s%s) to current node (%s)", decision.subnet,
-                         f", {decision.ipv6_subnet}" if decision.ipv6_subnet else "", attrs.public_ip)
-            lease = Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None)
+                log.info(
+                    "Allocated lease (%s%s) to current node (%s)",
+                    decision.subnet,
+                    f", {decision.ipv6_subnet}" if decision.ipv6_subnet else "",
+                    attrs.public_ip,
+                )
+            lease = Lease(
+                decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None
+            )
             self.created = None if decision.reuse is not None else lease
             return lease
-        raise AcquireError(f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)")
+        raise AcquireError(
+            f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)"
+        )
 
     async def _shares_a_subnet(self, decision) -> bool:
         leases, _ = await self.registry.get_subnets(expirations=False)
-        return any((lease.subnet == decision.subnet or lease.ipv6_subnet == decision.ipv6_subnet)
-                   and (lease.subnet, lease.ipv6_subnet) != (decision.subnet, decision.ipv6_subnet) for lease in leases)
+        return any(
+            (lease.subnet == decision.subnet or lease.ipv6_subnet == decision.ipv6_subnet)
+            and (lease.subnet, lease.ipv6_subnet) != (decision.subnet, decision.ipv6_subnet)
+            for lease in leases
+        )
 
     async def renew_lease(self, lease: Lease) -> Lease:
         ttl = None if lease.expiration is None else self.lease_ttl
@@ -125,6 +148,7 @@ class Manager:
 
 def previous_subnet_from(values: dict[str, list]) -> tuple[IPv4Net | None, IPv6Net | None]:
     """FLANNEL_SUBNET / FLANNEL_IPV6_SUBNET from an old subnet.env, masked to the subnet, as upstream reads them."""
+
     def one(name: str):
         entries = values.get(name, [])
         if len(entries) != 1:
@@ -132,4 +156,5 @@ def previous_subnet_from(values: dict[str, list]) -> tuple[IPv4Net | None, IPv6N
                 log.error("%s in the subnet file has more than one valid value, ignoring it", name)
             return None
         return ipaddress.ip_network(entries[0], strict=False)
+
     return one("FLANNEL_SUBNET"), one("FLANNEL_IPV6_SUBNET")

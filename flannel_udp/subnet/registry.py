@@ -1,4 +1,5 @@
 """The storage seam: what a lease store must offer so that one Manager can allocate on top of it (upstream Registry)."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -31,8 +32,9 @@ class Registry(ABC):
         """Create the key only if absent; returns the expiration. Raises SubnetExists."""
 
     @abstractmethod
-    async def update_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs,
-                            ttl: float | None) -> float | None:
+    async def update_subnet(
+        self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
+    ) -> float | None:
         """Write the key; ttl None keeps it without expiry (a reservation). Returns the expiration."""
 
     @abstractmethod

@@ -1,4 +1,5 @@
 """/run/flannel/subnet.env: written atomically for the CNI plugin, read back at start-up (upstream WriteSubnetFile)."""
+
 from __future__ import annotations
 
 import errno
@@ -56,8 +57,11 @@ def read(path: str) -> dict[str, list]:
         return {}
     except (OSError, UnicodeDecodeError) as e:
         # Only a hint for choosing the subnet: an unreadable file is started without (writing it later says why).
-        log.warning("Cannot read the previous subnet file %s (%s); choosing a subnet without it", path,
-                    e.strerror if isinstance(e, OSError) else "not UTF-8 text")
+        log.warning(
+            "Cannot read the previous subnet file %s (%s); choosing a subnet without it",
+            path,
+            e.strerror if isinstance(e, OSError) else "not UTF-8 text",
+        )
         return {}
     values: dict[str, list] = {}
     for line in text.splitlines():

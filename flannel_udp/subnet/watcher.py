@@ -1,15 +1,25 @@
-"""Turns store results (snapshots and events) into batches of added/removed leases for a backend (upstream LeaseWatcher).
+"""The lease pipeline a backend follows (upstream's WatchLeases and LeaseWatcher): store results (snapshots and events)
+become batches of added and removed peer leases; the own lease's disappearance ends the stream with LeaseRevoked.
 
-Two upstream quirks are fixed: the own lease is never reported (upstream emits Removed for it on a second snapshot), and a
-lease whose attributes changed between two snapshots is reported again as Added (upstream stays silent, so a peer that
-changed its public IP would keep a stale route until restart).
+Two upstream quirks are fixed: the own lease is never reported (upstream emits Removed for it on a second snapshot),
+and a lease whose attributes changed between two snapshots is reported again as Added (upstream stays silent, so a
+peer that changed its public IP would keep a stale route until restart).
 """
+
 from __future__ import annotations
 
-from .lease import EventType, Events, IPv4Net, Lease, LeaseEvent, Snapshot
+from collections.abc import AsyncIterator
+
+from .lease import Events, EventType, IPv4Net, Lease, LeaseAdded, LeaseEvent, LeaseRemoved, Snapshot
+
+
+class LeaseRevoked(Exception):
+    """The own lease left the store (deleted or expired): a node without a lease must stop, as upstream."""
 
 
 class LeaseWatcher:
+    """The peers' leases as last seen; turns each store result into the batch of changes a backend applies."""
+
     def __init__(self, own_subnet: IPv4Net) -> None:
         self.own_subnet = own_subnet
         self.leases: dict[IPv4Net, Lease] = {}
@@ -21,25 +31,52 @@ class LeaseWatcher:
 
     def reset(self, leases: list[Lease]) -> list[LeaseEvent]:
         fresh = {lease.subnet: lease for lease in leases if lease.subnet != self.own_subnet}
-        batch = [LeaseEvent(EventType.REMOVED, old) for subnet, old in self.leases.items() if subnet not in fresh]
+        batch: list[LeaseEvent] = [
+            LeaseRemoved(old.subnet, old.ipv6_subnet) for subnet, old in self.leases.items() if subnet not in fresh
+        ]
         for subnet, lease in fresh.items():
             old = self.leases.get(subnet)
             if old is None or old.attrs != lease.attrs or old.ipv6_subnet != lease.ipv6_subnet:
-                batch.append(LeaseEvent(EventType.ADDED, lease))
+                batch.append(LeaseAdded(lease))
         self.leases = fresh
         return batch
 
     def update(self, events: list[LeaseEvent]) -> list[LeaseEvent]:
-        batch = []
+        batch: list[LeaseEvent] = []
         for event in events:
-            subnet = event.lease.subnet
-            if subnet == self.own_subnet:
+            if event.subnet == self.own_subnet:
                 continue
-            if event.type is EventType.ADDED:
-                self.leases[subnet] = event.lease
+            if isinstance(event, LeaseAdded):
+                self.leases[event.subnet] = event.lease
                 batch.append(event)
             else:
-                # A removal from the store carries no attrs: report the stored lease so the backend knows the peer.
-                known = self.leases.pop(subnet, None)
-                batch.append(LeaseEvent(EventType.REMOVED, known or event.lease))
+                known = self.leases.pop(event.subnet, None)
+                ipv6_subnet = event.ipv6_subnet or (known.ipv6_subnet if known is not None else None)
+                batch.append(LeaseRemoved(event.subnet, ipv6_subnet))
         return batch
+
+
+def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
+    if isinstance(result, Snapshot):
+        return all(lease.subnet != own.subnet for lease in result.leases)
+    return any(e.type is EventType.REMOVED and e.subnet == own.subnet for e in result.events)
+
+
+class LeaseStream:
+    """Batches of peer lease changes for the node holding `own`. The peers seen so far survive a broken watch: a new
+    call of batches() after a StoreError reports only what changed meanwhile."""
+
+    def __init__(self, manager, own: Lease) -> None:
+        self.manager = manager
+        self.own = own
+        self.watcher = LeaseWatcher(own.subnet)
+
+    async def batches(self) -> AsyncIterator[list[LeaseEvent]]:
+        """Raises LeaseRevoked when the store no longer has the own lease (where the store can tell: a Kubernetes
+        Node is not revoked that way), StoreError when the store fails."""
+        async for result in self.manager.watch_leases():
+            if self.manager.watches_own_lease and own_lease_gone(result, self.own):
+                raise LeaseRevoked(f"lease {self.own.subnet} has been revoked")
+            batch = self.watcher.apply(result)
+            if batch:
+                yield batch

@@ -1,5 +1,6 @@
 """The CNI plugin's input: the network configuration on stdin and subnet.env. Any bytes give the delegate
 configuration or a CniError (which the plugin prints as CNI's error JSON), nothing else."""
+
 from __future__ import annotations
 
 import json

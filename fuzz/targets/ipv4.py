@@ -1,4 +1,5 @@
 """The fuzz targets' oracle for IPv4: written from RFC 791/793/768 here, independent of the code under test."""
+
 from __future__ import annotations
 
 import ipaddress

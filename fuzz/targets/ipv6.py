@@ -1,5 +1,6 @@
 """The fuzz targets' oracle for IPv6: written from RFC 8200 and 2460's pseudo-header here, independent of the code
 under test."""
+
 from __future__ import annotations
 
 import ipaddress

@@ -2,6 +2,7 @@
 and flannel's annotations give a lease or a LeaseConversionError, and the annotations we would write for it are
 strings; nothing else. The input is JSON: {"annotations": {name: value}, "podCIDRs": [...], "v4": bool, "v6": bool}
 with names relative to the prefix; shapes the API server would never send (a number as an annotation) are skipped."""
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,19 @@ def test_one_input(data: bytes) -> None:
     if not isinstance(spec, dict):
         return
     annotations, cidrs = spec.get("annotations", {}), spec.get("podCIDRs", [])
-    if not (isinstance(annotations, dict) and all(isinstance(v, str) for v in annotations.values())
-            and isinstance(cidrs, list) and all(isinstance(c, str) for c in cidrs)):
+    if not (
+        isinstance(annotations, dict)
+        and all(isinstance(v, str) for v in annotations.values())
+        and isinstance(cidrs, list)
+        and all(isinstance(c, str) for c in cidrs)
+    ):
         return
     annotations = {PREFIX + k: v for k, v in annotations.items()}
     v4, v6 = bool(spec.get("v4", True)), bool(spec.get("v6", False))
-    node = Node(metadata=ObjectMeta(name="n", annotations=annotations),
-                spec=NodeSpec(podCIDR=cidrs[0] if cidrs else None, podCIDRs=cidrs or None))
+    node = Node(
+        metadata=ObjectMeta(name="n", annotations=annotations),
+        spec=NodeSpec(podCIDR=cidrs[0] if cidrs else None, podCIDRs=cidrs or None),
+    )
     mac_from_backend_data(annotations.get(ANN.backend_data))
     try:
         lease = node_to_lease(node, ANN, v4, v6)

@@ -1,5 +1,6 @@
 """A lease as the store holds it (etcd key `<prefix>/subnets/<subnet key>` and its JSON value, written by any node,
 upstream's or ours): it decodes to a lease whose subnet key round-trips, or to a LeaseError; nothing else."""
+
 from __future__ import annotations
 
 from flannel_udp.subnet.lease import LeaseError, lease_from_kv, make_subnet_key, parse_subnet_key

@@ -1,5 +1,6 @@
 """net-conf.json as an operator (or a ConfigMap) hands it over: any bytes give a checked configuration or one
 ConfigError with a one-line message, never another exception."""
+
 from __future__ import annotations
 
 from flannel_udp.subnet.config import ConfigError, load_config

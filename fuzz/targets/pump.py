@@ -8,6 +8,7 @@ Oracle: nothing crashes; every datagram sent to the peer and every packet writte
 or (dual stack) IPv6 packet (length, IPv4 header checksum, IPv6 payload length and hop limit; for segments cut from a
 super-packet the TCP/UDP checksum too); the inbound counters add up (every datagram received is written or dropped
 under a reason); a packet reaches the TUN only from the peer's subnet to ours, per family."""
+
 from __future__ import annotations
 
 import socket
@@ -44,8 +45,16 @@ class Side:
         self.routes.set_route(PEER_SUBNET, "127.0.0.1", self.peer.getsockname()[1])
         if dual:
             self.routes.set_route(PEER_SUBNET6, "127.0.0.1", self.peer.getsockname()[1])
-        self.pump = Pump(self.tun_pump.fileno(), self.sock.fileno(), self.routes, OWN, True, gso=vnet_hdr,
-                         vnet_hdr=vnet_hdr, own_subnet6=OWN6 if dual else None)
+        self.pump = Pump(
+            self.tun_pump.fileno(),
+            self.sock.fileno(),
+            self.routes,
+            OWN,
+            True,
+            gso=vnet_hdr,
+            vnet_hdr=vnet_hdr,
+            own_subnet6=OWN6 if dual else None,
+        )
 
     def drain(self, sock: socket.socket) -> list[bytes]:
         out = []

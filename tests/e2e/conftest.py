@@ -1,6 +1,6 @@
 import pytest
 
-from flannel_udp.testbed import Testbed
+from testbed.cluster import Testbed
 
 
 @pytest.fixture
@@ -9,4 +9,3 @@ def bed():
     with Testbed(hosts=3) as testbed:
         testbed.write_config({"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}})
         yield testbed
-

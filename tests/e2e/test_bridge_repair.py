@@ -1,12 +1,13 @@
 """cni0 repair: a node whose pods' bridge is deleted, stripped of its address or MTU, or cut from a pod's veth puts it
 back by itself (netlink events), re-attaching only the veths the CNI plugin attached; on every backend."""
+
 import json
 import os
 import time
 
 import pytest
 
-from flannel_udp.testbed import in_ns, wait_for
+from testbed.cluster import in_ns, wait_for
 
 NETWORK = "10.244.0.0/16"
 IPV6_NETWORK = "fd00:10:244::/56"
@@ -14,8 +15,12 @@ CONFIGS = {
     "udp": {"Network": NETWORK, "Backend": {"Type": "udp"}},
     "vxlan": {"Network": NETWORK, "Backend": {"Type": "vxlan"}},
     "host-gw": {"Network": NETWORK, "Backend": {"Type": "host-gw"}},
-    "vxlan-dual-stack": {"Network": NETWORK, "EnableIPv6": True, "IPv6Network": IPV6_NETWORK,
-                         "Backend": {"Type": "vxlan"}},
+    "vxlan-dual-stack": {
+        "Network": NETWORK,
+        "EnableIPv6": True,
+        "IPv6Network": IPV6_NETWORK,
+        "Backend": {"Type": "vxlan"},
+    },
 }
 
 
@@ -124,7 +129,9 @@ def test_only_ports_of_live_pods_are_recorded(bed):
     records = bed.cni_data_dir(host) + "-ports"
     with open(f"{records}/{pod.name}") as f:
         record = json.load(f)
-    assert record["bridge"] == "cni0" and record["veth"] in ports(host) and record["bridgeMac"] == bridge(host)["address"]
+    assert (
+        record["bridge"] == "cni0" and record["veth"] in ports(host) and record["bridgeMac"] == bridge(host)["address"]
+    )
     bed.cni(host, "DEL", pod.name, pod.ns)
     assert os.listdir(records) == []
     # With no pod left, a deleted cni0 is not rebuilt: the CNI plugin makes it for the next pod.

@@ -1,5 +1,6 @@
 """`flannel-udp capture` on a running udp-backend cluster: decoded lines for pod traffic, verdicts for hostile
 datagrams from the fast path's own checks, a pcap that tcpdump reads, and one-line errors."""
+
 import ipaddress
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 import pytest
 from test_udp_backend import HOSTILE
 
-from flannel_udp.testbed import in_ns
+from testbed.cluster import in_ns, wait_for
 
 
 @pytest.fixture
@@ -16,13 +17,31 @@ def udp_cluster(bed):
     for host in bed.hosts:
         bed.start_node(host)
         bed.add_pod(host)
-    time.sleep(0.6)  # every node has every lease
+    assert all_pods_reach_each_other(bed), bed.logs()  # every node has every lease
     yield bed
 
 
+def all_pods_reach_each_other(bed, hosts=None, timeout: float = 5) -> bool:
+    pods = [host.pods[0] for host in hosts or bed.hosts]
+    return wait_for(
+        lambda: all(bed.ping(a.ns, b.address, timeout=0.3) for a in pods for b in pods if a is not b), timeout
+    )
+
+
 def start_capture(bed, host, *args):
-    process = bed.popen(host.ns, sys.executable, "-m", "flannel_udp", "capture", "--lease-file", bed.lease_file, *args,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = bed.popen(
+        host.ns,
+        sys.executable,
+        "-m",
+        "flannel_udp",
+        "capture",
+        "--lease-file",
+        bed.lease_file,
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)  # scapy is listening
     return process
 
@@ -42,14 +61,18 @@ def test_pod_ping_and_tcp_are_decoded_with_node_subnets(udp_cluster, tmp_path):
     h1, h2 = bed.hosts[0], bed.hosts[1]
     p1, p2 = h1.pods[0], h2.pods[0]
     pcap = tmp_path / "inner.pcap"
-    capture = start_capture(bed, h2, "--iface", "eth0", "--proto", "icmp", "--count", "4", "--duration", "15",
-                            "--write", str(pcap))
+    capture = start_capture(
+        bed, h2, "--iface", "eth0", "--proto", "icmp", "--count", "4", "--duration", "15", "--write", str(pcap)
+    )
     assert bed.ping(p1.ns, p2.address, count=2, interval=0.2)
     out = finish(capture)
     lines = [line for line in out.splitlines() if " udp: " in line]
     assert len(lines) == 4, out
     request = next(line for line in lines if "echo-request" in line)
-    assert f"{h1.address} [{subnet(h1)}] > {h2.address} [{subnet(h2)}] udp: ICMP {p1.address} > {p2.address} echo-request" in request
+    assert (
+        f"{h1.address} [{subnet(h1)}] > {h2.address} [{subnet(h2)}] udp: ICMP {p1.address} > {p2.address} echo-request"
+        in request
+    )
     assert request.endswith(" ok") and "ttl 62" in request  # 64, less the host's forwarding, less the pump's
     assert any(f"ICMP {p2.address} > {p1.address} echo-reply" in line for line in lines)
     assert f"ICMP {p1.address} > {p2.address}" in out.split("FLOW")[1] and "ok" in out.split("VERDICT")[1]
@@ -57,8 +80,9 @@ def test_pod_ping_and_tcp_are_decoded_with_node_subnets(udp_cluster, tmp_path):
     dump = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True, text=True, timeout=20).stdout
     assert f"{p1.address} > {p2.address}: ICMP echo request" in dump
 
-    capture = start_capture(bed, h2, "--iface", "eth0", "--pod", str(p2.address), "--proto", "tcp", "--count", "3",
-                            "--duration", "15")
+    capture = start_capture(
+        bed, h2, "--iface", "eth0", "--pod", str(p2.address), "--proto", "tcp", "--count", "3", "--duration", "15"
+    )
     assert bed.iperf3(p1, p2, 1)
     out = finish(capture)
     assert f"TCP {p1.address}:" in out and f" > {p2.address}:5201 [S]" in out and "DROP" not in out
@@ -70,9 +94,20 @@ def test_hostile_datagrams_get_the_data_planes_verdicts(udp_cluster):
     in_ns(attacker.ns, "ip", "addr", "add", "198.18.0.200/24", "dev", "eth0")
     assert bed.ping(attacker.ns, target.address)
     capture = start_capture(bed, target, "--iface", "eth0", "--peer", str(attacker.address), "--duration", "6")
-    capture2 = start_capture(bed, target, "--iface", "eth0", "--peer", "198.18.0.200", "--count", "5", "--duration", "6")
-    in_ns(attacker.ns, sys.executable, "-c", HOSTILE, str(target.address), "8285", str(attacker.pods[0].address),
-          str(victim.pods[0].address), str(target.pods[0].address))
+    capture2 = start_capture(
+        bed, target, "--iface", "eth0", "--peer", "198.18.0.200", "--count", "5", "--duration", "6"
+    )
+    in_ns(
+        attacker.ns,
+        sys.executable,
+        "-c",
+        HOSTILE,
+        str(target.address),
+        "8285",
+        str(attacker.pods[0].address),
+        str(victim.pods[0].address),
+        str(target.pods[0].address),
+    )
     out = finish(capture)
     verdicts = out.split("VERDICT")[1]
     assert "spoofed_source" in verdicts and "short" in verdicts and "bad_length" in verdicts, out
@@ -87,33 +122,52 @@ def test_capture_on_flannel0_and_from_a_pcap_file(udp_cluster, tmp_path):
     h1, h2 = bed.hosts[0], bed.hosts[1]
     outer = tmp_path / "outer.pcap"
     tun = start_capture(bed, h1, "--iface", "flannel0", "--proto", "icmp", "--count", "2", "--duration", "15")
-    underlay = start_capture(bed, h1, "--iface", "eth0", "--count", "2", "--duration", "15", "--write", str(outer), "--outer")
+    underlay = start_capture(
+        bed, h1, "--iface", "eth0", "--count", "2", "--duration", "15", "--write", str(outer), "--outer"
+    )
     assert bed.ping(h1.pods[0].ns, h2.pods[0].address)
     tun_out = finish(tun)
     assert f"flannel0 ICMP {h1.pods[0].address} > {h2.pods[0].address} echo-request" in tun_out
     assert f"flannel0 ICMP {h2.pods[0].address} > {h1.pods[0].address} echo-reply" in tun_out
     finish(underlay)
-    offline = subprocess.run([sys.executable, "-m", "flannel_udp", "capture", "--read", str(outer), "--lease-file",
-                              bed.lease_file], capture_output=True, text=True, timeout=30)
+    offline = subprocess.run(
+        [sys.executable, "-m", "flannel_udp", "capture", "--read", str(outer), "--lease-file", bed.lease_file],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert offline.returncode == 0 and "echo-request" in offline.stdout and f"[{subnet(h1)}]" in offline.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--iface", "eth9"], "error: no interface named eth9"),
-    (["--read", "/nonexistent.pcap"], "error: cannot read /nonexistent.pcap: no such file"),
-    (["--iface", "lo", "--filter", "udp port"], "error: bad filter '(udp dst port 8285 or udp dst port 8472) and (udp port)'"),
-    ([], "error: give exactly one source"),
-    (["--iface", "lo", "--pod", "10.244.1"], "error: --pod is not an IP address: 10.244.1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--iface", "eth9"], "error: no interface named eth9"),
+        (["--read", "/nonexistent.pcap"], "error: cannot read /nonexistent.pcap: no such file"),
+        (
+            ["--iface", "lo", "--filter", "udp port"],
+            "error: bad filter '(udp dst port 8285 or udp dst port 8472) and (udp port)'",
+        ),
+        ([], "error: give exactly one source"),
+        (["--iface", "lo", "--pod", "10.244.1"], "error: --pod is not an IP address: 10.244.1"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
     garbage = tmp_path / "garbage.pcap"
     garbage.write_bytes(b"not a pcap at all")
-    result = subprocess.run([sys.executable, "-m", "flannel_udp", "capture", *args], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "flannel_udp", "capture", *args], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
-    result = subprocess.run([sys.executable, "-m", "flannel_udp", "capture", "--read", str(garbage)], capture_output=True,
-                            text=True, timeout=30)
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: cannot capture on {garbage}")
+    result = subprocess.run(
+        [sys.executable, "-m", "flannel_udp", "capture", "--read", str(garbage)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot capture on {garbage}"
+    )
 
 
 def test_vxlan_traffic_is_decoded_too(bed):
@@ -122,7 +176,7 @@ def test_vxlan_traffic_is_decoded_too(bed):
         bed.start_node(host)
         bed.add_pod(host)
     h1, h2 = bed.hosts[0], bed.hosts[1]
-    time.sleep(0.6)
+    assert all_pods_reach_each_other(bed, bed.hosts[:2]), bed.logs()
     capture = start_capture(bed, h2, "--iface", "eth0", "--proto", "icmp", "--count", "2", "--duration", "15")
     assert bed.ping(h1.pods[0].ns, h2.pods[0].address)
     out = finish(capture)
@@ -132,16 +186,23 @@ def test_vxlan_traffic_is_decoded_too(bed):
 def test_dual_stack_vxlan_over_ipv6_is_decoded_with_ipv6_subnets(bed):
     """Dual stack: IPv6 pod traffic rides flannel-v6.1 over the IPv6 underlay; capture shows it with the nodes' IPv6
     subnets, and --pod / --proto icmp select it by its IPv6 address and ICMPv6."""
-    bed.write_config({"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56",
-                      "Backend": {"Type": "vxlan"}})
+    bed.write_config(
+        {
+            "Network": "10.244.0.0/16",
+            "EnableIPv6": True,
+            "IPv6Network": "fd00:10:244::/56",
+            "Backend": {"Type": "vxlan"},
+        }
+    )
     for host in bed.hosts[:2]:
         bed.start_node(host)
         bed.add_pod(host)
     h1, h2 = bed.hosts[0], bed.hosts[1]
     p1, p2 = h1.pods[0], h2.pods[0]
-    time.sleep(0.6)
-    capture = start_capture(bed, h2, "--iface", "eth0", "--pod", str(p2.address6), "--proto", "icmp", "--count", "2",
-                            "--duration", "15")
+    assert all_pods_reach_each_other(bed, bed.hosts[:2]), bed.logs()
+    capture = start_capture(
+        bed, h2, "--iface", "eth0", "--pod", str(p2.address6), "--proto", "icmp", "--count", "2", "--duration", "15"
+    )
     assert bed.ping(p1.ns, p2.address6)
     out = finish(capture)
     sub1 = h1.subnet_env()["FLANNEL_IPV6_SUBNET"].replace("::1/", "::/")

@@ -1,15 +1,18 @@
 """The `flannel` CNI plugin driven as a container runtime drives it (CNI_* variables, config on stdin) against real
 namespaces and Debian's bridge and host-local plugins."""
+
 import ipaddress
 import json
 import os
 
-from flannel_udp.testbed import in_ns
+from testbed.cluster import in_ns
 
 
 def write_subnet_env(host, ipmasq="false", mtu=1472):
     with open(host.subnet_file, "w") as f:
-        f.write(f"FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ipmasq}\n")
+        f.write(
+            f"FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ipmasq}\n"
+        )
 
 
 def test_add_check_del_follow_the_cni_spec(bed):
@@ -26,8 +29,17 @@ def test_add_check_del_follow_the_cni_spec(bed):
     assert address.network == ipaddress.ip_network("10.244.7.0/24") and result["ips"][0]["gateway"] == "10.244.7.1"
     # The delegate config kept for DEL is upstream's: bridge, isGateway, ipMasq = !FLANNEL_IPMASQ, mtu, host-local.
     kept = json.load(open(os.path.join(config["dataDir"], "c1")))
-    assert (kept["type"], kept["isGateway"], kept["ipMasq"], kept["mtu"], kept["name"]) == ("bridge", True, True, 1472, "flannel-udp")
-    assert kept["ipam"]["ranges"] == [[{"subnet": "10.244.7.0/24"}]] and {"dst": "10.244.0.0/16", "gw": "10.244.7.1"} in kept["ipam"]["routes"]
+    assert (kept["type"], kept["isGateway"], kept["ipMasq"], kept["mtu"], kept["name"]) == (
+        "bridge",
+        True,
+        True,
+        1472,
+        "flannel-udp",
+    )
+    assert (
+        kept["ipam"]["ranges"] == [[{"subnet": "10.244.7.0/24"}]]
+        and {"dst": "10.244.0.0/16", "gw": "10.244.7.1"} in kept["ipam"]["routes"]
+    )
     pod_link = json.loads(in_ns(pod_ns, "ip", "-j", "addr", "show", "eth0").stdout)[0]
     assert pod_link["mtu"] == 1472 and any(a["local"] == str(address.ip) for a in pod_link["addr_info"])
     assert "10.244.0.0/16 via 10.244.7.1" in in_ns(pod_ns, "ip", "route").stdout
@@ -73,8 +85,10 @@ def test_errors_are_cni_error_objects(bed):
 def test_dual_stack_subnet_env_gives_both_families_and_check_passes(bed):
     host = bed.hosts[0]
     with open(host.subnet_file, "w") as f:
-        f.write("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"
-                "FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n")
+        f.write(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"
+            "FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+        )
     config = bed.cni_config(host)
     pod_ns = f"{bed.prefix}-cnipod"
     bed._add_ns(pod_ns)

@@ -1,4 +1,5 @@
 """The demo as a newcomer runs it: every backend, --keep then `demo down`, and Ctrl-C leaving nothing behind."""
+
 import os
 import signal
 import subprocess
@@ -7,15 +8,20 @@ import time
 
 import pytest
 
-from flannel_udp import kubeserver
+from testbed import kubeserver
 
 
 def namespaces() -> set[str]:
-    return {line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()}
+    return {
+        line.split()[0]
+        for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+    }
 
 
 def demo(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "flannel_udp", "demo", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flannel_udp", "demo", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
@@ -53,8 +59,12 @@ def test_kept_demo_is_removed_by_demo_down():
 
 def test_ctrl_c_removes_everything():
     before = namespaces()
-    process = subprocess.Popen([sys.executable, "-m", "flannel_udp", "demo", "--nodes", "3", "--iperf-seconds", "5"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flannel_udp", "demo", "--nodes", "3", "--iperf-seconds", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while len(namespaces() - before) < 4 and time.monotonic() < deadline:
         time.sleep(0.1)

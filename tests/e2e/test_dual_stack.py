@@ -1,13 +1,14 @@
 """Dual stack (EnableIPv6) on the kernel backends, as upstream: flannel-v6.<VNI> or IPv6 host-gw routes beside the
 IPv4 ones, PublicIPv6 and BackendV6Data in the lease, IPv6 ranges from the CNI plugin, ip6tables rules; and the
 refusals that come with it, each one line and exit status 1."""
+
 import ipaddress
 import json
 import sqlite3
 
 import pytest
 
-from flannel_udp.testbed import in_ns, wait_for
+from testbed.cluster import in_ns, wait_for
 
 NETWORK = "10.244.0.0/16"
 IPV6_NETWORK = "fd00:10:244::/56"  # a /56 gives /64 subnets (upstream's default for prefixes up to /62)
@@ -35,8 +36,11 @@ def v6_routes(host) -> list[dict]:
 
 
 def v6_routes_to_peers(host) -> int:
-    return sum(1 for r in v6_routes(host) if r["dst"].startswith("fd00:10:244:") and r.get("dev") != "cni0"
-               and r["dst"].endswith("/64"))
+    return sum(
+        1
+        for r in v6_routes(host)
+        if r["dst"].startswith("fd00:10:244:") and r.get("dev") != "cni0" and r["dst"].endswith("/64")
+    )
 
 
 def link(host, name: str) -> dict:
@@ -55,11 +59,15 @@ def stored_leases(bed) -> dict[str, str]:
 def test_pods_reach_each_other_over_both_families(dual_cluster):
     bed = dual_cluster
     pods = [h.pods[0] for h in bed.hosts]
-    assert all(p.address6 in subnet6_of(h) for p, h in zip(pods, bed.hosts))  # the CNI plugin gave IPv6 addresses
+    assert all(
+        p.address6 in subnet6_of(h) for p, h in zip(pods, bed.hosts, strict=True)
+    )  # the CNI plugin gave IPv6 addresses
     for src in pods:
         for dst in pods:
             if src is not dst:
-                assert bed.ping(src.ns, dst.address6, count=2, interval=0.1), f"{src.name} -> {dst.name} v6\n{bed.logs()}"
+                assert bed.ping(src.ns, dst.address6, count=2, interval=0.1), (
+                    f"{src.name} -> {dst.name} v6\n{bed.logs()}"
+                )
                 assert bed.ping(src.ns, dst.address, count=1), f"{src.name} -> {dst.name} v4\n{bed.logs()}"
     assert bed.iperf3(pods[0], pods[1], 1, ipv6=True)["end"]["sum_received"]["bytes"] > 1_000_000
 
@@ -81,16 +89,21 @@ def test_kernel_state_and_lease_match_upstream(dual_cluster):
         return
     # vxlan: a second device whose underlay is IPv6; its MTU leaves room for the 40-byte outer IPv6 header.
     v4_mac, v6_mac = link(h2, "flannel.1")["address"], link(h2, "flannel-v6.1")["address"]
-    assert value == (f'{{"PublicIP":"{h2.address}","PublicIPv6":"{h2.address6}","BackendType":"vxlan",'
-                     f'"BackendData":{{"VNI":1,"VtepMAC":"{v4_mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{v6_mac}"}}}}')
+    assert value == (
+        f'{{"PublicIP":"{h2.address}","PublicIPv6":"{h2.address6}","BackendType":"vxlan",'
+        f'"BackendData":{{"VNI":1,"VtepMAC":"{v4_mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{v6_mac}"}}}}'
+    )
     dev = link(h1, "flannel-v6.1")
     data = dev["linkinfo"]["info_data"]
     assert (data["id"], data["local6"], data["learning"]) == (1, str(h1.address6), False)
     assert dev["mtu"] == 1430 and env["FLANNEL_MTU"] == "1430"
-    assert [(a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"] \
-        == [(str(sub1.network_address), 128)]
+    assert [
+        (a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"
+    ] == [(str(sub1.network_address), 128)]
     gw = str(sub2.network_address)
-    neigh = {n["dst"]: n for n in json.loads(in_ns(h1.ns, "ip", "-j", "-6", "neigh", "show", "dev", "flannel-v6.1").stdout)}
+    neigh = {
+        n["dst"]: n for n in json.loads(in_ns(h1.ns, "ip", "-j", "-6", "neigh", "show", "dev", "flannel-v6.1").stdout)
+    }
     assert neigh[gw]["lladdr"] == v6_mac and "PERMANENT" in neigh[gw]["state"]
     fdb = {f["mac"]: f for f in json.loads(in_ns(h1.ns, "bridge", "-j", "fdb", "show", "dev", "flannel-v6.1").stdout)}
     assert fdb[v6_mac]["dst"] == str(h2.address6)
@@ -118,11 +131,17 @@ def test_ip6tables_and_nftables_rules_cover_the_ipv6_network(bed):
     bed.start_node(host, "--ip-masq")
     sub6 = str(subnet6_of(host))
     nat = in_ns(host.ns, "ip6tables", "-t", "nat", "-S").stdout
-    assert f'-A FLANNEL-POSTRTG -s {IPV6_NETWORK} ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE' in nat
+    assert (
+        f'-A FLANNEL-POSTRTG -s {IPV6_NETWORK} ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE' in nat
+    )
     assert f'-A FLANNEL-POSTRTG ! -s {IPV6_NETWORK} -d {sub6} -m comment --comment "flanneld masq" -j RETURN' in nat
-    assert f'-A FLANNEL-FWD -d {IPV6_NETWORK} -m comment --comment "flanneld forward" -j ACCEPT' in \
-        in_ns(host.ns, "ip6tables", "-S").stdout
-    assert "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4" in in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout
+    assert (
+        f'-A FLANNEL-FWD -d {IPV6_NETWORK} -m comment --comment "flanneld forward" -j ACCEPT'
+        in in_ns(host.ns, "ip6tables", "-S").stdout
+    )
+    assert (
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4" in in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout
+    )
     in_ns(host.ns, "ip6tables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
     assert wait_for(lambda: "MASQUERADE" in in_ns(host.ns, "ip6tables", "-t", "nat", "-S").stdout, 8), bed.logs()
 
@@ -136,18 +155,36 @@ def test_ip6tables_and_nftables_rules_cover_the_ipv6_network(bed):
     assert "nftables table ip6 flannel-ipv6" in cleaned
 
 
-@pytest.mark.parametrize("config, flags, message", [
-    ({"Network": NETWORK, "EnableIPv4": False, "EnableIPv6": True, "IPv6Network": IPV6_NETWORK, "Backend": {"Type": "vxlan"}}, [],
-     "error: IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 subnet): set "
-     "EnableIPv4 too (dual stack)"),
-    (dual_config({"Type": "vxlan", "MTU": 1340}), [],
-     "error: error decoding VXLAN backend config: MTU 1340 leaves 1270 bytes for pods after the 70-byte "
-     "VXLAN-over-IPv6 overhead, below IPv6's minimum of 1280"),
-    (dual_config({"Type": "vxlan"}), ["--public-ipv6", "fd00::zz"], "error: invalid public IPv6 address: fd00::zz"),
-    (dual_config({"Type": "host-gw"}), ["--public-ipv6", "2001:db8::7"],
-     "error: your PublicIPv6 differs from interface IPv6, meaning that probably you're on a NAT, which is not "
-     "supported by host-gw backend"),
-])
+@pytest.mark.parametrize(
+    "config, flags, message",
+    [
+        (
+            {
+                "Network": NETWORK,
+                "EnableIPv4": False,
+                "EnableIPv6": True,
+                "IPv6Network": IPV6_NETWORK,
+                "Backend": {"Type": "vxlan"},
+            },
+            [],
+            "error: IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 subnet): "
+            "set EnableIPv4 too (dual stack)",
+        ),
+        (
+            dual_config({"Type": "vxlan", "MTU": 1340}),
+            [],
+            "error: error decoding VXLAN backend config: MTU 1340 leaves 1270 bytes for pods after the 70-byte "
+            "VXLAN-over-IPv6 overhead, below IPv6's minimum of 1280",
+        ),
+        (dual_config({"Type": "vxlan"}), ["--public-ipv6", "fd00::zz"], "error: invalid public IPv6 address: fd00::zz"),
+        (
+            dual_config({"Type": "host-gw"}),
+            ["--public-ipv6", "2001:db8::7"],
+            "error: your PublicIPv6 differs from interface IPv6, meaning that probably you're on a NAT, which is not "
+            "supported by host-gw backend",
+        ),
+    ],
+)
 def test_dual_stack_refusals_are_one_clear_line(bed, config, flags, message):
     bed.write_config(config)
     host = bed.hosts[0]
@@ -162,7 +199,6 @@ def test_interface_without_ipv6_address_is_named(bed):
     in_ns(host.ns, "ip", "-6", "addr", "del", f"{host.address6}/64", "dev", "eth0")
     in_ns(host.ns, "sysctl", "-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=1")  # no link-local address either
     assert bed.run_node_expecting_failure(host) == "error: failed to find IPv6 address for interface eth0"
-
 
 
 def test_direct_routing_gives_plain_routes_in_both_families(bed):
@@ -226,6 +262,7 @@ def test_restart_keeps_both_subnets_and_the_v6_device_mac(bed):
     def state():
         env = host.subnet_env()
         return env["FLANNEL_SUBNET"], env["FLANNEL_IPV6_SUBNET"], link(host, "flannel-v6.1")["address"]
+
     before = state()
     assert bed.stop_node(host) == 0
     bed.start_node(host)
@@ -247,5 +284,6 @@ def test_host_gw_puts_back_deleted_routes_of_both_families(bed):
         v4 = {r["dst"]: r.get("gateway") for r in json.loads(in_ns(h1.ns, "ip", "-j", "route", "show").stdout)}
         v6 = {r["dst"]: r.get("gateway") for r in v6_routes(h1)}
         return v4.get(sub4) == str(h2.address) and v6.get(sub6) == str(h2.address6)
+
     assert wait_for(restored, 12, interval=0.5), bed.logs()
     assert f"Route recovered: {sub6} via {h2.address6}" in bed.node_log(h1)

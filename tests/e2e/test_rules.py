@@ -1,9 +1,10 @@
 """Traffic rules inside a node's namespace, compared with upstream's texts (reference §6): masquerade and forward
 chains through iptables-restore, resync, stale rules of a previous network, nftables mode, the blackhole route, and
 `flannel-udp cleanup`."""
+
 import ipaddress
 
-from flannel_udp.testbed import in_ns, wait_for
+from testbed.cluster import in_ns, wait_for
 
 MASQ = '-m comment --comment "flanneld masq"'
 FWD = '-m comment --comment "flanneld forward"'
@@ -14,27 +15,42 @@ def own_subnet(host) -> str:
 
 
 def expected_nat(net: str, pod: str) -> str:
-    return "\n".join([
-        "-P PREROUTING ACCEPT", "-P INPUT ACCEPT", "-P OUTPUT ACCEPT", "-P POSTROUTING ACCEPT",
-        "-N FLANNEL-POSTRTG",
-        f"-A POSTROUTING {MASQ} -j FLANNEL-POSTRTG",
-        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {MASQ} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {pod} -d {net} {MASQ} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {net} -d {pod} {MASQ} -j RETURN",
-        f"-A FLANNEL-POSTRTG ! -s {net} -d {pod} {MASQ} -j RETURN",
-        f"-A FLANNEL-POSTRTG -s {net} ! -d 224.0.0.0/4 {MASQ} -j MASQUERADE --random-fully",
-        f"-A FLANNEL-POSTRTG ! -s {net} -d {net} {MASQ} -j MASQUERADE --random-fully",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "-P PREROUTING ACCEPT",
+                "-P INPUT ACCEPT",
+                "-P OUTPUT ACCEPT",
+                "-P POSTROUTING ACCEPT",
+                "-N FLANNEL-POSTRTG",
+                f"-A POSTROUTING {MASQ} -j FLANNEL-POSTRTG",
+                f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {MASQ} -j RETURN",
+                f"-A FLANNEL-POSTRTG -s {pod} -d {net} {MASQ} -j RETURN",
+                f"-A FLANNEL-POSTRTG -s {net} -d {pod} {MASQ} -j RETURN",
+                f"-A FLANNEL-POSTRTG ! -s {net} -d {pod} {MASQ} -j RETURN",
+                f"-A FLANNEL-POSTRTG -s {net} ! -d 224.0.0.0/4 {MASQ} -j MASQUERADE --random-fully",
+                f"-A FLANNEL-POSTRTG ! -s {net} -d {net} {MASQ} -j MASQUERADE --random-fully",
+            ]
+        )
+        + "\n"
+    )
 
 
 def expected_filter(net: str) -> str:
-    return "\n".join([
-        "-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT",
-        "-N FLANNEL-FWD",
-        f"-A FORWARD {FWD} -j FLANNEL-FWD",
-        f"-A FLANNEL-FWD -s {net} {FWD} -j ACCEPT",
-        f"-A FLANNEL-FWD -d {net} {FWD} -j ACCEPT",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "-P INPUT ACCEPT",
+                "-P FORWARD ACCEPT",
+                "-P OUTPUT ACCEPT",
+                "-N FLANNEL-FWD",
+                f"-A FORWARD {FWD} -j FLANNEL-FWD",
+                f"-A FLANNEL-FWD -s {net} {FWD} -j ACCEPT",
+                f"-A FLANNEL-FWD -d {net} {FWD} -j ACCEPT",
+            ]
+        )
+        + "\n"
+    )
 
 
 def test_masquerade_and_forward_rules_read_as_upstreams(bed):
@@ -44,10 +60,28 @@ def test_masquerade_and_forward_rules_read_as_upstreams(bed):
     assert in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout == expected_nat("10.244.0.0/16", own_subnet(host))
     assert in_ns(host.ns, "iptables", "-S").stdout == expected_filter("10.244.0.0/16")
     # Someone removes a rule: the resync puts the whole set back, in order.
-    in_ns(host.ns, "iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "-m", "mark", "--mark", "0x4000/0x4000", "-m",
-          "comment", "--comment", "flanneld masq", "-j", "RETURN")
-    assert wait_for(lambda: in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout
-                    == expected_nat("10.244.0.0/16", own_subnet(host)), 3.0), bed.node_log(host)
+    in_ns(
+        host.ns,
+        "iptables",
+        "-t",
+        "nat",
+        "-D",
+        "FLANNEL-POSTRTG",
+        "-m",
+        "mark",
+        "--mark",
+        "0x4000/0x4000",
+        "-m",
+        "comment",
+        "--comment",
+        "flanneld masq",
+        "-j",
+        "RETURN",
+    )
+    assert wait_for(
+        lambda: in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout == expected_nat("10.244.0.0/16", own_subnet(host)),
+        3.0,
+    ), bed.node_log(host)
     # A pod behind a masquerading node still reaches a pod on another node with its own address.
     other = bed.hosts[1]
     bed.start_node(other, "-ip-masq")
@@ -73,13 +107,19 @@ def test_nftables_mode_has_upstreams_tables_and_no_iptables_chains(bed):
     bed.start_node(host, "-ip-masq")
     pod, net = own_subnet(host), "10.244.0.0/16"
     ruleset = in_ns(host.ns, "nft", "list", "table", "ip", "flannel-ipv4").stdout
-    for line in ('comment "rules for flannel-ipv4"', "type filter hook forward priority filter; policy accept;",
-                 f"ip saddr {net} accept", f"ip daddr {net} accept",
-                 "type nat hook postrouting priority srcnat; policy accept;", "meta mark 0x00004000 return",
-                 f"ip saddr {pod} ip daddr {net} return", f"ip saddr {net} ip daddr {pod} return",
-                 f"ip saddr != {pod} ip daddr {net} return",
-                 f"ip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random",
-                 f"ip saddr != {net} ip daddr {net} masquerade fully-random"):
+    for line in (
+        'comment "rules for flannel-ipv4"',
+        "type filter hook forward priority filter; policy accept;",
+        f"ip saddr {net} accept",
+        f"ip daddr {net} accept",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        "meta mark 0x00004000 return",
+        f"ip saddr {pod} ip daddr {net} return",
+        f"ip saddr {net} ip daddr {pod} return",
+        f"ip saddr != {pod} ip daddr {net} return",
+        f"ip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random",
+        f"ip saddr != {net} ip daddr {net} masquerade fully-random",
+    ):
         assert line in ruleset, (line, ruleset)
     assert in_ns(host.ns, "nft", "list", "table", "ip6", "flannel-ipv6", check=False).returncode == 0
     assert "FLANNEL" not in in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout
@@ -97,7 +137,9 @@ def test_blackhole_route_and_cleanup(bed):
     out = bed.cli(host.ns, "cleanup", "--subnet-file", host.subnet_file).stdout
     for what in ("cni0", "FLANNEL-POSTRTG", "FLANNEL-FWD", f"blackhole {subnet}"):
         assert what in out, out
-    assert "FLANNEL" not in in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout + in_ns(host.ns, "iptables", "-S").stdout
+    assert (
+        "FLANNEL" not in in_ns(host.ns, "iptables", "-t", "nat", "-S").stdout + in_ns(host.ns, "iptables", "-S").stdout
+    )
     assert in_ns(host.ns, "ip", "link", "show", "cni0", check=False).returncode != 0
     assert subnet not in in_ns(host.ns, "ip", "route", "show", "type", "blackhole").stdout
     assert "nothing" in bed.cli(host.ns, "cleanup", "--subnet-file", host.subnet_file).stdout  # idempotent

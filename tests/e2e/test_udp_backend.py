@@ -1,4 +1,5 @@
 """The udp backend end to end: real TUNs, real namespaces, real ping and iperf3, the daemon as users run it."""
+
 import ipaddress
 import json
 import os
@@ -10,15 +11,17 @@ import time
 
 import pytest
 
-from flannel_udp.testbed import in_ns, scrape_metrics, wait_for
+from testbed.cluster import in_ns, scrape_metrics, wait_for
 
 HEALTH_PORT = 8471
 
 
 def http_get(ns: str, path: str, port: int = HEALTH_PORT) -> tuple[int, str]:
-    code = ("import sys, urllib.request, urllib.error\n"
-            "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.status); print(r.read().decode())\n"
-            "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n")
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.status); print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n"
+    )
     out = in_ns(ns, sys.executable, "-c", code, f"http://127.0.0.1:{port}{path}").stdout
     status, _, body = out.partition("\n")
     return int(status), body
@@ -26,8 +29,11 @@ def http_get(ns: str, path: str, port: int = HEALTH_PORT) -> tuple[int, str]:
 
 def metric(ns: str, name: str, **labels) -> float:
     """The sum of the samples of `name` that carry these labels."""
-    return sum(value for sample, value in scrape_metrics(ns, HEALTH_PORT).items()
-               if sample.partition("{")[0] == name and all(f'{k}="{v}"' in sample for k, v in labels.items()))
+    return sum(
+        value
+        for sample, value in scrape_metrics(ns, HEALTH_PORT).items()
+        if sample.partition("{")[0] == name and all(f'{k}="{v}"' in sample for k, v in labels.items())
+    )
 
 
 @pytest.fixture(params=["embedded", "etcd", "offloads-off"])
@@ -38,7 +44,7 @@ def cluster(bed, request):
     offload = ["--udp-offload=false"] if request.param == "offloads-off" else []
     bed.start_cluster(f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", *offload)
     for host in bed.hosts:  # every node has learnt every other node's lease
-        assert wait_for(lambda: metric(host.ns, "flannel_udp_routes") == len(bed.hosts) - 1, 5), bed.logs()
+        assert wait_for(lambda host=host: metric(host.ns, "flannel_udp_routes") == len(bed.hosts) - 1, 5), bed.logs()
     yield bed
 
 
@@ -46,10 +52,14 @@ def test_device_setup_matches_upstream(cluster):
     host = cluster.hosts[0]
     env = host.subnet_env()
     subnet = ipaddress.ip_interface(env["FLANNEL_SUBNET"]).network
-    assert env["FLANNEL_NETWORK"] == "10.244.0.0/16" and env["FLANNEL_MTU"] == "1472" and env["FLANNEL_IPMASQ"] == "false"
+    assert (
+        env["FLANNEL_NETWORK"] == "10.244.0.0/16" and env["FLANNEL_MTU"] == "1472" and env["FLANNEL_IPMASQ"] == "false"
+    )
     link = json.loads(in_ns(host.ns, "ip", "-j", "addr", "show", "flannel0").stdout)[0]
     assert link["mtu"] == 1472 and "UP" in link["flags"]
-    assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] == [(str(subnet.network_address), 32)]
+    assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] == [
+        (str(subnet.network_address), 32)
+    ]
     routes = in_ns(host.ns, "ip", "route", "show", "dev", "flannel0").stdout
     assert "10.244.0.0/16" in routes
     sockets = in_ns(host.ns, "ss", "-uln").stdout
@@ -61,7 +71,9 @@ def test_pods_ping_every_direction_and_hosts_reach_pods(cluster):
     for src in pods:
         for dst in pods:
             if src is not dst:
-                assert cluster.ping(src.ns, dst.address, count=2, interval=0.1), f"{src.name} -> {dst.name}\n{cluster.logs()}"
+                assert cluster.ping(src.ns, dst.address, count=2, interval=0.1), (
+                    f"{src.name} -> {dst.name}\n{cluster.logs()}"
+                )
     assert cluster.ping(cluster.hosts[0].ns, pods[2].address)  # host -> remote pod, sourced from flannel0's /32
 
 
@@ -69,7 +81,10 @@ def test_iperf3_tcp_both_ways(cluster):
     a, b = cluster.hosts[0].pods[0], cluster.hosts[1].pods[0]
     assert cluster.iperf3(a, b, 2)["end"]["sum_received"]["bytes"] > 1_000_000
     assert cluster.iperf3(a, b, 2, "-R")["end"]["sum_received"]["bytes"] > 1_000_000
-    assert metric(cluster.hosts[0].ns, "flannel_udp_peer_bytes_total", peer=str(cluster.hosts[1].address), direction="tx") > 1_000_000
+    assert (
+        metric(cluster.hosts[0].ns, "flannel_udp_peer_bytes_total", peer=str(cluster.hosts[1].address), direction="tx")
+        > 1_000_000
+    )
     # With TUN offloads the sender reads TCP super-packets and the receiver glues segments back (both directions ran).
     offloaded = "TUN off" not in cluster.node_log(cluster.hosts[0])
     for host in cluster.hosts[:2]:
@@ -92,22 +107,19 @@ def test_stopped_node_becomes_net_unreachable_and_late_joiner_is_reachable(clust
     assert cluster.stop_node(gone) == 0
     # Its lease outlives it (as upstream) until deleted or expired; an operator deletes it here.
     in_ns(gone.ns, sys.executable, "-m", "flannel_udp", "leases", "delete", str(subnet), *cluster.store_args())
-    deleted_at = time.monotonic()
     src = cluster.hosts[0].pods[0]
 
     def unreachable():
         # ICMP errors about ICMP are suppressed (as upstream), so probe with UDP; IP_RECVERR surfaces the soft error.
         out = in_ns(src.ns, sys.executable, "-c", UDP_PROBE, str(gone.pods[0].address), check=False).stdout
         return "Network is unreachable" in out
+
     assert wait_for(unreachable, 2.0), cluster.logs()
-    assert time.monotonic() - deleted_at < 2.5
 
     late = cluster.add_host()
     cluster.start_node(late)
-    joined_at = time.monotonic()
     late_pod = cluster.add_pod(late)
     assert wait_for(lambda: cluster.ping(src.ns, late_pod.address, timeout=0.3), 2.0), cluster.logs()
-    assert time.monotonic() - joined_at < 2.5
 
 
 UDP_PROBE = r"""
@@ -163,14 +175,25 @@ def test_hostile_datagrams_are_dropped_and_counted(cluster):
     in_ns(attacker.ns, "ip", "addr", "add", "198.18.0.200/24", "dev", "eth0")
     attacker_pod, victim_pod, target_pod = attacker.pods[0], victim.pods[0], target.pods[0]
     assert cluster.ping(attacker.ns, target.address)  # the underlay neighbour is resolved before the burst
-    in_ns(attacker.ns, sys.executable, "-c", HOSTILE, str(target.address), "8285", str(attacker_pod.address),
-          str(victim_pod.address), str(target_pod.address))
+    in_ns(
+        attacker.ns,
+        sys.executable,
+        "-c",
+        HOSTILE,
+        str(target.address),
+        "8285",
+        str(attacker_pod.address),
+        str(victim_pod.address),
+        str(target_pod.address),
+    )
     ns = target.ns
 
     def drops(reason):
         return metric(ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun", reason=reason)
-    assert wait_for(lambda: metric(ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun") >= 35, 5), \
-        http_get(ns, "/metrics")[1]
+
+    assert wait_for(lambda: metric(ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun") >= 35, 5), http_get(
+        ns, "/metrics"
+    )[1]
     assert drops("unknown_peer") == 5, http_get(ns, "/metrics")[1]
     # The 5 random datagrams land under one of the structural reasons, so those are at least 5 each.
     for reason in ("short", "not_ipv4", "bad_header", "bad_length"):
@@ -200,8 +223,10 @@ def test_datagrams_lost_in_a_full_socket_buffer_are_counted(cluster):
         return metric(target.ns, "flannel_udp_packets_total", stage="udp_received")
 
     def socket_drops():
-        return metric(target.ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun",
-                      reason="socket_receive_buffer")
+        return metric(
+            target.ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun", reason="socket_receive_buffer"
+        )
+
     before = received() + socket_drops()
     target.process.send_signal(signal.SIGSTOP)
     try:
@@ -229,8 +254,16 @@ def test_sigterm_under_traffic_ends_the_node_within_5_seconds(bed):
     sender, receiver = bed.hosts[0], bed.hosts[1]
     server = bed.popen(receiver.pods[0].ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert wait_for(lambda: "5201" in in_ns(receiver.pods[0].ns, "ss", "-ltn").stdout, 3)
-    client = bed.popen(sender.pods[0].ns, "iperf3", "-c", str(receiver.pods[0].address), "-t", "8",
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = bed.popen(
+        sender.pods[0].ns,
+        "iperf3",
+        "-c",
+        str(receiver.pods[0].address),
+        "-t",
+        "8",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.5)  # the stream runs at full speed through both pumps
     for host in (receiver, sender):
         host.process.send_signal(signal.SIGTERM)
@@ -284,21 +317,32 @@ def test_missing_interface_is_one_clear_line(bed):
 
 def test_occupied_port_is_one_clear_line(bed):
     host = bed.hosts[0]
-    blocker = bed.popen(host.ns, sys.executable, "-c",
-                        f"import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{host.address}', 8285)); time.sleep(60)")
-    time.sleep(0.5)
+    blocker = bed.popen(
+        host.ns,
+        sys.executable,
+        "-c",
+        "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.bind(('{host.address}', 8285)); time.sleep(60)",
+    )
+    assert wait_for(lambda: ":8285 " in in_ns(host.ns, "ss", "-uln").stdout, 5)
     line = run_node_expecting_failure(bed, host)
     assert line == f"error: UDP port 8285 on {host.address} is already in use (is another flanneld running?)"
     blocker.kill()
-    out = in_ns(host.ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file, check=False).stdout
+    out = in_ns(
+        host.ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file, check=False
+    ).stdout
     assert str(host.address) not in out  # the port is checked before a lease is taken
 
 
 def test_occupied_healthz_port_is_one_clear_line(bed):
     host = bed.hosts[0]
-    blocker = bed.popen(host.ns, sys.executable, "-c",
-                        "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 18081)); s.listen(); time.sleep(60)")
-    time.sleep(0.5)
+    blocker = bed.popen(
+        host.ns,
+        sys.executable,
+        "-c",
+        "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 18081)); s.listen(); time.sleep(60)",
+    )
+    assert wait_for(lambda: ":18081 " in in_ns(host.ns, "ss", "-tln").stdout, 5)
     line = run_node_expecting_failure(bed, host, "--healthz-port", "18081")
     assert line == "error: cannot serve /healthz on 0.0.0.0:18081: Address already in use (-healthz-ip, -healthz-port)"
     blocker.kill()
@@ -315,8 +359,9 @@ def test_exhausted_network_is_one_clear_line(bed):
 
 
 def leases_of(bed) -> str:
-    return in_ns(bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file,
-                 check=False).stdout
+    return in_ns(
+        bed.hosts[0].ns, sys.executable, "-m", "flannel_udp", "leases", "--lease-file", bed.lease_file, check=False
+    ).stdout
 
 
 def test_unwritable_subnet_file_is_one_line_and_a_new_node_leaves_nothing_behind(bed, tmp_path):
@@ -347,8 +392,10 @@ def test_underlay_mtu_too_small_is_one_line_before_a_lease_is_taken(bed):
     host = bed.hosts[0]
     in_ns(host.ns, "ip", "link", "set", "eth0", "mtu", "90")
     line = run_node_expecting_failure(bed, host)
-    assert line == ("error: the MTU of eth0 (90) leaves 62 bytes for flannel0 after the 28-byte UDP encapsulation, "
-                    "below IPv4's minimum of 68")
+    assert line == (
+        "error: the MTU of eth0 (90) leaves 62 bytes for flannel0 after the 28-byte UDP encapsulation, "
+        "below IPv4's minimum of 68"
+    )
     assert str(host.address) not in leases_of(bed)
 
 
@@ -356,3 +403,47 @@ def test_unwritable_lease_file_is_one_clear_line(bed):
     host = bed.hosts[0]
     line = bed.run_node_expecting_failure(host, "--lease-file=/proc/flannel/leases.db")
     assert re.match(r"error: cannot use lease file /proc/flannel/leases.db: ", line)
+
+
+# Linux before 6.11 refuses a UDP GSO send with EIO when the egress device cannot checksum-offload; this kernel
+# checksums in software instead, so the refusal is played by a shim in front of libc's sendmmsg (preloaded into the
+# node): every message that carries UDP_SEGMENT fails with EIO, as on such a kernel; all others go to the kernel.
+REFUSE_GSO_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+int sendmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags) {
+    static int (*real)(int, struct mmsghdr *, unsigned int, int);
+    if (!real) real = dlsym(RTLD_NEXT, "sendmmsg");
+    for (unsigned int i = 0; i < n; i++)
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&vec[i].msg_hdr); c; c = CMSG_NXTHDR(&vec[i].msg_hdr, c))
+            if (c->cmsg_level == IPPROTO_UDP && c->cmsg_type == UDP_SEGMENT) {
+                if (i > 0) return i;
+                errno = EIO;
+                return -1;
+            }
+    return real(fd, vec, n, flags);
+}
+"""
+
+
+def test_gso_refused_by_the_kernel_is_logged_when_it_happens_and_traffic_goes_on(bed, tmp_path):
+    """The pump turns GSO off for good on EIO, resends the batch datagram by datagram, and the node says so in its log
+    at once (no /metrics scrape needed)."""
+    source, shim = tmp_path / "refuse_gso.c", tmp_path / "refuse_gso.so"
+    source.write_text(REFUSE_GSO_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"], check=True, timeout=60)
+    sender, receiver = bed.hosts[:2]
+    bed.start_node(sender, env={"LD_PRELOAD": str(shim)})
+    bed.start_node(receiver)
+    a, b = bed.add_pod(sender), bed.add_pod(receiver)
+    report = bed.iperf3(a, b, 1)
+    assert report["end"]["sum_received"]["bytes"] > 1_000_000, bed.logs()
+    line = "UDP GSO refused by the kernel (Input/output error); sending one datagram per packet from now on"
+    assert wait_for(lambda: line in bed.node_log(sender), 5), bed.logs()
+    assert bed.node_log(sender).count("UDP GSO refused") == 1

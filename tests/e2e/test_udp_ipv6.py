@@ -1,6 +1,7 @@
 """IPv6 pods over the udp backend (beyond upstream, whose udp is IPv4-only): dual-stack leases, flannel0 with both
 families, pings and TCP over IPv6 on an IPv6 and on an IPv4 underlay, ICMPv6 no-route, hostile IPv6 datagrams dropped
 and counted, and the one-line refusals of bad IPv6 configurations."""
+
 import ipaddress
 import json
 import sqlite3
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from flannel_udp.testbed import in_ns, scrape_metrics, wait_for
+from testbed.cluster import in_ns, scrape_metrics, wait_for
 
 NETWORK = "10.244.0.0/16"
 IPV6_NETWORK = "fd00:10:244::/56"
@@ -17,8 +18,11 @@ HEALTH_PORT = 8471
 
 
 def metric(ns: str, name: str, **labels) -> float:
-    return sum(value for sample, value in scrape_metrics(ns, HEALTH_PORT).items()
-               if sample.partition("{")[0] == name and all(f'{k}="{v}"' in sample for k, v in labels.items()))
+    return sum(
+        value
+        for sample, value in scrape_metrics(ns, HEALTH_PORT).items()
+        if sample.partition("{")[0] == name and all(f'{k}="{v}"' in sample for k, v in labels.items())
+    )
 
 
 def stored_leases(bed) -> dict[str, dict]:
@@ -44,7 +48,9 @@ def cluster6(bed, request):
     bed.write_config(CONFIG)
     bed.start_cluster(f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1")
     for host in bed.hosts:  # every node has routes for both subnets of every other node
-        assert wait_for(lambda: metric(host.ns, "flannel_udp_routes") == 2 * (len(bed.hosts) - 1), 5), bed.logs()
+        assert wait_for(lambda host=host: metric(host.ns, "flannel_udp_routes") == 2 * (len(bed.hosts) - 1), 5), (
+            bed.logs()
+        )
     yield bed
 
 
@@ -65,8 +71,9 @@ def test_dual_stack_leases_devices_and_subnet_env(cluster6):
     assert env["FLANNEL_MTU"] == str(mtu)
     link = json.loads(in_ns(host.ns, "ip", "-j", "addr", "show", "flannel0").stdout)[0]
     assert link["mtu"] == mtu
-    assert {(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"} \
-        == {(str(subnet6_of(host).network_address), 128)}
+    assert {
+        (a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"
+    } == {(str(subnet6_of(host).network_address), 128)}
     assert f"{IPV6_NETWORK} dev flannel0" in in_ns(host.ns, "ip", "-6", "route").stdout
 
 
@@ -120,11 +127,22 @@ def test_hostile_ipv6_datagrams_are_dropped_and_counted(cluster6):
     family = "6" if bed.underlay == "ipv6-underlay" else "4"
     target_address = target.address6 if family == "6" else target.address
     assert bed.ping(attacker.ns, target_address)  # the underlay neighbour is resolved before the burst
-    in_ns(attacker.ns, sys.executable, "-c", HOSTILE6, str(target_address), "8285", family,
-          str(attacker.pods[0].address6), str(victim.pods[0].address6), str(target.pods[0].address6))
+    in_ns(
+        attacker.ns,
+        sys.executable,
+        "-c",
+        HOSTILE6,
+        str(target_address),
+        "8285",
+        family,
+        str(attacker.pods[0].address6),
+        str(victim.pods[0].address6),
+        str(target.pods[0].address6),
+    )
 
     def drops(reason):
         return metric(target.ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun", reason=reason)
+
     assert wait_for(lambda: metric(target.ns, "flannel_udp_dropped_packets_total", direction="udp_to_tun") >= 30, 5)
     assert drops("bad_length") == 5
     assert drops("bad_header") == 10  # hop-by-hop after another header; a chain that runs past the end
@@ -140,29 +158,35 @@ def test_bad_ipv6_configurations_are_one_line(bed):
     bed.write_config({"Network": NETWORK, "IPv6Network": IPV6_NETWORK, "Backend": {"Type": "udp"}})
     assert bed.run_node_expecting_failure(host) == (
         "error: IPv6Network is set but EnableIPv6 is not: the udp backend would give pods no IPv6 subnet "
-        "(set EnableIPv6, or remove IPv6Network)")
+        "(set EnableIPv6, or remove IPv6Network)"
+    )
     bed.write_config(dict(CONFIG, IPv6SubnetLen=127))
     assert bed.run_node_expecting_failure(host).endswith("SubnetLen must be less than /127")
     bed.write_config(dict(CONFIG, EnableIPv4=False))
     assert "IPv6-only networks are not supported" in bed.run_node_expecting_failure(host)
     bed.write_config(CONFIG)
     line = bed.run_node_expecting_failure(host, "--public-ipv6=fd00:198:18::99")
-    assert line == ("error: -public-ipv6 fd00:198:18::99 is not an address of eth0 (fd00:198:18::1): the udp backend "
-                    "receives IPv6 underlay traffic on the interface's own address")
+    assert line == (
+        "error: -public-ipv6 fd00:198:18::99 is not an address of eth0 (fd00:198:18::1): the udp backend "
+        "receives IPv6 underlay traffic on the interface's own address"
+    )
     in_ns(host.ns, "ip", "link", "set", "eth0", "mtu", "1300")
     assert bed.run_node_expecting_failure(host) == (
         "error: the MTU of eth0 (1300) leaves 1252 bytes for flannel0 after the 48-byte UDP encapsulation, below "
-        "IPv6's minimum of 1280")
+        "IPv6's minimum of 1280"
+    )
     assert not stored_leases(bed)
 
 
 def test_capture_decodes_ipv6_pods_over_udp_with_verdicts(cluster6):
     from test_capture import finish, start_capture
+
     bed = cluster6
     h1, h2 = bed.hosts[0], bed.hosts[1]
     p1, p2 = h1.pods[0], h2.pods[0]
-    capture = start_capture(bed, h2, "--iface", "eth0", "--pod", str(p2.address6), "--proto", "icmp", "--count", "2",
-                            "--duration", "15")
+    capture = start_capture(
+        bed, h2, "--iface", "eth0", "--pod", str(p2.address6), "--proto", "icmp", "--count", "2", "--duration", "15"
+    )
     assert bed.ping(p1.ns, p2.address6)
     out = finish(capture)
     outer1, outer2 = (h1.address6, h2.address6) if bed.underlay == "ipv6-underlay" else (h1.address, h2.address)

@@ -1,14 +1,16 @@
-"""Upstream etcd subnet_test.go (TestAcquireLease, TestConfigChanged) against the real embedded store, and LeaseWatcher."""
+"""Upstream etcd subnet_test.go (TestAcquireLease, TestConfigChanged) against the real embedded store, and
+LeaseWatcher."""
+
 import asyncio
 import ipaddress
 
 import pytest
 
 from flannel_udp.subnet.config import load_config
-from flannel_udp.subnet.lease import EventType, Lease, LeaseAttrs, LeaseEvent, Snapshot
+from flannel_udp.subnet.lease import EventType, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from flannel_udp.subnet.local_store import LocalRegistry
 from flannel_udp.subnet.manager import Manager
-from flannel_udp.subnet.watcher import LeaseWatcher
+from flannel_udp.subnet.watcher import LeaseRevoked, LeaseStream, LeaseWatcher
 
 net = ipaddress.ip_network
 ip = ipaddress.IPv4Address
@@ -80,13 +82,14 @@ async def test_watch_reports_added_and_expired(registry):
             seen.append(result)
             if len(seen) == 3:
                 return
+
     task = asyncio.create_task(watch())
     await asyncio.sleep(0.1)
     await registry.create_subnet(net("10.3.30.0/24"), None, OTHER, ttl=0.5)
     await asyncio.wait_for(task, 5)
     assert isinstance(seen[0], Snapshot) and len(seen[0].leases) == 5
-    assert [(e.type, str(e.lease.subnet)) for e in seen[1].events] == [(EventType.ADDED, "10.3.30.0/24")]
-    assert [(e.type, str(e.lease.subnet)) for e in seen[2].events] == [(EventType.REMOVED, "10.3.30.0/24")]
+    assert [(e.type, str(e.subnet)) for e in seen[1].events] == [(EventType.ADDED, "10.3.30.0/24")]
+    assert [(e.type, str(e.subnet)) for e in seen[2].events] == [(EventType.REMOVED, "10.3.30.0/24")]
 
 
 async def test_bad_keys_and_values_in_the_store_are_skipped(registry):
@@ -103,14 +106,21 @@ def lease(subnet, public="1.1.1.1"):
 def test_watcher_reset_and_update():
     w = LeaseWatcher(net("10.3.9.0/24"))
     batch = w.reset([lease("10.3.1.0/24"), lease("10.3.9.0/24"), lease("10.3.2.0/24")])
-    assert sorted(str(e.lease.subnet) for e in batch) == ["10.3.1.0/24", "10.3.2.0/24"]
+    assert sorted(str(e.subnet) for e in batch) == ["10.3.1.0/24", "10.3.2.0/24"]
     # Own lease never appears, a second reset produces only the difference, and changed attrs are re-announced.
     batch = w.reset([lease("10.3.1.0/24", "2.2.2.2"), lease("10.3.9.0/24"), lease("10.3.3.0/24")])
-    assert sorted((e.type.value, str(e.lease.subnet)) for e in batch) == [
-        ("added", "10.3.1.0/24"), ("added", "10.3.3.0/24"), ("removed", "10.3.2.0/24")]
-    batch = w.update([LeaseEvent(EventType.ADDED, lease("10.3.9.0/24")),
-                      LeaseEvent(EventType.REMOVED, Lease(net("10.3.3.0/24"), LeaseAttrs(ip("0.0.0.0"))))])
-    assert len(batch) == 1 and batch[0].type is EventType.REMOVED and str(batch[0].lease.attrs.public_ip) == "1.1.1.1"
+    assert sorted((e.type.value, str(e.subnet)) for e in batch) == [
+        ("added", "10.3.1.0/24"),
+        ("added", "10.3.3.0/24"),
+        ("removed", "10.3.2.0/24"),
+    ]
+    batch = w.update(
+        [
+            LeaseAdded(lease("10.3.9.0/24")),
+            LeaseRemoved(net("10.3.3.0/24")),
+        ]
+    )
+    assert batch == [LeaseRemoved(net("10.3.3.0/24"))]  # the own lease is not reported; a removal is its key
 
 
 def test_simultaneous_starts_spread_over_the_whole_range():
@@ -119,6 +129,7 @@ def test_simultaneous_starts_spread_over_the_whole_range():
     import random
 
     from flannel_udp.subnet.allocation import decide
+
     cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')  # 1,023 subnets
     taken = [Lease(net(f"10.100.{i}.0/26"), OTHER) for i in range(1, 200)]  # some already leased
     rng = random.Random(7)
@@ -132,6 +143,7 @@ def test_a_nearly_full_range_still_finds_its_last_free_subnet():
     import random
 
     from flannel_udp.subnet.allocation import decide
+
     cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')
     last_free = net("10.100.77.128/26")
     taken = [Lease(s, OTHER) for s in net("10.100.0.0/16").subnets(new_prefix=26) if s != last_free]
@@ -149,8 +161,11 @@ async def test_a_dual_stack_node_gives_way_when_another_took_its_ipv4_subnet_wit
         async def create_subnet(self, subnet, ipv6_subnet, attrs, ttl):
             if not self.raced:  # another node creates the same IPv4 subnet with another IPv6 one, just before us
                 self.raced = True
-                other6 = next(s for s in net("fd00:1::/56").subnets(new_prefix=64) if s != ipv6_subnet and
-                              s.network_address >= cfg.ipv6_subnet_min)
+                other6 = next(
+                    s
+                    for s in net("fd00:1::/56").subnets(new_prefix=64)
+                    if s != ipv6_subnet and s.network_address >= cfg.ipv6_subnet_min
+                )
                 await super().create_subnet(subnet, other6, OTHER, 3600)
             return await super().create_subnet(subnet, ipv6_subnet, attrs, ttl)
 
@@ -162,3 +177,25 @@ async def test_a_dual_stack_node_gives_way_when_another_took_its_ipv4_subnet_wit
         assert [x.ipv6_subnet for x in leases].count(lease.ipv6_subnet) == 1
     finally:
         await reg.close()
+
+
+def test_a_removal_keeps_the_ipv6_subnet_of_the_lease_it_ends():
+    w = LeaseWatcher(net("10.3.9.0/24"))
+    w.reset([Lease(net("10.3.1.0/24"), OTHER, net("fd00:3:0:1::/64"))])
+    assert w.update([LeaseRemoved(net("10.3.1.0/24"))]) == [LeaseRemoved(net("10.3.1.0/24"), net("fd00:3:0:1::/64"))]
+
+
+async def test_lease_stream_gives_peer_batches_and_ends_when_the_own_lease_is_revoked(registry):
+    manager = Manager(registry, CONFIG)
+    own = await manager.acquire_lease(OURS)
+    stream = LeaseStream(manager, own)
+    batches = []
+    with pytest.raises(LeaseRevoked):
+        async for batch in stream.batches():
+            batches.append(batch)
+            if len(batches) == 1:
+                await registry.create_subnet(net("10.3.30.0/24"), None, OTHER, 3600)
+            elif len(batches) == 2:
+                await registry.delete_subnet(own.subnet, None)
+    assert len(batches[0]) == 5 and own.subnet not in [e.subnet for e in batches[0]]
+    assert batches[1] == [LeaseAdded(Lease(net("10.3.30.0/24"), OTHER, None, batches[1][0].lease.expiration))]

@@ -1,4 +1,5 @@
 """Command-line behaviour a user sees: flanneld flag syntax, env vars, one-line errors with exit status 1."""
+
 import subprocess
 import sys
 
@@ -8,7 +9,9 @@ from flannel_udp.cli import RUN_FLAGS, UsageError, apply_env, build_run_parser, 
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "flannel_udp", *args], capture_output=True, text=True, timeout=30, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "flannel_udp", *args], capture_output=True, text=True, timeout=30, env=env
+    )
 
 
 def parse(argv):
@@ -17,8 +20,19 @@ def parse(argv):
 
 
 def test_go_style_flags():
-    args, given = parse(["-iface=eth0", "-iface", "eth1", "--subnet-file", "/x", "-ip-masq", "-iptables-forward-rules=false",
-                         "-healthz-port=8081", "-udp-source-check=false"])
+    args, given = parse(
+        [
+            "-iface=eth0",
+            "-iface",
+            "eth1",
+            "--subnet-file",
+            "/x",
+            "-ip-masq",
+            "-iptables-forward-rules=false",
+            "-healthz-port=8081",
+            "-udp-source-check=false",
+        ]
+    )
     assert args.iface == ["eth0", "eth1"] and args.subnet_file == "/x" and args.ip_masq
     assert not args.iptables_forward_rules and args.healthz_port == 8081 and not args.udp_source_check
     assert {"iface", "subnet-file", "ip-masq"} <= given
@@ -54,7 +68,10 @@ def test_unknown_flag_is_one_line_exit_1():
 def test_missing_net_conf_is_one_line_exit_1(tmp_path):
     r = cli("run", f"-net-config-path={tmp_path}/absent.json", "--iface", "no-such-iface0")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == f"error: failed to read net conf {tmp_path}/absent.json: No such file or directory"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"error: failed to read net conf {tmp_path}/absent.json: No such file or directory"
+    )
 
 
 def test_invalid_net_conf_names_the_problem(tmp_path):
@@ -77,15 +94,23 @@ def test_config_check_prints_derived_values(tmp_path):
     assert r.returncode == 0
     lines = dict(line.split(":", 1) for line in r.stdout.splitlines())
     assert {k: v.strip() for k, v in lines.items()} == {
-        "Network": "10.244.0.0/16", "SubnetLen": "24", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.255.0",
-        "Subnets": "255", "Backend": "udp"}
+        "Network": "10.244.0.0/16",
+        "SubnetLen": "24",
+        "SubnetMin": "10.244.1.0",
+        "SubnetMax": "10.244.255.0",
+        "Subnets": "255",
+        "Backend": "udp",
+    }
 
 
 def test_config_check_errors(tmp_path):
     conf = tmp_path / "bad.json"
     conf.write_text('{"Network": "10.5.0.0/29"}')
     r = cli("config", "check", str(conf))
-    assert r.returncode == 1 and r.stderr.strip() == f"error: {conf}: network is too small. Minimum useful network prefix is /28"
+    assert (
+        r.returncode == 1
+        and r.stderr.strip() == f"error: {conf}: network is too small. Minimum useful network prefix is /28"
+    )
     r = cli("config", "check", str(tmp_path / "absent.json"))
     assert r.returncode == 1 and "No such file or directory" in r.stderr
 
@@ -95,8 +120,15 @@ def test_leases_without_a_file(tmp_path):
     assert r.returncode == 1 and "no lease file" in r.stderr
 
 
-@pytest.mark.parametrize("flag, value, low, high", [("-healthz-port", "99999", 0, 65535), ("-healthz-port", "-1", 0, 65535),
-                                                    ("-iptables-resync", "0", 1, 86400), ("-udp-priority", "100", 0, 99)])
+@pytest.mark.parametrize(
+    "flag, value, low, high",
+    [
+        ("-healthz-port", "99999", 0, 65535),
+        ("-healthz-port", "-1", 0, 65535),
+        ("-iptables-resync", "0", 1, 86400),
+        ("-udp-priority", "100", 0, 99),
+    ],
+)
 def test_numeric_flags_out_of_range_are_one_line(flag, value, low, high):
     r = cli("run", f"{flag}={value}")
     assert r.returncode == 1

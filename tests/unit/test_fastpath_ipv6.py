@@ -1,15 +1,25 @@
 """The fast path's IPv6 side: route table of both families, structural checks and verdicts, hop limit, ICMPv6
 no-route, TSO6 split and TCPv6 coalescing, with checksums checked by scapy over the IPv6 pseudo-header."""
+
 import ipaddress
 import struct
 
 import pytest
-from scapy.all import ICMPv6DestUnreach, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, \
-    IPv6ExtHdrRouting, TCP, UDP, raw
-
-from _fastpath import packet
 from _fastpath.offload import GSO_TCPV6, GSO_UDP_L4, NEEDS_CSUM, VNET_HEADER_LENGTH, coalesce, split
 from _fastpath.routes import RouteTable
+from scapy.all import (
+    TCP,
+    UDP,
+    ICMPv6DestUnreach,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    raw,
+)
+
+from _fastpath import packet
 
 OWN4, OWN6 = "10.5.72.0/24", "fd00:5:0:48::/64"
 PEER4, PEER6 = "198.18.0.2", "fd00:198:18::2"
@@ -54,25 +64,45 @@ def test_many_ipv6_routes_survive_growth():
         t.set_route(f"fd00:0:{i >> 8:x}:{i & 0xFF:x}00::/56", f"fd00:198:18::{i % 300 + 1:x}", 8285)
     assert len(t) == 2000
     for i in range(0, 2000, 7):
-        assert t.lookup_peer(f"fd00:0:{i >> 8:x}:{i & 0xFF:x}42::1")[0] == ipaddress.ip_address(f"fd00:198:18::{i % 300 + 1:x}")
+        assert t.lookup_peer(f"fd00:0:{i >> 8:x}:{i & 0xFF:x}42::1")[0] == ipaddress.ip_address(
+            f"fd00:198:18::{i % 300 + 1:x}"
+        )
 
 
-@pytest.mark.parametrize("data, sender, verdict", [
-    (v6(), PEER6, "ok"),
-    (v6(src="fd00:5:0:2::7"), PEER4, "ok"),  # IPv6 over the IPv4 underlay
-    (v6(src="fd00:5:0:2::7"), PEER6, "spoofed_source"),  # that subnet's peer is the IPv4 address
-    (v6(src="fd00:5:0:99::7"), PEER6, "spoofed_source"),
-    (v6(dst="fd00:5:0:1::5"), PEER6, "not_local"),
-    (v6(), "fd00:198:18::66", "unknown_peer"),
-    (v6(hlim=1), PEER6, "ttl_expired"),
-    (v6(hlim=0), PEER6, "ttl_expired"),
-    (v6()[:39], PEER6, "short"),
-    (v6()[:-1], PEER6, "bad_length"),  # payload length says one byte more
-    (v6("fd00:5:0:1::7", "fd00:5:0:48::5", 64, IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting(),
-        IPv6ExtHdrFragment()), PEER6, "ok"),  # a valid chain is forwarded
-    (v6("fd00:5:0:1::7", "fd00:5:0:48::5", 64, IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop()), PEER6, "bad_header"),
-    (v6("fd00:5:0:1::7", "fd00:5:0:48::5", 64, *[IPv6ExtHdrDestOpt()] * 9), PEER6, "bad_header"),  # too long a chain
-])
+@pytest.mark.parametrize(
+    "data, sender, verdict",
+    [
+        (v6(), PEER6, "ok"),
+        (v6(src="fd00:5:0:2::7"), PEER4, "ok"),  # IPv6 over the IPv4 underlay
+        (v6(src="fd00:5:0:2::7"), PEER6, "spoofed_source"),  # that subnet's peer is the IPv4 address
+        (v6(src="fd00:5:0:99::7"), PEER6, "spoofed_source"),
+        (v6(dst="fd00:5:0:1::5"), PEER6, "not_local"),
+        (v6(), "fd00:198:18::66", "unknown_peer"),
+        (v6(hlim=1), PEER6, "ttl_expired"),
+        (v6(hlim=0), PEER6, "ttl_expired"),
+        (v6()[:39], PEER6, "short"),
+        (v6()[:-1], PEER6, "bad_length"),  # payload length says one byte more
+        (
+            v6(
+                "fd00:5:0:1::7",
+                "fd00:5:0:48::5",
+                64,
+                IPv6ExtHdrHopByHop(),
+                IPv6ExtHdrDestOpt(),
+                IPv6ExtHdrRouting(),
+                IPv6ExtHdrFragment(),
+            ),
+            PEER6,
+            "ok",
+        ),  # a valid chain is forwarded
+        (v6("fd00:5:0:1::7", "fd00:5:0:48::5", 64, IPv6ExtHdrDestOpt(), IPv6ExtHdrHopByHop()), PEER6, "bad_header"),
+        (
+            v6("fd00:5:0:1::7", "fd00:5:0:48::5", 64, *[IPv6ExtHdrDestOpt()] * 9),
+            PEER6,
+            "bad_header",
+        ),  # too long a chain
+    ],
+)
 def test_inbound_ipv6_verdicts(table, data, sender, verdict):
     assert packet.inbound_verdict(data, sender, table, OWN4, own_subnet6=OWN6) == verdict
 
@@ -118,11 +148,14 @@ def test_icmpv6_no_route_quotes_the_offender_with_a_valid_checksum():
     assert len(packet.no_route6(small, "fd00:5:0:48::")) == 40 + 8 + len(small)
 
 
-@pytest.mark.parametrize("offender", [
-    raw(IPv6(src=SRC, dst="fd00:5:0:77::1") / ICMPv6DestUnreach()),  # never an error about an error
-    raw(IPv6(src="::", dst="fd00:5:0:77::1") / TCP()),
-    raw(IPv6(src="ff02::1", dst="fd00:5:0:77::1") / TCP()),
-])
+@pytest.mark.parametrize(
+    "offender",
+    [
+        raw(IPv6(src=SRC, dst="fd00:5:0:77::1") / ICMPv6DestUnreach()),  # never an error about an error
+        raw(IPv6(src="::", dst="fd00:5:0:77::1") / TCP()),
+        raw(IPv6(src="ff02::1", dst="fd00:5:0:77::1") / TCP()),
+    ],
+)
 def test_icmpv6_no_route_suppressed(offender):
     assert packet.no_route6(offender, "fd00:5:0:48::") is None
 
@@ -140,8 +173,13 @@ def l4_checksum_valid(segment: bytes) -> bool:
 
 
 def super_tcp6(payload_len, mss, seq=1000, flags="PA"):
-    data = bytearray(raw(IPv6(src=SRC, dst=DST, hlim=63) / TCP(sport=40000, dport=5201, seq=seq, ack=77, flags=flags)
-                         / bytes(i % 251 for i in range(payload_len))))
+    data = bytearray(
+        raw(
+            IPv6(src=SRC, dst=DST, hlim=63)
+            / TCP(sport=40000, dport=5201, seq=seq, ack=77, flags=flags)
+            / bytes(i % 251 for i in range(payload_len))
+        )
+    )
     return vnet(GSO_TCPV6, mss, 60, 40, 16) + bytes(data)
 
 

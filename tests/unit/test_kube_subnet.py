@@ -1,31 +1,42 @@
 """The Kubernetes subnet manager's pure logic: upstream's annotations_test.go, kube_test.go (containsCIDR) and the
 nodeToLease fuzz seeds (reference §9.5), plus the annotations AcquireLease writes and the update filter."""
+
 import ipaddress
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from lightkube.models.core_v1 import NodeSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Node
 
 from flannel_udp.subnet.kube_annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
-from flannel_udp.subnet.kube_manager import (LeaseConversionError, contains_cidr, lease_relevant_change,
-                                             node_to_lease, pod_cidrs, wanted_annotations)
+from flannel_udp.subnet.kube_manager import (
+    LeaseConversionError,
+    contains_cidr,
+    lease_relevant_change,
+    node_to_lease,
+    pod_cidrs,
+    wanted_annotations,
+)
 from flannel_udp.subnet.lease import LeaseAttrs
 
 net = ipaddress.ip_network
 ANN = Annotations.from_prefix()
 
 
-@pytest.mark.parametrize("prefix, key", [
-    ("flannel.alpha.coreos.com", "flannel.alpha.coreos.com/backend-type"),
-    ("flannel.alpha.coreos.com/", "flannel.alpha.coreos.com/backend-type"),
-    ("flannel.alpha.coreos.com/prefix", "flannel.alpha.coreos.com/prefix-backend-type"),
-    ("flannel.alpha.coreos.com/prefix-", "flannel.alpha.coreos.com/prefix-backend-type"),
-    ("org.com", "org.com/backend-type"),
-    ("org9.com", "org9.com/backend-type"),
-    ("org.com/9", "org.com/9-backend-type"),
-])
+@pytest.mark.parametrize(
+    "prefix, key",
+    [
+        ("flannel.alpha.coreos.com", "flannel.alpha.coreos.com/backend-type"),
+        ("flannel.alpha.coreos.com/", "flannel.alpha.coreos.com/backend-type"),
+        ("flannel.alpha.coreos.com/prefix", "flannel.alpha.coreos.com/prefix-backend-type"),
+        ("flannel.alpha.coreos.com/prefix-", "flannel.alpha.coreos.com/prefix-backend-type"),
+        ("org.com", "org.com/backend-type"),
+        ("org9.com", "org9.com/backend-type"),
+        ("org.com/9", "org.com/9-backend-type"),
+    ],
+)
 def test_annotation_prefix_gives_upstreams_keys(prefix, key):
     assert Annotations.from_prefix(prefix).backend_type == key
 
@@ -37,39 +48,62 @@ def test_bad_annotation_prefixes_are_refused(prefix):
 
 
 def test_every_annotation_key_of_the_default_prefix():
-    assert (ANN.kube_managed, ANN.backend_data, ANN.backend_v6_data, ANN.public_ip, ANN.public_ipv6,
-            ANN.node_public_ip, ANN.public_ip_overwrite) == (
-        "flannel.alpha.coreos.com/kube-subnet-manager", "flannel.alpha.coreos.com/backend-data",
-        "flannel.alpha.coreos.com/backend-v6-data", "flannel.alpha.coreos.com/public-ip",
-        "flannel.alpha.coreos.com/public-ipv6", "flannel.alpha.coreos.com/node-public-ip",
-        "flannel.alpha.coreos.com/public-ip-overwrite")
+    assert (
+        ANN.kube_managed,
+        ANN.backend_data,
+        ANN.backend_v6_data,
+        ANN.public_ip,
+        ANN.public_ipv6,
+        ANN.node_public_ip,
+        ANN.public_ip_overwrite,
+    ) == (
+        "flannel.alpha.coreos.com/kube-subnet-manager",
+        "flannel.alpha.coreos.com/backend-data",
+        "flannel.alpha.coreos.com/backend-v6-data",
+        "flannel.alpha.coreos.com/public-ip",
+        "flannel.alpha.coreos.com/public-ipv6",
+        "flannel.alpha.coreos.com/node-public-ip",
+        "flannel.alpha.coreos.com/public-ip-overwrite",
+    )
 
 
-@pytest.mark.parametrize("outer, inner, expected", [
-    ("10.244.0.0/16", "10.244.0.0/16", True), ("10.244.0.0/16", "10.244.0.0/24", True),
-    ("10.244.0.0/16", "10.244.255.0/24", True), ("10.244.0.0/16", "10.244.0.0/15", False),
-    ("10.244.0.0/16", "192.168.0.0/24", False),
-    ("2001:db8:1234::/48", "2001:db8:1234::/48", True), ("2001:db8:1234::/48", "2001:db8:1234::/64", True),
-    ("2001:db8:1234::/48", "2001:db8:1234:ffff::/64", True), ("2001:db8:1234::/48", "2001:db8:1234::/47", False),
-    ("2001:db8:1234::/48", "fe02::/32", False),
-])
+@pytest.mark.parametrize(
+    "outer, inner, expected",
+    [
+        ("10.244.0.0/16", "10.244.0.0/16", True),
+        ("10.244.0.0/16", "10.244.0.0/24", True),
+        ("10.244.0.0/16", "10.244.255.0/24", True),
+        ("10.244.0.0/16", "10.244.0.0/15", False),
+        ("10.244.0.0/16", "192.168.0.0/24", False),
+        ("2001:db8:1234::/48", "2001:db8:1234::/48", True),
+        ("2001:db8:1234::/48", "2001:db8:1234::/64", True),
+        ("2001:db8:1234::/48", "2001:db8:1234:ffff::/64", True),
+        ("2001:db8:1234::/48", "2001:db8:1234::/47", False),
+        ("2001:db8:1234::/48", "fe02::/32", False),
+    ],
+)
 def test_contains_cidr(outer, inner, expected):
     assert contains_cidr(net(outer, strict=False), net(inner, strict=False)) is expected
 
 
 def node(name="n1", annotations=None, pod_cidr=None, pod_cidrs=None) -> Node:
-    return Node(metadata=ObjectMeta(name=name, annotations=annotations),
-                spec=NodeSpec(podCIDR=pod_cidr, podCIDRs=pod_cidrs))
+    return Node(
+        metadata=ObjectMeta(name=name, annotations=annotations), spec=NodeSpec(podCIDR=pod_cidr, podCIDRs=pod_cidrs)
+    )
 
 
 VXLAN_ANNOTATIONS = {
-    ANN.kube_managed: "true", ANN.backend_type: "vxlan", ANN.public_ip: "198.18.0.2",
+    ANN.kube_managed: "true",
+    ANN.backend_type: "vxlan",
+    ANN.public_ip: "198.18.0.2",
     ANN.backend_data: '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}',
 }
 
 
 def test_node_to_lease_reads_the_annotations_and_the_ipv4_pod_cidr():
-    lease = node_to_lease(node(annotations=VXLAN_ANNOTATIONS, pod_cidrs=["fd00::/64", "10.244.1.0/24"]), ANN, True, False)
+    lease = node_to_lease(
+        node(annotations=VXLAN_ANNOTATIONS, pod_cidrs=["fd00::/64", "10.244.1.0/24"]), ANN, True, False
+    )
     assert lease.subnet == net("10.244.1.0/24") and lease.ipv6_subnet is None
     assert str(lease.attrs.public_ip) == "198.18.0.2" and lease.attrs.backend_type == "vxlan"
     assert lease.attrs.backend_data == {"VNI": 1, "VtepMAC": "12:c6:65:89:b4:e3"}
@@ -77,26 +111,38 @@ def test_node_to_lease_reads_the_annotations_and_the_ipv4_pod_cidr():
 
 
 def test_node_to_lease_dual_stack():
-    annotations = dict(VXLAN_ANNOTATIONS, **{ANN.public_ipv6: "fd00:198:18::2",
-                                             ANN.backend_v6_data: '{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}'})
-    lease = node_to_lease(node(annotations=annotations, pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"]), ANN, True, True)
+    annotations = dict(
+        VXLAN_ANNOTATIONS,
+        **{ANN.public_ipv6: "fd00:198:18::2", ANN.backend_v6_data: '{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}'},
+    )
+    lease = node_to_lease(
+        node(annotations=annotations, pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"]), ANN, True, True
+    )
     assert lease.ipv6_subnet == net("fd00:10:244:1::/64") and str(lease.attrs.public_ipv6) == "fd00:198:18::2"
     assert lease.attrs.backend_v6_data["VtepMAC"] == "aa:bb:cc:dd:ee:ff"
 
 
 def test_a_udp_nodes_null_backend_data_is_no_backend_data():
-    annotations = {ANN.kube_managed: "true", ANN.backend_type: "", ANN.public_ip: "198.18.0.3", ANN.backend_data: "null"}
+    annotations = {
+        ANN.kube_managed: "true",
+        ANN.backend_type: "",
+        ANN.public_ip: "198.18.0.3",
+        ANN.backend_data: "null",
+    }
     lease = node_to_lease(node(annotations=annotations, pod_cidr="10.244.2.0/24"), ANN, True, False)
     assert lease.attrs.backend_data is None and lease.attrs.backend_type == ""
 
 
-@pytest.mark.parametrize("annotations, cidrs, message", [
-    ({ANN.public_ip: "not-an-ip"}, ["10.244.1.0/24"], "public-ip"),
-    ({ANN.public_ip: "198.18.0.2"}, ["fd00::/64"], "missing IPv4 address"),
-    ({ANN.public_ip: "198.18.0.2"}, ["10.0.0.0/24", "10.0.1.0/24", "fd00::/64"], "IPv4/IPv6 only or dualstack"),
-    ({ANN.public_ip: "198.18.0.2"}, ["not-a-cidr"], "invalid pod CIDR"),
-    ({ANN.public_ip: "198.18.0.2", ANN.backend_data: "{"}, ["10.244.1.0/24"], "not JSON"),
-])
+@pytest.mark.parametrize(
+    "annotations, cidrs, message",
+    [
+        ({ANN.public_ip: "not-an-ip"}, ["10.244.1.0/24"], "public-ip"),
+        ({ANN.public_ip: "198.18.0.2"}, ["fd00::/64"], "missing IPv4 address"),
+        ({ANN.public_ip: "198.18.0.2"}, ["10.0.0.0/24", "10.0.1.0/24", "fd00::/64"], "IPv4/IPv6 only or dualstack"),
+        ({ANN.public_ip: "198.18.0.2"}, ["not-a-cidr"], "invalid pod CIDR"),
+        ({ANN.public_ip: "198.18.0.2", ANN.backend_data: "{"}, ["10.244.1.0/24"], "not JSON"),
+    ],
+)
 def test_node_to_lease_refusals(annotations, cidrs, message):
     with pytest.raises(LeaseConversionError, match=message):
         node_to_lease(node(annotations=annotations, pod_cidrs=cidrs), ANN, True, False)
@@ -114,8 +160,9 @@ FUZZ_SEEDS = [
 
 @pytest.mark.parametrize("public_ip, public_ipv6, cidr, kind, v4, v6", FUZZ_SEEDS)
 def test_node_to_lease_fuzz_seeds_give_a_lease_or_a_conversion_error(public_ip, public_ipv6, cidr, kind, v4, v6):
-    n = node(annotations={ANN.public_ip: public_ip, ANN.public_ipv6: public_ipv6, ANN.backend_type: kind},
-             pod_cidr=cidr)
+    n = node(
+        annotations={ANN.public_ip: public_ip, ANN.public_ipv6: public_ipv6, ANN.backend_type: kind}, pod_cidr=cidr
+    )
     try:
         lease = node_to_lease(n, ANN, v4, v6)
     except LeaseConversionError:
@@ -123,9 +170,15 @@ def test_node_to_lease_fuzz_seeds_give_a_lease_or_a_conversion_error(public_ip, 
     assert (lease.subnet is not None) == v4 and (lease.ipv6_subnet is not None) == v6
 
 
-@given(st.dictionaries(st.sampled_from([ANN.public_ip, ANN.public_ipv6, ANN.backend_data, ANN.backend_v6_data,
-                                        ANN.backend_type]), st.text(max_size=40)),
-       st.lists(st.text(max_size=30), max_size=3), st.booleans(), st.booleans())
+@given(
+    st.dictionaries(
+        st.sampled_from([ANN.public_ip, ANN.public_ipv6, ANN.backend_data, ANN.backend_v6_data, ANN.backend_type]),
+        st.text(max_size=40),
+    ),
+    st.lists(st.text(max_size=30), max_size=3),
+    st.booleans(),
+    st.booleans(),
+)
 def test_node_to_lease_never_fails_otherwise(annotations, cidrs, v4, v6):
     try:
         node_to_lease(node(annotations=annotations, pod_cidrs=cidrs), ANN, v4, v6)
@@ -140,11 +193,18 @@ def test_pod_cidr_alone_is_used_when_pod_cidrs_is_empty():
 def test_acquire_writes_upstreams_annotations_for_vxlan_udp_and_host_gw():
     vxlan = LeaseAttrs(ipaddress.IPv4Address("198.18.0.1"), None, "vxlan", {"VNI": 1, "VtepMAC": "12:c6:65:89:b4:e3"})
     assert wanted_annotations({}, vxlan, ANN) == {
-        ANN.backend_type: "vxlan", ANN.backend_data: '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}',
-        ANN.public_ip: "198.18.0.1", ANN.kube_managed: "true"}
+        ANN.backend_type: "vxlan",
+        ANN.backend_data: '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}',
+        ANN.public_ip: "198.18.0.1",
+        ANN.kube_managed: "true",
+    }
     udp = LeaseAttrs(ipaddress.IPv4Address("198.18.0.1"))
-    assert wanted_annotations({}, udp, ANN) == {ANN.backend_type: "", ANN.backend_data: "null",
-                                                 ANN.public_ip: "198.18.0.1", ANN.kube_managed: "true"}
+    assert wanted_annotations({}, udp, ANN) == {
+        ANN.backend_type: "",
+        ANN.backend_data: "null",
+        ANN.public_ip: "198.18.0.1",
+        ANN.kube_managed: "true",
+    }
     hostgw6 = LeaseAttrs(ipaddress.IPv4Address("198.18.0.1"), ipaddress.IPv6Address("fd00::1"), "host-gw")
     assert wanted_annotations({}, hostgw6, ANN)[ANN.public_ipv6] == "fd00::1"
     assert wanted_annotations({}, hostgw6, ANN)[ANN.backend_v6_data] == "null"
@@ -163,17 +223,24 @@ def test_only_backend_data_type_or_public_ip_changes_are_lease_updates():
     assert lease_relevant_change(old, moved, ANN, True, False)
 
 
-@pytest.mark.parametrize("value, mac", [
-    ('{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}', "12:c6:65:89:b4:e3"), ("null", ""), ("", ""), (None, ""),
-    # Another key order defeats upstream's parsing; the manager then drops what is not a MAC.
-    ('{"VtepMAC":"aa:bb:cc:dd:ee:ff","VNI":1}', 'aa:bb:cc:dd:ee:ff","VNI":1'),
-])
+@pytest.mark.parametrize(
+    "value, mac",
+    [
+        ('{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}', "12:c6:65:89:b4:e3"),
+        ("null", ""),
+        ("", ""),
+        (None, ""),
+        # Another key order defeats upstream's parsing; the manager then drops what is not a MAC.
+        ('{"VtepMAC":"aa:bb:cc:dd:ee:ff","VNI":1}', 'aa:bb:cc:dd:ee:ff","VNI":1'),
+    ],
+)
 def test_stored_mac_parsing_as_upstream(value, mac):
     assert mac_from_backend_data(value) == mac
 
 
 def test_client_configuration_in_a_pod_from_the_service_account(tmp_path, monkeypatch):
     from flannel_udp.subnet import kube_client
+
     (tmp_path / "token").write_text("pod-token")
     (tmp_path / "namespace").write_text("kube-flannel")
     (tmp_path / "ca.crt").write_text("")
@@ -186,21 +253,28 @@ def test_client_configuration_in_a_pod_from_the_service_account(tmp_path, monkey
 
 def test_client_configuration_kubeconfig_server_replaced_by_api_url(tmp_path):
     from flannel_udp.subnet import kube_client
+
     path = tmp_path / "kubeconfig"
-    path.write_text("apiVersion: v1\nclusters:\n- name: c\n  cluster: {server: 'https://10.0.0.1:6443'}\n"
-                    "users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n"
-                    "current-context: x\n")
+    path.write_text(
+        "apiVersion: v1\nclusters:\n- name: c\n  cluster: {server: 'https://10.0.0.1:6443'}\n"
+        "users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n"
+        "current-context: x\n"
+    )
     opts = kube_client.KubeOptions(kubeconfig_file=str(path), api_url="https://198.18.0.200:6443")
     single = kube_client.load_config(opts).get()
     assert single.cluster.server == "https://198.18.0.200:6443" and single.user.token == "t"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("current-context: nowhere\nclusters: []\ncontexts: []\n", "invalid kubeconfig"),
-    ("- just a list\n", "invalid kubeconfig"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("current-context: nowhere\nclusters: []\ncontexts: []\n", "invalid kubeconfig"),
+        ("- just a list\n", "invalid kubeconfig"),
+    ],
+)
 def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
     from flannel_udp.subnet import kube_client
+
     path = tmp_path / "kubeconfig"
     path.write_text(text)
     with pytest.raises(kube_client.KubeConfigError, match=message) as info:
@@ -210,6 +284,7 @@ def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
 
 def test_no_configuration_at_all_is_upstreams_message(monkeypatch):
     from flannel_udp.subnet import kube_client
+
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(kube_client.KubeConfigError, match="no configuration has been provided"):
         kube_client.load_config(kube_client.KubeOptions())
@@ -221,6 +296,7 @@ def test_too_many_requests_is_waited_out_whatever_shape_it_comes_in():
     import httpx2 as httpx
 
     from flannel_udp.subnet.kube_client import is_unavailable
+
     request = httpx.Request("PATCH", "https://127.0.0.1:6443/api/v1/nodes/n1/status")
     for code, busy in ((429, True), (503, True), (403, False), (422, False)):
         response = httpx.Response(code, request=request)

@@ -1,4 +1,5 @@
 """Subnet keys (upstream subnet_test.go) and the lease JSON, byte for byte."""
+
 import ipaddress
 
 import pytest
@@ -6,21 +7,40 @@ import pytest
 from flannel_udp.subnet.lease import LeaseAttrs, LeaseError, lease_from_kv, make_subnet_key, parse_subnet_key
 
 
-@pytest.mark.parametrize("key,v4,v6", [
-    ("10.12.13.0-24", "10.12.13.0/24", None),
-    ("10.12.13.0-24&fd00:12:13::-56", "10.12.13.0/24", "fd00:12:13::/56"),
-])
+@pytest.mark.parametrize(
+    "key,v4,v6",
+    [
+        ("10.12.13.0-24", "10.12.13.0/24", None),
+        ("10.12.13.0-24&fd00:12:13::-56", "10.12.13.0/24", "fd00:12:13::/56"),
+    ],
+)
 def test_subnet_key_round_trip(key, v4, v6):
     sn4, sn6 = parse_subnet_key(key)
     assert str(sn4) == v4 and (str(sn6) if sn6 else None) == v6
     assert make_subnet_key(sn4, sn6) == key
 
 
-@pytest.mark.parametrize("key", [
-    "10", "10.12.13.0", "10.12.13-24", "10.12.13.300-24", "10.12.13.0-24hi", "&2001::-56", "10.12.13.0-24&:12:13:-56",
-    "10.12.13.0-24&20011::-56", "10.12.13.0-24&2001-56", "10.12.13.0-24&2001::", "10.12.13.0-24&2001::-56hi",
-    "255.255.255.255-32", "garbage", "", "10.12.13.0-24\n", "10.12.13.0-２４",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "10",
+        "10.12.13.0",
+        "10.12.13-24",
+        "10.12.13.300-24",
+        "10.12.13.0-24hi",
+        "&2001::-56",
+        "10.12.13.0-24&:12:13:-56",
+        "10.12.13.0-24&20011::-56",
+        "10.12.13.0-24&2001-56",
+        "10.12.13.0-24&2001::",
+        "10.12.13.0-24&2001::-56hi",
+        "255.255.255.255-32",
+        "garbage",
+        "",
+        "10.12.13.0-24\n",
+        "10.12.13.0-２４",
+    ],
+)
 def test_bad_subnet_keys_are_ignored(key):
     assert parse_subnet_key(key) is None
 
@@ -35,8 +55,10 @@ def test_udp_lease_json_is_byte_identical_to_upstream():
 
 
 def test_vxlan_lease_json_round_trip():
-    text = ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
-            '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+    text = (
+        '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+        '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
+    )
     attrs = LeaseAttrs.from_json(text)
     assert attrs.backend_type == "vxlan" and attrs.backend_data == {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}
     assert attrs.to_json() == text
@@ -51,11 +73,16 @@ def test_lease_value_rules():
             LeaseAttrs.from_json(bad)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("10.5.1.0-24", '{"PublicIP":"192.168.0.1","BackendType":"vxlan"}'),
-    ("10.5.1.0-24&fc00::-64", '{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}'),
-    ("10.5.1.0-24", '{"PublicIP":"2001:db8::1"}'), ("not-a-subnet", "{}"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("10.5.1.0-24", '{"PublicIP":"192.168.0.1","BackendType":"vxlan"}'),
+        ("10.5.1.0-24&fc00::-64", '{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}'),
+        ("10.5.1.0-24", '{"PublicIP":"2001:db8::1"}'),
+        ("not-a-subnet", "{}"),
+        ("", ""),
+    ],
+)
 def test_kv_fuzz_seeds_never_crash(key, value):
     try:
         lease = lease_from_kv(key, value, None)

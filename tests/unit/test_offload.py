@@ -1,15 +1,25 @@
 """TUN offloads: cutting super-packets (TSO/USO reads) and gluing TCP segments (coalesced writes), with every checksum
 checked by an independent implementation (scapy), and the pump driven through a virtio-header TUN stand-in."""
+
 import socket
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
-from scapy.all import IP, TCP, UDP, raw
-
-from _fastpath.offload import GSO_NONE, GSO_TCPV4, GSO_UDP_L4, NEEDS_CSUM, VNET_HEADER_LENGTH, coalesce, internet_checksum, split
+from _fastpath.offload import (
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    NEEDS_CSUM,
+    VNET_HEADER_LENGTH,
+    coalesce,
+    internet_checksum,
+    split,
+)
 from _fastpath.pump import Pump
 from _fastpath.routes import RouteTable
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.all import IP, TCP, UDP, raw
 
 SRC, DST = "10.5.72.5", "10.5.1.9"
 
@@ -31,24 +41,32 @@ def checksums_valid(packet: bytes) -> bool:
 
 def super_tcp(payload_len, mss, flags="PA", options=None, tos=0, ip_options=None, seq=1000, ip_id=7, salt=0):
     ip = IP(src=SRC, dst=DST, ttl=63, tos=tos, id=ip_id, flags="DF", options=ip_options or [])
-    packet = bytearray(raw(ip / TCP(sport=40000, dport=5201, seq=seq, ack=77, flags=flags, options=options or [])
-                           / bytes((i + salt) % 251 for i in range(payload_len))))
+    packet = bytearray(
+        raw(
+            ip
+            / TCP(sport=40000, dport=5201, seq=seq, ack=77, flags=flags, options=options or [])
+            / bytes((i + salt) % 251 for i in range(payload_len))
+        )
+    )
     ihl = (packet[0] & 0x0F) * 4
     hlen = ihl + (packet[ihl + 12] >> 4) * 4
     # As the kernel hands it over: the TCP checksum field holds only the pseudo-header sum.
     pseudo = sum(struct.unpack("!4H", packet[12:20])) + 6 + len(packet) - ihl
     while pseudo >> 16:
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-    packet[ihl + 16:ihl + 18] = struct.pack("!H", pseudo)
+    packet[ihl + 16 : ihl + 18] = struct.pack("!H", pseudo)
     return vnet(GSO_TCPV4, mss, hlen, NEEDS_CSUM, ihl, 16) + bytes(packet), hlen
 
 
-@pytest.mark.parametrize("payload_len, mss, expected_sizes", [
-    (1432 * 45 + 700, 1432, [1432] * 45 + [700]),   # a 64 KB TSO read with a short last segment
-    (1432 * 4, 1432, [1432] * 4),                   # exactly on a segment boundary
-    (1000 * 64, 1000, [1000] * 64),                 # the 64-segment limit of one UDP GSO send
-    (10, 1432, [10]),                               # one segment only
-])
+@pytest.mark.parametrize(
+    "payload_len, mss, expected_sizes",
+    [
+        (1432 * 45 + 700, 1432, [1432] * 45 + [700]),  # a 64 KB TSO read with a short last segment
+        (1432 * 4, 1432, [1432] * 4),  # exactly on a segment boundary
+        (1000 * 64, 1000, [1000] * 64),  # the 64-segment limit of one UDP GSO send
+        (10, 1432, [10]),  # one segment only
+    ],
+)
 def test_tcp_super_packet_is_cut_into_valid_standalone_packets(payload_len, mss, expected_sizes):
     read, hlen = super_tcp(payload_len, mss, flags="FPA")
     segments = split(read)
@@ -60,7 +78,7 @@ def test_tcp_super_packet_is_cut_into_valid_standalone_packets(payload_len, mss,
         assert checksums_valid(seg), i
         assert p.len == len(seg) and p.id == (7 + i) & 0xFFFF and p.ttl == 63 and p.flags == "DF"
         assert p[TCP].seq == 1000 + offset and p[TCP].ack == 77
-        assert bytes(p[TCP].payload) == bytes(original[TCP].payload)[offset:offset + expected_sizes[i]]
+        assert bytes(p[TCP].payload) == bytes(original[TCP].payload)[offset : offset + expected_sizes[i]]
         last = i == len(segments) - 1
         assert (p[TCP].flags == "FPA") if last else (p[TCP].flags == "A")
         offset += expected_sizes[i]
@@ -101,19 +119,22 @@ def test_single_packet_with_partial_checksum_is_completed(proto):
         pseudo = sum(struct.unpack("!4H", packet[12:20])) + (6 if proto == "tcp" else 17) + len(packet) - 20
         while pseudo >> 16:
             pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-        packet[field:field + 2] = struct.pack("!H", pseudo)
+        packet[field : field + 2] = struct.pack("!H", pseudo)
         assert split(vnet(GSO_NONE, flags=NEEDS_CSUM, csum_start=20, csum_offset=field - 20) + bytes(packet)) == [good]
 
 
-@pytest.mark.parametrize("read", [
-    vnet(GSO_TCPV4, 0, 40) + raw(IP(src=SRC, dst=DST) / TCP() / (b"x" * 100)),          # gso_size 0
-    vnet(GSO_TCPV4, 1000, 40) + raw(IP(src=SRC, dst=DST) / UDP() / (b"x" * 100)),       # says TCP, is UDP
-    vnet(GSO_TCPV4, 1000, 40) + raw(IP(src=SRC, dst=DST) / TCP())[:30],                  # truncated TCP header
-    vnet(GSO_TCPV4, 1000, 40) + raw(IP(src=SRC, dst=DST) / TCP()),                       # no payload to cut
-    vnet(7, 1000, 40) + raw(IP(src=SRC, dst=DST) / TCP() / b"x"),                        # unknown GSO type
-    vnet(GSO_NONE, flags=NEEDS_CSUM, csum_start=60, csum_offset=16) + raw(IP(src=SRC, dst=DST) / TCP()),  # beyond
-    b"\x00" * 5,                                                                           # shorter than the header
-])
+@pytest.mark.parametrize(
+    "read",
+    [
+        vnet(GSO_TCPV4, 0, 40) + raw(IP(src=SRC, dst=DST) / TCP() / (b"x" * 100)),  # gso_size 0
+        vnet(GSO_TCPV4, 1000, 40) + raw(IP(src=SRC, dst=DST) / UDP() / (b"x" * 100)),  # says TCP, is UDP
+        vnet(GSO_TCPV4, 1000, 40) + raw(IP(src=SRC, dst=DST) / TCP())[:30],  # truncated TCP header
+        vnet(GSO_TCPV4, 1000, 40) + raw(IP(src=SRC, dst=DST) / TCP()),  # no payload to cut
+        vnet(7, 1000, 40) + raw(IP(src=SRC, dst=DST) / TCP() / b"x"),  # unknown GSO type
+        vnet(GSO_NONE, flags=NEEDS_CSUM, csum_start=60, csum_offset=16) + raw(IP(src=SRC, dst=DST) / TCP()),  # beyond
+        b"\x00" * 5,  # shorter than the header
+    ],
+)
 def test_malformed_offload_reads_are_refused(read):
     with pytest.raises(ValueError):
         split(read)
@@ -134,8 +155,13 @@ def segments_of(count, size=1000, last=None, flags="A", seq=5000, **ip):
     for i in range(count):
         length = last if (last is not None and i == count - 1) else size
         f = flags if i == count - 1 else "A"
-        out.append(raw(IP(src=DST, dst=SRC, ttl=62, flags="DF", **ip) / TCP(sport=5201, dport=40000, seq=seq, ack=9, flags=f)
-                       / (bytes([i]) * length)))
+        out.append(
+            raw(
+                IP(src=DST, dst=SRC, ttl=62, flags="DF", **ip)
+                / TCP(sport=5201, dport=40000, seq=seq, ack=9, flags=f)
+                / (bytes([i]) * length)
+            )
+        )
         seq += length
     return out
 
@@ -162,26 +188,69 @@ def test_consecutive_segments_become_one_write_with_a_gso_header():
     assert bytes(p[TCP].payload) == b"".join(bytes(IP(x)[TCP].payload) for x in packets)
 
 
-@pytest.mark.parametrize("name, packets, sizes", [
-    ("psh ends a run", segments_of(2, flags="PA") + segments_of(2, seq=7000), [2, 2]),
-    ("short segment ends a run", segments_of(3, last=10) + segments_of(2, seq=7010), [3, 2]),
-    ("sequence gap", segments_of(2) + segments_of(2, seq=9000), [2, 2]),
-    ("other flow", segments_of(2) + [raw(IP(src=DST, dst=SRC, ttl=62, flags="DF") / TCP(sport=5202, dport=40000, seq=7000,
-                                                                                        ack=9, flags="A") / (b"x" * 1000))], [2, 1]),
-    ("other ttl", segments_of(2) + [raw(IP(src=DST, dst=SRC, ttl=61, flags="DF") / TCP(sport=5201, dport=40000, seq=7000,
-                                                                                      ack=9, flags="A") / (b"x" * 1000))], [2, 1]),
-    ("other ack", segments_of(2) + [raw(IP(src=DST, dst=SRC, ttl=62, flags="DF") / TCP(sport=5201, dport=40000, seq=7000,
-                                                                                      ack=10, flags="A") / (b"x" * 1000))], [2, 1]),
-    ("other tos (ECN)", segments_of(2) + segments_of(2, seq=7000, tos=3), [2, 2]),
-    ("larger after smaller", segments_of(1, size=500) + segments_of(1, seq=5500), [1, 1]),
-    ("syn and fin never glued", segments_of(1, flags="S") + segments_of(1, seq=5001, flags="FA"), [1, 1]),
-    ("ip options", [raw(IP(src=DST, dst=SRC, options=[b"\x01\x01\x01\x00"]) / TCP(flags="A", seq=s) / (b"x" * 100))
-                    for s in (1, 101)], [1, 1]),
-    ("fragments", [raw(IP(src=DST, dst=SRC, flags="MF") / TCP(flags="A", seq=s) / (b"x" * 100)) for s in (1, 101)], [1, 1]),
-    ("bare acks", [raw(IP(src=DST, dst=SRC) / TCP(flags="A", seq=1, ack=a)) for a in (1, 2)], [1, 1]),
-    ("64 segments at most", segments_of(70, size=900), [64, 6]),
-    ("65535 bytes at most", segments_of(50, size=1400), [46, 4]),
-])
+@pytest.mark.parametrize(
+    "name, packets, sizes",
+    [
+        ("psh ends a run", segments_of(2, flags="PA") + segments_of(2, seq=7000), [2, 2]),
+        ("short segment ends a run", segments_of(3, last=10) + segments_of(2, seq=7010), [3, 2]),
+        ("sequence gap", segments_of(2) + segments_of(2, seq=9000), [2, 2]),
+        (
+            "other flow",
+            segments_of(2)
+            + [
+                raw(
+                    IP(src=DST, dst=SRC, ttl=62, flags="DF")
+                    / TCP(sport=5202, dport=40000, seq=7000, ack=9, flags="A")
+                    / (b"x" * 1000)
+                )
+            ],
+            [2, 1],
+        ),
+        (
+            "other ttl",
+            segments_of(2)
+            + [
+                raw(
+                    IP(src=DST, dst=SRC, ttl=61, flags="DF")
+                    / TCP(sport=5201, dport=40000, seq=7000, ack=9, flags="A")
+                    / (b"x" * 1000)
+                )
+            ],
+            [2, 1],
+        ),
+        (
+            "other ack",
+            segments_of(2)
+            + [
+                raw(
+                    IP(src=DST, dst=SRC, ttl=62, flags="DF")
+                    / TCP(sport=5201, dport=40000, seq=7000, ack=10, flags="A")
+                    / (b"x" * 1000)
+                )
+            ],
+            [2, 1],
+        ),
+        ("other tos (ECN)", segments_of(2) + segments_of(2, seq=7000, tos=3), [2, 2]),
+        ("larger after smaller", segments_of(1, size=500) + segments_of(1, seq=5500), [1, 1]),
+        ("syn and fin never glued", segments_of(1, flags="S") + segments_of(1, seq=5001, flags="FA"), [1, 1]),
+        (
+            "ip options",
+            [
+                raw(IP(src=DST, dst=SRC, options=[b"\x01\x01\x01\x00"]) / TCP(flags="A", seq=s) / (b"x" * 100))
+                for s in (1, 101)
+            ],
+            [1, 1],
+        ),
+        (
+            "fragments",
+            [raw(IP(src=DST, dst=SRC, flags="MF") / TCP(flags="A", seq=s) / (b"x" * 100)) for s in (1, 101)],
+            [1, 1],
+        ),
+        ("bare acks", [raw(IP(src=DST, dst=SRC) / TCP(flags="A", seq=1, ack=a)) for a in (1, 2)], [1, 1]),
+        ("64 segments at most", segments_of(70, size=900), [64, 6]),
+        ("65535 bytes at most", segments_of(50, size=1400), [46, 4]),
+    ],
+)
 def test_coalescing_rules(name, packets, sizes):
     writes = coalesce(packets)
     counts = []
@@ -193,7 +262,9 @@ def test_coalescing_rules(name, packets, sizes):
             assert write[:VNET_HEADER_LENGTH] == bytes(VNET_HEADER_LENGTH)
             counts.append(1)
     assert counts == sizes, name
-    assert sum(len(w) - VNET_HEADER_LENGTH for w in writes) == sum(len(p) for p in packets) - 40 * (len(packets) - len(writes))
+    assert sum(len(w) - VNET_HEADER_LENGTH for w in writes) == sum(len(p) for p in packets) - 40 * (
+        len(packets) - len(writes)
+    )
 
 
 # -- the pump with a virtio-header TUN -------------------------------------------------------------------------------
@@ -244,6 +315,7 @@ def test_pump_sends_every_segment_intact_when_reads_overflow_the_batch(vnet_rig)
     def cut(k):
         read, _ = super_tcp(1432 * 45 + 100, 1432, seq=1000 + k * 100000, ip_id=k * 100, salt=k * 37)
         return read, split(read)
+
     reads = [plain(k) for k in range(30)] + [cut(1)] + [plain(k) for k in range(100, 130)] + [cut(2), cut(3)]
     expected = []
     for read, packets in reads:
@@ -260,9 +332,14 @@ def test_pump_sends_every_segment_intact_when_reads_overflow_the_batch(vnet_rig)
 
 def test_pump_glues_received_segments_into_one_tun_write(vnet_rig):
     pump, tun_app, sock, peer = vnet_rig
-    packets = [raw(IP(src="10.5.1.7", dst="10.5.72.5", ttl=64, flags="DF") / TCP(sport=1, dport=2, seq=100 + 1000 * i,
-                                                                                 ack=5, flags="A") / (b"d" * 1000))
-               for i in range(6)]
+    packets = [
+        raw(
+            IP(src="10.5.1.7", dst="10.5.72.5", ttl=64, flags="DF")
+            / TCP(sport=1, dport=2, seq=100 + 1000 * i, ack=5, flags="A")
+            / (b"d" * 1000)
+        )
+        for i in range(6)
+    ]
     for p in packets:
         peer.sendto(p, sock.getsockname())
     pump.on_socket_readable()

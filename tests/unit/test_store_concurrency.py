@@ -1,4 +1,5 @@
 """Real processes sharing one lease file: simultaneous acquisitions never share a subnet; lost races are retried."""
+
 import subprocess
 import sys
 import time
@@ -26,8 +27,15 @@ asyncio.run(main())
 def test_eight_processes_acquiring_at_once_get_distinct_subnets(tmp_path):
     lease_file = str(tmp_path / "leases.db")
     start_at = str(time.time() + 1.5)
-    procs = [subprocess.Popen([sys.executable, "-c", ACQUIRE, lease_file, f"198.18.0.{i + 1}", start_at],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(10)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ACQUIRE, lease_file, f"198.18.0.{i + 1}", start_at],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(10)
+    ]
     results = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     subnets = [out.strip() for out, _ in results]
@@ -50,7 +58,9 @@ def test_nodes_creating_the_lease_file_together_all_start(tmp_path):
     for attempt in range(5):
         lease_file = str(tmp_path / f"leases-{attempt}.db")
         start_at = str(time.time() + 1.0)
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN, lease_file, start_at], stderr=subprocess.PIPE, text=True)
-                 for _ in range(12)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", OPEN, lease_file, start_at], stderr=subprocess.PIPE, text=True)
+            for _ in range(12)
+        ]
         errors = [p.communicate(timeout=60)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errors

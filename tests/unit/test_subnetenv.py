@@ -1,4 +1,5 @@
 """subnet.env: upstream's lines and order, atomic replacement, exact mode, and reading back the previous subnet."""
+
 import ipaddress
 import os
 import threading
@@ -13,7 +14,8 @@ def test_render_matches_upstream_sample():
     cfg = load_config('{"Network": "10.1.0.0/16"}')
     lease = Lease(ipaddress.ip_network("10.1.74.0/24"), LeaseAttrs(ipaddress.IPv4Address("198.18.0.1")))
     assert subnetenv.render(cfg, lease, 1472, False) == (
-        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+    )
 
 
 def test_write_is_atomic_and_mode_0644(tmp_path):

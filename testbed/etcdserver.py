@@ -4,6 +4,7 @@ Members listen on loopback in the current namespace, or on addresses inside a na
 their data in a private temporary folder. Every member can be stopped, killed and started again to exercise the store's
 fault handling. close() kills what was started, by PID, and removes the data.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,15 @@ class Member:
 
 
 class EtcdCluster:
-    def __init__(self, hosts: list[str] | None = None, ns: str | None = None, extra_args: tuple[str, ...] = (),
-                 client_port: int | None = None, peer_port: int | None = None, client_scheme: str = "http") -> None:
+    def __init__(
+        self,
+        hosts: list[str] | None = None,
+        ns: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        client_scheme: str = "http",
+    ) -> None:
         """One member per host address (default: one on 127.0.0.1). Inside `ns` the ports are fixed (2379/2380
         unless given); on the caller's loopback they are picked free. client_scheme "https" needs the TLS flags of
         etcd in extra_args."""
@@ -64,8 +72,17 @@ class EtcdCluster:
         for i, host in enumerate(hosts):
             cport = client_port or (2379 if ns else free_port(host))
             pport = peer_port or (2380 if ns else free_port(host))
-            self.members.append(Member(f"m{i}", host, cport, pport, os.path.join(self.workdir, f"m{i}"),
-                                       os.path.join(self.workdir, f"m{i}.log"), client_scheme))
+            self.members.append(
+                Member(
+                    f"m{i}",
+                    host,
+                    cport,
+                    pport,
+                    os.path.join(self.workdir, f"m{i}"),
+                    os.path.join(self.workdir, f"m{i}.log"),
+                    client_scheme,
+                )
+            )
         try:
             for member in self.members:
                 self.start(member, wait=False)
@@ -81,17 +98,39 @@ class EtcdCluster:
 
     def _command(self, member: Member) -> list[str]:
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        cmd = [ETCD, "--name", member.name, "--data-dir", member.data_dir,
-               "--listen-client-urls", member.client_url, "--advertise-client-urls", member.client_url,
-               "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
-               "--initial-cluster", initial, "--initial-cluster-state", "new", "--initial-cluster-token", self.workdir,
-               "--heartbeat-interval", "50", "--election-timeout", "500", *self.extra_args]
+        cmd = [
+            ETCD,
+            "--name",
+            member.name,
+            "--data-dir",
+            member.data_dir,
+            "--listen-client-urls",
+            member.client_url,
+            "--advertise-client-urls",
+            member.client_url,
+            "--listen-peer-urls",
+            member.peer_url,
+            "--initial-advertise-peer-urls",
+            member.peer_url,
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            self.workdir,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            *self.extra_args,
+        ]
         return ["ip", "netns", "exec", self.ns, *cmd] if self.ns else cmd
 
     def start(self, member: Member, wait: bool = True) -> None:
         with open(member.log_path, "ab") as log:
-            member.process = subprocess.Popen(self._command(member), stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True)
+            member.process = subprocess.Popen(
+                self._command(member), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         if wait:
             self.wait_healthy(member)
 

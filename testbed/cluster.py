@@ -1,10 +1,11 @@
 """A cluster of hosts and pods in network namespaces on this machine, shared by the demo, the benchmarks and the tests.
 
 Layout: one underlay namespace holding a bridge; each host namespace joins it through a veth (`eth0`, an address in
-198.18.0.0/24 and one in fd00:198:18::/64 for dual-stack runs); each pod namespace hangs off its host's `cni0` bridge with an address from the host's FLANNEL_SUBNET.
-Everything lives in namespaces named with a unique prefix and is removed by close(), also after a failure. The root
-namespace is never touched.
+198.18.0.0/24 and one in fd00:198:18::/64 for dual-stack runs); each pod namespace hangs off its host's `cni0` bridge
+with an address from the host's FLANNEL_SUBNET. Everything lives in namespaces named with a unique prefix and is removed
+by close(), also after a failure. The root namespace is never touched.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -64,13 +65,13 @@ def in_ns(ns: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return sh("ip", "netns", "exec", ns, *args, **kwargs)
 
 
-SCRAPE = ("import sys, urllib.request\n"
-          "print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())")
+SCRAPE = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())"
 
 
 def scrape_metrics(ns: str, port: int) -> dict[str, float]:
     """A node's /metrics inside its namespace, as {'name{label="v",...}': value} (labels sorted)."""
     from prometheus_client.parser import text_string_to_metric_families
+
     text = in_ns(ns, sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{port}/metrics").stdout
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -146,8 +147,24 @@ class Testbed:
         self._add_ns(ns)
         peer = f"{self.prefix}{name}"[:15]
         # Create the pair inside the underlay namespace, then move one end: nothing appears in the root namespace.
-        in_ns(self.underlay_ns, "ip", "link", "add", peer, "mtu", str(self.mtu), "type", "veth", "peer", "name", "eth0",
-              "mtu", str(self.mtu), "netns", ns)
+        in_ns(
+            self.underlay_ns,
+            "ip",
+            "link",
+            "add",
+            peer,
+            "mtu",
+            str(self.mtu),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            str(self.mtu),
+            "netns",
+            ns,
+        )
         in_ns(self.underlay_ns, "ip", "link", "set", peer, "master", "br0", "up")
         address = UNDERLAY.network_address + index
         address6 = UNDERLAY6.network_address + index
@@ -156,8 +173,14 @@ class Testbed:
         in_ns(ns, "ip", "-6", "addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
         in_ns(ns, "ip", "link", "set", "eth0", "up")
         in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-        host = Host(name, ns, address, address6, os.path.join(self.workdir, f"{name}-subnet.env"),
-                    node_name=f"{self.prefix}-{name}")
+        host = Host(
+            name,
+            ns,
+            address,
+            address6,
+            os.path.join(self.workdir, f"{name}-subnet.env"),
+            node_name=f"{self.prefix}-{name}",
+        )
         self.hosts.append(host)
         return host
 
@@ -191,8 +214,10 @@ class Testbed:
     def start_kube(self, cluster_cidrs: list[str] | None = None):
         """A real Kubernetes control plane on the underlay (.200); nodes started afterwards run -kube-subnet-mgr with
         a token of the flannel ServiceAccount, and each host is registered as a Node when its node first starts.
-        cluster_cidrs defaults to the Network of the config written so far (kube-controller-manager's --cluster-cidr)."""
+        cluster_cidrs defaults to the Network of the config written so far (kube-controller-manager's
+        --cluster-cidr)."""
         from .kubeserver import KubeControlPlane
+
         if cluster_cidrs is None:
             with open(self.config_file) as f:
                 config = json.load(f)
@@ -224,9 +249,18 @@ class Testbed:
             return ["--etcd-endpoints", self.etcd.endpoints]
         return ["--lease-file", self.lease_file]
 
-    def start_node(self, host: Host, *extra: str, iface: str | None = "eth0", wait: bool = True, timeout: float = 20,
-                   env: dict[str, str] | None = None, node_name: bool = True, store: bool = True,
-                   upstream: bool = False) -> Host:
+    def start_node(
+        self,
+        host: Host,
+        *extra: str,
+        iface: str | None = "eth0",
+        wait: bool = True,
+        timeout: float = 20,
+        env: dict[str, str] | None = None,
+        node_name: bool = True,
+        store: bool = True,
+        upstream: bool = False,
+    ) -> Host:
         """Start `flannel-udp run` inside the host's namespace on the shared store (the embedded file, etcd, or the
         Kubernetes API, where the host's Node is registered first and NODE_NAME names it unless node_name is False).
         env adds variables (an empty value removes one); store=False leaves out the store flags. upstream=True runs
@@ -236,13 +270,25 @@ class Testbed:
         host.log_path = os.path.join(self.workdir, f"{host.name}.log")
         if upstream:
             from .upstreamflannel import flanneld_path
+
             program = [flanneld_path()]
         else:
             program = [*FLANNEL_UDP, "run", "--cni-data-dir", self.cni_data_dir(host)]
         host.upstream = upstream
-        cmd = ["ip", "netns", "exec", host.ns, *program,
-               "--net-config-path", self.config_file, "--subnet-file", host.subnet_file,
-               *(self.store_args() if store else []), *(["--iface", iface] if iface else []), *extra]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            host.ns,
+            *program,
+            "--net-config-path",
+            self.config_file,
+            "--subnet-file",
+            host.subnet_file,
+            *(self.store_args() if store else []),
+            *(["--iface", iface] if iface else []),
+            *extra,
+        ]
         variables = dict(os.environ)
         if self.kube is not None:
             if node_name:
@@ -269,8 +315,9 @@ class Testbed:
             for _ in range(pods_per_host):
                 self.add_pod(host)
 
-    def run_node_expecting_failure(self, host: Host, *extra: str, iface: str = "eth0", timeout: float = 20,
-                                   **kwargs) -> str:
+    def run_node_expecting_failure(
+        self, host: Host, *extra: str, iface: str = "eth0", timeout: float = 20, **kwargs
+    ) -> str:
         """Start a node that must refuse to run: exit status 1; returns the last line it printed."""
         self.start_node(host, *extra, iface=iface, wait=False, **kwargs)
         code = host.process.wait(timeout)
@@ -283,7 +330,9 @@ class Testbed:
         deadline = time.monotonic() + timeout
         while not os.path.exists(host.subnet_file):
             if host.process.poll() is not None:
-                raise TestbedError(f"node {host.name} exited with {host.process.returncode}: {self.node_log(host)[-2000:]}")
+                raise TestbedError(
+                    f"node {host.name} exited with {host.process.returncode}: {self.node_log(host)[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 raise TestbedError(f"node {host.name} not ready after {timeout}s: {self.node_log(host)[-2000:]}")
             time.sleep(0.05)
@@ -297,8 +346,10 @@ class Testbed:
 
     def logs(self) -> str:
         """The tail of every node's log, for failure messages."""
-        return "\n".join(f"--- {h.name}{' (upstream flanneld)' if h.upstream else ''}\n{self.node_log(h)[-3000:]}"
-                         for h in self.hosts)
+        return "\n".join(
+            f"--- {h.name}{' (upstream flanneld)' if h.upstream else ''}\n{self.node_log(h)[-3000:]}"
+            for h in self.hosts
+        )
 
     def stop_node(self, host: Host, timeout: float = 10) -> int | None:
         if host.process is None:
@@ -323,7 +374,9 @@ class Testbed:
         self._add_ns(ns)
         result = json.loads(self.cni(host, "ADD", name, ns).stdout)
         addresses = [ipaddress.ip_interface(ip["address"]).ip for ip in result["ips"]]
-        pod = Pod(name, ns, next(a for a in addresses if a.version == 4), next((a for a in addresses if a.version == 6), None))
+        pod = Pod(
+            name, ns, next(a for a in addresses if a.version == 4), next((a for a in addresses if a.version == 6), None)
+        )
         if pod.address6 is not None:
             # The bridge's new IPv6 gateway address answers neighbour solicitations only after duplicate address
             # detection (up to ~2 s); a pod's first packets would be lost until then.
@@ -336,17 +389,36 @@ class Testbed:
 
     def cni_config(self, host: Host) -> dict:
         # Masquerading pod traffic is flanneld's job (-ip-masq); inside the cluster pods keep their addresses.
-        return {"cniVersion": "1.0.0", "name": "flannel-udp", "type": "flannel", "subnetFile": host.subnet_file,
-                "dataDir": self.cni_data_dir(host),
-                "ipam": {"dataDir": os.path.join(self.workdir, "ipam", host.name)}, "delegate": {"ipMasq": False}}
+        return {
+            "cniVersion": "1.0.0",
+            "name": "flannel-udp",
+            "type": "flannel",
+            "subnetFile": host.subnet_file,
+            "dataDir": self.cni_data_dir(host),
+            "ipam": {"dataDir": os.path.join(self.workdir, "ipam", host.name)},
+            "delegate": {"ipMasq": False},
+        }
 
-    def cni(self, host: Host, command: str, container: str, ns: str, config: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+    def cni(
+        self, host: Host, command: str, container: str, ns: str, config: dict | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run the `flannel` CNI plugin in the host's namespace, as a container runtime would."""
-        env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=container, CNI_NETNS=f"/var/run/netns/{ns}",
-                   CNI_IFNAME="eth0", CNI_PATH=CNI_PLUGIN_DIR)
-        result = subprocess.run(["ip", "netns", "exec", host.ns, cni_plugin_path()], input=json.dumps(config or self.cni_config(host)),
-                                capture_output=True, text=True, env=env, timeout=30)
+        env = dict(
+            os.environ,
+            CNI_COMMAND=command,
+            CNI_CONTAINERID=container,
+            CNI_NETNS=f"/var/run/netns/{ns}",
+            CNI_IFNAME="eth0",
+            CNI_PATH=CNI_PLUGIN_DIR,
+        )
+        result = subprocess.run(
+            ["ip", "netns", "exec", host.ns, cni_plugin_path()],
+            input=json.dumps(config or self.cni_config(host)),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
         if check and result.returncode != 0:
             raise TestbedError(f"CNI {command} for {container} failed: {result.stdout} {result.stderr}")
         return result
@@ -359,8 +431,20 @@ class Testbed:
 
     # -- observing -----------------------------------------------------------------------------------------------
     def ping(self, ns: str, target, count: int = 1, timeout: float = 2, interval: float = 0.2) -> bool:
-        result = in_ns(ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(timeout), "-q", str(target),
-                       check=False, timeout=count * (interval + timeout) + 5)
+        result = in_ns(
+            ns,
+            "ping",
+            "-c",
+            str(count),
+            "-i",
+            str(interval),
+            "-W",
+            str(timeout),
+            "-q",
+            str(target),
+            check=False,
+            timeout=count * (interval + timeout) + 5,
+        )
         return result.returncode == 0
 
     def iperf3(self, client: Pod, server: Pod, seconds: float = 1, *flags: str, ipv6: bool = False) -> dict:
@@ -368,8 +452,18 @@ class Testbed:
         target = server.address6 if ipv6 else server.address
         process = self.popen(server.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
-        result = in_ns(client.ns, "iperf3", "-c", str(target), "-t", f"{seconds:g}", "-J", *flags, check=False,
-                       timeout=seconds + 20)
+        result = in_ns(
+            client.ns,
+            "iperf3",
+            "-c",
+            str(target),
+            "-t",
+            f"{seconds:g}",
+            "-J",
+            *flags,
+            check=False,
+            timeout=seconds + 20,
+        )
         try:
             process.wait(5)
         except subprocess.TimeoutExpired:
@@ -416,9 +510,16 @@ class Testbed:
         if self.kube is not None:
             pids += self.kube.pids()
         with open(path, "w") as f:
-            json.dump({"namespaces": self.namespaces, "pids": pids, "workdir": self.workdir,
-                       "etcd_workdir": self.etcd.workdir if self.etcd else None,
-                       "kube_workdir": self.kube.workdir if self.kube else None}, f)
+            json.dump(
+                {
+                    "namespaces": self.namespaces,
+                    "pids": pids,
+                    "workdir": self.workdir,
+                    "etcd_workdir": self.etcd.workdir if self.etcd else None,
+                    "kube_workdir": self.kube.workdir if self.kube else None,
+                },
+                f,
+            )
 
     def __enter__(self) -> Testbed:
         return self

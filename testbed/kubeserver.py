@@ -11,6 +11,7 @@ process gets a token of that account, so a node provably needs nothing beyond th
 The admin side (this process) talks to the API from a worker thread that has entered the namespace (setns), so the
 root namespace is never touched. close() kills what was started, by PID, and removes the folder.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -44,7 +45,9 @@ def binaries_dir() -> str:
 
 
 def available() -> bool:
-    return all(os.access(os.path.join(binaries_dir(), b), os.X_OK) for b in ("kube-apiserver", "kube-controller-manager"))
+    return all(
+        os.access(os.path.join(binaries_dir(), b), os.X_OK) for b in ("kube-apiserver", "kube-controller-manager")
+    )
 
 
 def rbac_manifest() -> str:
@@ -69,11 +72,14 @@ def _openssl(*args: str, cwd: str) -> None:
 
 
 class KubeControlPlane:
-    def __init__(self, ns: str, address: str, cluster_cidrs: list[str], node_mask_v4: int = 24,
-                 node_mask_v6: int = 64) -> None:
+    def __init__(
+        self, ns: str, address: str, cluster_cidrs: list[str], node_mask_v4: int = 24, node_mask_v6: int = 64
+    ) -> None:
         if not available():
-            raise KubeServerError(f"kube-apiserver/kube-controller-manager {KUBE_VERSION} are not built in "
-                                  f"{binaries_dir()} (run scripts/setup.sh)")
+            raise KubeServerError(
+                f"kube-apiserver/kube-controller-manager {KUBE_VERSION} are not built in "
+                f"{binaries_dir()} (run scripts/setup.sh)"
+            )
         self.ns = ns
         self.address = address
         self.cluster_cidrs = cluster_cidrs
@@ -102,15 +108,54 @@ class KubeControlPlane:
 
     def _make_credentials(self) -> None:
         ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-        _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "3", "-subj",
-                 "/CN=flannel-udp-test-ca", cwd=self.workdir)
-        _openssl("req", *ec, "-keyout", "apiserver.key", "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver",
-                 cwd=self.workdir)
+        _openssl(
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "3",
+            "-subj",
+            "/CN=flannel-udp-test-ca",
+            cwd=self.workdir,
+        )
+        _openssl(
+            "req",
+            *ec,
+            "-keyout",
+            "apiserver.key",
+            "-out",
+            "apiserver.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+            cwd=self.workdir,
+        )
         with open(self.path("san.cnf"), "w") as f:
-            f.write(f"subjectAltName=IP:{self.address},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,"
-                    "DNS:kubernetes.default,DNS:kubernetes.default.svc\n")
-        _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", "apiserver.crt", "-days", "3", "-extfile", "san.cnf", cwd=self.workdir)
+            f.write(
+                f"subjectAltName=IP:{self.address},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,"
+                "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+            )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "apiserver.crt",
+            "-days",
+            "3",
+            "-extfile",
+            "san.cnf",
+            cwd=self.workdir,
+        )
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key", cwd=self.workdir)
         _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=self.workdir)
         with open(self.path("tokens.csv"), "w") as f:
@@ -142,8 +187,12 @@ current-context: flannel
     # -- processes ------------------------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.path(f"{name}.log"), "ab") as log:
-            return subprocess.Popen(["ip", "netns", "exec", self.ns, os.path.join(binaries_dir(), name), *args],
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, os.path.join(binaries_dir(), name), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def log(self, name: str) -> str:
         try:
@@ -154,28 +203,48 @@ current-context: flannel
 
     def start_apiserver(self, timeout: float = 90) -> None:
         p = self.path
-        self.apiserver = self._spawn("kube-apiserver", [
-            f"--etcd-servers={self.etcd.endpoints}", "--bind-address=0.0.0.0", f"--secure-port={API_PORT}",
-            f"--advertise-address={self.address}", f"--tls-cert-file={p('apiserver.crt')}",
-            f"--tls-private-key-file={p('apiserver.key')}", f"--client-ca-file={p('ca.crt')}",
-            f"--token-auth-file={p('tokens.csv')}", "--authorization-mode=RBAC", "--anonymous-auth=false",
-            f"--service-account-issuer={ISSUER}", f"--api-audiences={ISSUER}",
-            f"--service-account-key-file={p('sa.pub')}", f"--service-account-signing-key-file={p('sa.key')}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--enable-priority-and-fairness=false",
-            "--endpoint-reconciler-type=none", "--profiling=false", f"--cert-dir={p('certs')}",
-            "--shutdown-delay-duration=0s", "--shutdown-send-retry-after=false"])
+        self.apiserver = self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={self.etcd.endpoints}",
+                "--bind-address=0.0.0.0",
+                f"--secure-port={API_PORT}",
+                f"--advertise-address={self.address}",
+                f"--tls-cert-file={p('apiserver.crt')}",
+                f"--tls-private-key-file={p('apiserver.key')}",
+                f"--client-ca-file={p('ca.crt')}",
+                f"--token-auth-file={p('tokens.csv')}",
+                "--authorization-mode=RBAC",
+                "--anonymous-auth=false",
+                f"--service-account-issuer={ISSUER}",
+                f"--api-audiences={ISSUER}",
+                f"--service-account-key-file={p('sa.pub')}",
+                f"--service-account-signing-key-file={p('sa.key')}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--enable-priority-and-fairness=false",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                f"--cert-dir={p('certs')}",
+                "--shutdown-delay-duration=0s",
+                "--shutdown-send-retry-after=false",
+            ],
+        )
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         import ssl
 
         import httpx2 as httpx
+
         deadline = time.monotonic() + timeout
         tls = ssl.create_default_context(cafile=self.path("ca.crt"))
 
         def probe() -> int:
             with httpx.Client(verify=tls, timeout=2, trust_env=False) as http:
-                return http.get(f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}).status_code
+                return http.get(
+                    f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}
+                ).status_code
+
         while time.monotonic() < deadline:
             if self.apiserver.poll() is not None:
                 raise KubeServerError(f"kube-apiserver exited: {self.log('kube-apiserver')[-3000:]}")
@@ -189,12 +258,25 @@ current-context: flannel
 
     def start_controller_manager(self) -> None:
         dual = len(self.cluster_cidrs) > 1
-        masks = ([f"--node-cidr-mask-size-ipv4={self.node_masks[0]}", f"--node-cidr-mask-size-ipv6={self.node_masks[1]}"]
-                 if dual else [f"--node-cidr-mask-size={self.node_masks[0 if ':' not in self.cluster_cidrs[0] else 1]}"])
-        self.controller_manager = self._spawn("kube-controller-manager", [
-            f"--kubeconfig={self.path('admin.kubeconfig')}", "--controllers=nodeipam", "--allocate-node-cidrs=true",
-            f"--cluster-cidr={','.join(self.cluster_cidrs)}", *masks, f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=false"])
+        masks = (
+            [f"--node-cidr-mask-size-ipv4={self.node_masks[0]}", f"--node-cidr-mask-size-ipv6={self.node_masks[1]}"]
+            if dual
+            else [f"--node-cidr-mask-size={self.node_masks[0 if ':' not in self.cluster_cidrs[0] else 1]}"]
+        )
+        self.controller_manager = self._spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={self.path('admin.kubeconfig')}",
+                "--controllers=nodeipam",
+                "--allocate-node-cidrs=true",
+                f"--cluster-cidr={','.join(self.cluster_cidrs)}",
+                *masks,
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--use-service-account-credentials=false",
+            ],
+        )
 
     def stop_controller_manager(self) -> None:
         self._stop(self.controller_manager)
@@ -224,6 +306,7 @@ current-context: flannel
     def _call(self, fn, args, kwargs):
         if self._client is None:
             from lightkube import Client, KubeConfig
+
             self._client = Client(KubeConfig.from_file(self.path("admin.kubeconfig")), trust_env=False)
         return fn(self._client, *args, **kwargs)
 
@@ -236,6 +319,7 @@ current-context: flannel
         def apply(client) -> None:
             for obj in codecs.load_all_yaml(text):
                 client.create(obj)
+
         self.call(apply)
 
     def flannel_token(self, seconds: int = 24 * 3600) -> str:
@@ -249,14 +333,18 @@ current-context: flannel
         from lightkube.resources.core_v1 import ServiceAccount
 
         def request(client) -> str:
-            req = ServiceAccount.Token(metadata=ObjectMeta(name=name, namespace=namespace),
-                                       spec=TokenRequestSpec(audiences=[ISSUER], expirationSeconds=seconds))
+            req = ServiceAccount.Token(
+                metadata=ObjectMeta(name=name, namespace=namespace),
+                spec=TokenRequestSpec(audiences=[ISSUER], expirationSeconds=seconds),
+            )
             return client.create(req, name, namespace=namespace).status.token
+
         return self.call(request)
 
     def create_service_account(self, name: str, namespace: str) -> None:
         from lightkube.models.meta_v1 import ObjectMeta
         from lightkube.resources.core_v1 import ServiceAccount
+
         self.call(lambda client: client.create(ServiceAccount(metadata=ObjectMeta(name=name, namespace=namespace))))
 
     def create_pod(self, name: str, namespace: str, node_name: str) -> None:
@@ -264,28 +352,50 @@ current-context: flannel
         from lightkube.models.core_v1 import Container, PodSpec
         from lightkube.models.meta_v1 import ObjectMeta
         from lightkube.resources.core_v1 import Pod
-        pod = Pod(metadata=ObjectMeta(name=name, namespace=namespace),
-                  spec=PodSpec(nodeName=node_name, serviceAccountName=FLANNEL_ACCOUNT, automountServiceAccountToken=False,
-                               containers=[Container(name="kube-flannel", image="flannel-udp")]))
+
+        pod = Pod(
+            metadata=ObjectMeta(name=name, namespace=namespace),
+            spec=PodSpec(
+                nodeName=node_name,
+                serviceAccountName=FLANNEL_ACCOUNT,
+                automountServiceAccountToken=False,
+                containers=[Container(name="kube-flannel", image="flannel-udp")],
+            ),
+        )
         self.call(lambda client: client.create(pod))
 
-    def register_node(self, name: str, annotations: dict[str, str] | None = None, pod_cidrs: list[str] | None = None,
-                      bare: bool = False):
+    def register_node(
+        self,
+        name: str,
+        annotations: dict[str, str] | None = None,
+        pod_cidrs: list[str] | None = None,
+        bare: bool = False,
+    ):
         """A Node object as a kubelet would register it (without pod_cidrs kube-controller-manager assigns them);
         bare: without the kubelet's annotations (with none at all unless `annotations`)."""
         from lightkube.models.core_v1 import NodeSpec
         from lightkube.models.meta_v1 import ObjectMeta
         from lightkube.resources.core_v1 import Node
+
         spec = NodeSpec(podCIDR=pod_cidrs[0], podCIDRs=pod_cidrs) if pod_cidrs else NodeSpec()
         # The annotations every kubelet sets when it registers (upstream flanneld panics on a Node with none at all).
-        kubelet = {"node.alpha.kubernetes.io/ttl": "0", "volumes.kubernetes.io/controller-managed-attach-detach": "true"}
-        node = Node(metadata=ObjectMeta(name=name, labels={"kubernetes.io/hostname": name},
-                                        annotations={**({} if bare else kubelet), **(annotations or {})}),
-                    spec=spec)
+        kubelet = {
+            "node.alpha.kubernetes.io/ttl": "0",
+            "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+        }
+        node = Node(
+            metadata=ObjectMeta(
+                name=name,
+                labels={"kubernetes.io/hostname": name},
+                annotations={**({} if bare else kubelet), **(annotations or {})},
+            ),
+            spec=spec,
+        )
         return self.call(lambda client: client.create(node))
 
     def get_node(self, name: str):
         from lightkube.resources.core_v1 import Node
+
         return self.call(lambda client: client.get(Node, name))
 
     def delete_node(self, name: str) -> None:
@@ -298,6 +408,7 @@ current-context: flannel
             except ApiError as e:
                 if e.status.code != 404:
                     raise
+
         self.call(delete)
 
     def wait_pod_cidr(self, name: str, timeout: float = 20) -> list[str]:
@@ -307,7 +418,9 @@ current-context: flannel
             if node.spec and node.spec.podCIDRs:
                 return list(node.spec.podCIDRs)
             time.sleep(0.1)
-        raise KubeServerError(f"node {name} got no podCIDR within {timeout}s: {self.log('kube-controller-manager')[-2000:]}")
+        raise KubeServerError(
+            f"node {name} got no podCIDR within {timeout}s: {self.log('kube-controller-manager')[-2000:]}"
+        )
 
     def tamper_etcd_behind_the_api_server(self, delete_node: str) -> int:
         """With the API server stopped: delete a Node's key in etcd and compact the history, so that watches resuming
@@ -322,6 +435,7 @@ current-context: flannel
                 revision = (await client.get_prefix(b"/registry/minions/")).header.revision
                 await client.compact(revision, physical=True)
                 return revision
+
         return self._pool.submit(lambda: asyncio.run(work())).result()
 
     # -- teardown -------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Upstream flanneld, the program flannel-udp replaces, as a peer in mixed clusters for tests and benchmarks: built from
 the Go module github.com/flannel-io/flannel by scripts/build-go-servers.sh into the cache outside the clone."""
+
 from __future__ import annotations
 
 import os

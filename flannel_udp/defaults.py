@@ -1,0 +1,7 @@
+"""Every default path and port, in one place: the daemon, the command line, the CNI plugin and the tools share them."""
+
+NET_CONFIG_PATH = "/etc/kube-flannel/net-conf.json"  # as kube-flannel.yml mounts it
+SUBNET_FILE = "/run/flannel/subnet.env"  # written by the node agent, read by the CNI plugin
+LEASE_FILE = "/var/lib/flannel-udp/leases.db"  # the embedded lease store, shared by the node processes of a machine
+UDP_PORT = 8285  # the udp backend's port, as upstream (Backend.Port)
+CNI_DATA_DIR = "/var/lib/cni/flannel"  # the flannel CNI plugin's dataDir

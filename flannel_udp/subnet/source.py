@@ -1,0 +1,51 @@
+"""Where the user tools (`leases`, `capture`) read leases from, as plain values: etcd, the Kubernetes API or the
+embedded lease file. The command line builds a LeaseSource from its flags; the tools never see argv."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .lease import Lease
+from .registry import StoreError
+
+if TYPE_CHECKING:
+    from .etcd_client import EtcdOptions
+    from .kube_client import KubeOptions
+
+
+class NoLeaseFile(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class LeaseSource:
+    lease_file: str
+    etcd: EtcdOptions | None = None  # etcd instead of the lease file
+    kube: KubeOptions | None = None  # the Nodes of the Kubernetes API instead of either
+
+    def open_registry(self):
+        """The registry of leases: etcd when given, else the embedded file (which must exist: a tool that reads
+        leases must not create an empty store)."""
+        if self.etcd is not None:
+            from .etcd_store import EtcdRegistry
+
+            return EtcdRegistry(self.etcd)
+        from .local_store import LocalRegistry
+
+        if not os.path.exists(self.lease_file):
+            raise NoLeaseFile(f"no lease file at {self.lease_file} (give -etcd-endpoints to read leases from etcd)")
+        return LocalRegistry.open_sync(self.lease_file)
+
+    async def read(self) -> list[tuple[str, Lease]]:
+        """(node name, lease) for every lease; the node name is "" outside kube mode."""
+        if self.kube is not None:
+            from .kube_manager import list_node_leases
+
+            return await list_node_leases(self.kube)
+        registry = self.open_registry()
+        try:
+            return [("", lease) for lease in (await registry.get_subnets())[0]]
+        finally:
+            await registry.close()
