@@ -12,7 +12,7 @@ def fastpath_extension(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [fastpath_extension(name) for name in ("packet", "routes", "offload", "pump", "drivers")],
+        [fastpath_extension(name) for name in ("packet", "routes", "offload", "tun", "udp", "pump", "drivers")],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),
 )

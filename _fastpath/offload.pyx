@@ -37,44 +37,6 @@ def split(const unsigned char[:] read):
     return segments
 
 
-def coalesce(packets):
-    """What the pump writes to the TUN for these received packets, in order: virtio header + packet per write."""
-    keep = [bytearray(p) for p in packets]  # the coalescer rewrites the first packet of a run in place
-    writes = []
-    cdef Coalescer c
-    cdef uint8_t vnet[VNET_HDR_LEN]
-    cdef unsigned char[:] view
-    c.count = 0
-    run = []
-
-    def flush():
-        if c.count == 0:
-            return
-        coalescer_finish(&c, vnet)
-        first = keep[run[0]]
-        body = bytes(first[:c.hlen + c.mss]) if c.count > 1 else bytes(first)
-        for index in run[1:]:
-            body += bytes(keep[index][c.hlen:])
-        writes.append(bytes(vnet[:VNET_HDR_LEN]) + body)
-        c.count = 0
-        run.clear()
-
-    for index, packet in enumerate(keep):
-        view = packet
-        if packet and tcp_segment_continues(&c, &view[0], len(packet)):
-            coalescer_append(&c, &view[0], len(packet))
-            run.append(index)
-            continue
-        flush()
-        if packet and tcp_segment_can_start(&view[0], len(packet)):
-            coalescer_start(&c, &view[0], len(packet))
-            run.append(index)
-            continue
-        writes.append(bytes(VNET_HDR_LEN) + bytes(packet))
-    flush()
-    return writes
-
-
 def internet_checksum(const unsigned char[:] data):
     """RFC 1071 checksum of data (complemented), as the fast path computes it."""
     if data.shape[0] == 0:

@@ -8,7 +8,7 @@ import logging
 import socket
 import sys
 
-from _fastpath.pump import UDP_GRO_OPTION
+from _fastpath.udp import UDP_GRO_OPTION
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import ipaddress
 import struct
 
 import pytest
-from _fastpath.offload import GSO_TCPV6, GSO_UDP_L4, NEEDS_CSUM, VNET_HEADER_LENGTH, coalesce, split
+from _fastpath.offload import GSO_TCPV6, GSO_UDP_L4, NEEDS_CSUM, VNET_HEADER_LENGTH, split
 from _fastpath.routes import RouteTable
 from scapy.all import (
     TCP,
@@ -18,6 +18,7 @@ from scapy.all import (
     IPv6ExtHdrRouting,
     raw,
 )
+from tun_writes import coalesce
 
 from _fastpath import packet
 

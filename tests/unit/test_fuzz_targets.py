@@ -36,4 +36,5 @@ def test_fuzz_target_finds_nothing_in_a_short_run(target, tmp_path):
     assert "Done" in r.stderr
     if target == "pump":
         # The data plane's C code is instrumented (fuzz/build.sh, run by scripts/setup.sh): its edges guide the run.
-        assert "Loaded 3 modules" in r.stderr, r.stderr[:2000]
+        # Five modules carry counters: pump, tun, udp, packet, routes (offload's functions are inlined into them).
+        assert "Loaded 5 modules" in r.stderr, r.stderr[:2000]

@@ -11,7 +11,6 @@ from _fastpath.offload import (
     GSO_UDP_L4,
     NEEDS_CSUM,
     VNET_HEADER_LENGTH,
-    coalesce,
     internet_checksum,
     split,
 )
@@ -20,6 +19,7 @@ from _fastpath.routes import RouteTable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.all import IP, TCP, UDP, raw
+from tun_writes import coalesce
 
 SRC, DST = "10.5.72.5", "10.5.1.9"
 
