@@ -20,14 +20,14 @@ def bench_outbound(const unsigned char[:] packet, RouteTable routes, int rounds)
     """TUN -> UDP work per packet: copy in (as a read would), IPv4 checks, route lookup, TTL - 1. Returns the sent."""
     cdef unsigned char scratch[65536]
     cdef Py_ssize_t n = packet.shape[0]
-    cdef int r
+    cdef int _round
     cdef long sent = 0
     if n > 65536 or n < 20:
         raise ValueError("packet size")
     cdef OwnSubnets own = own_subnets("0.0.0.0/32")
     cdef int32_t peer
     with nogil:
-        for r in range(rounds):
+        for _round in range(rounds):
             memcpy(scratch, &packet[0], n)
             if classify_outbound(scratch, n, routes, &own, False, &peer) == V_OK and decrement_ttl(scratch) == V_OK:
                 sent += 1
@@ -40,12 +40,12 @@ def bench_inbound(const unsigned char[:] packet, sender, RouteTable routes, own_
     cdef Py_ssize_t n = packet.shape[0]
     cdef OwnSubnets own = own_subnets(own_subnet)
     cdef int32_t peer = peer_of(routes, sender)
-    cdef int r
+    cdef int _round
     cdef long accepted = 0
     if n > 65536 or n < 20:
         raise ValueError("packet size")
     with nogil:
-        for r in range(rounds):
+        for _round in range(rounds):
             memcpy(scratch, &packet[0], n)
             if classify_inbound(scratch, n, peer, routes, &own, True) == V_OK \
                     and decrement_ttl(scratch) == V_OK:
@@ -56,11 +56,11 @@ def bench_inbound(const unsigned char[:] packet, sender, RouteTable routes, own_
 def bench_ttl_update(int rounds):
     """The RFC 1624 incremental checksum update alone."""
     cdef unsigned char header[20]
-    cdef int r
+    cdef int _round
     memset(header, 0, 20)
     header[0] = 0x45
     with nogil:
-        for r in range(rounds):
+        for _round in range(rounds):
             header[8] = 64
             decrement_ttl(header)
     return header[10] << 8 | header[11]
@@ -72,7 +72,7 @@ def bench_split(const unsigned char[:] read, int rounds):
     cdef unsigned char out[65536]
     cdef GsoPlan plan
     cdef Py_ssize_t n = read.shape[0] - VNET_HDR_LEN
-    cdef int r, i
+    cdef int _round, i
     cdef long segments = 0
     copy = bytearray(read)
     cdef unsigned char[:] view = copy
@@ -80,7 +80,7 @@ def bench_split(const unsigned char[:] read, int rounds):
     if plan_gso(scratch, scratch + VNET_HDR_LEN, n, &plan) < 0 or plan.gso_type == VNET_GSO_NONE:
         raise ValueError("not a super-packet")
     with nogil:
-        for r in range(rounds):
+        for _round in range(rounds):
             for i in range(plan.segments):
                 build_segment(scratch + VNET_HDR_LEN, n, &plan, i, out)
                 segments += 1
@@ -88,10 +88,10 @@ def bench_split(const unsigned char[:] read, int rounds):
 
 
 def bench_checksum(const unsigned char[:] data, int rounds):
-    cdef int r
+    cdef int _round
     cdef uint32_t total = 0
     with nogil:
-        for r in range(rounds):
+        for _round in range(rounds):
             total += sum16(&data[0], data.shape[0])
     return total
 
@@ -99,11 +99,11 @@ def bench_checksum(const unsigned char[:] data, int rounds):
 def bench_lookups(RouteTable table, const unsigned char[:] addresses, int rounds=1):
     """Look up every big-endian IPv4 address in the buffer `rounds` times, in C; returns the hits (benchmarks)."""
     cdef Py_ssize_t n = addresses.shape[0] // 4, i
-    cdef int r
+    cdef int _round
     cdef long hits = 0
     cdef uint32_t a
     with nogil:
-        for r in range(rounds):
+        for _round in range(rounds):
             for i in range(n):
                 a = ((<uint32_t>addresses[4 * i] << 24) | (<uint32_t>addresses[4 * i + 1] << 16)
                      | (<uint32_t>addresses[4 * i + 2] << 8) | addresses[4 * i + 3])

@@ -2,9 +2,10 @@
 the wire, and gluing received TCP segments of one flow back into one super-packet for a single TUN write.
 
 Every packet sent stays upstream's wire format: a complete IP packet with correct IP, TCP and UDP checksums (over the
-IPv6 pseudo-header for IPv6), so a peer running upstream flanneld understands it. The virtio_net_hdr fields are little-endian (x86, arm64; checked at import by
-offload.pyx). Rules for gluing follow the kernel's GRO: same addresses, ports, ToS, TTL, DF, TCP option bytes and ACK
-number; no IPv4 options, no fragments, no IPv6 extension headers; consecutive sequence numbers; equal segment sizes with only the last one shorter;
+IPv6 pseudo-header for IPv6), so a peer running upstream flanneld understands it. The virtio_net_hdr fields are
+little-endian (x86, arm64; checked at import by offload.pyx). Rules for gluing follow the kernel's GRO: same addresses,
+ports, ToS, TTL, DF, TCP option bytes and ACK number; no IPv4 options, no fragments, no IPv6 extension headers;
+consecutive sequence numbers; equal segment sizes with only the last one shorter;
 a PSH, FIN, SYN, RST, URG, ECE or CWR flag ends (or prevents) a run.
 """
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -75,7 +76,8 @@ cdef inline void set_l4_checksum_parts(uint8_t* ip, Py_ssize_t ihl, Py_ssize_t h
     put_be16(l4 + field, value)
 
 
-cdef inline void set_l4_checksum(uint8_t* ip, Py_ssize_t ihl, Py_ssize_t total, uint8_t proto, Py_ssize_t field) noexcept nogil:
+cdef inline void set_l4_checksum(uint8_t* ip, Py_ssize_t ihl, Py_ssize_t total, uint8_t proto,
+                                 Py_ssize_t field) noexcept nogil:
     """The same for a complete packet in one piece."""
     set_l4_checksum_parts(ip, ihl, total, ip + total, 0, proto, field)
 

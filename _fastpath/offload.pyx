@@ -2,7 +2,6 @@
 """Python face of offload.pxd, for table-driven tests and fuzzing; the pump calls the same inline functions."""
 import sys
 
-from libc.stdint cimport uint8_t
 
 if sys.byteorder != "little":
     raise ImportError("the virtio_net_hdr handling assumes a little-endian machine")

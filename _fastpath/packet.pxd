@@ -225,8 +225,8 @@ cdef inline Py_ssize_t build_no_route6(const uint8_t* offender, Py_ssize_t n, co
     out[41] = 0  # no route to destination
     memcpy(out + 48, offender, quoted)
     # Checksum over the pseudo-header (addresses, upper-layer length, next header) and the message.
-    put_be16(out + 42, <uint16_t>(~fold(<uint64_t>sum16(out + 8, 32) + <uint32_t>payload + 58 + sum16(out + 40, payload))
-                                  & 0xFFFF))
+    cdef uint64_t total = <uint64_t>sum16(out + 8, 32) + <uint32_t>payload + 58 + sum16(out + 40, payload)
+    put_be16(out + 42, <uint16_t>(~fold(total) & 0xFFFF))
     return 40 + payload
 
 

@@ -75,7 +75,8 @@ def net_unreachable(const unsigned char[:] offender, own_address):
     if offender.shape[0] < 20:
         raise ValueError("not an IPv4 header")
     cdef unsigned char out[96]
-    cdef Py_ssize_t n = build_net_unreachable(&offender[0], offender.shape[0], int(ipaddress.IPv4Address(own_address)), out)
+    cdef uint32_t source = int(ipaddress.IPv4Address(own_address))
+    cdef Py_ssize_t n = build_net_unreachable(&offender[0], offender.shape[0], source, out)
     return None if n == 0 else bytes(out[:n])
 
 

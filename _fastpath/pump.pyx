@@ -32,7 +32,6 @@ from _fastpath.tun cimport deliver
 from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, queue
 
 from _fastpath.packet import VERDICT_NAMES
-from _fastpath.udp import UDP_GRO_OPTION  # noqa: F401  (re-exported for the backend's setsockopt)
 
 cdef enum:
     DEFAULT_BURST = BATCH  # datagrams per round before the other direction gets its turn

@@ -1,14 +1,14 @@
 # cython: language_level=3
 """The TUN side of the udp data plane (see tun.pxd).
 
-deliver() (inline, in tun.pxd) is the one write path for received packets: without offloads a plain write; with them, consecutive segments
-of one TCP flow are held (pointers into the caller's receive buffers, nothing copied) and written as one packet with a
-virtio GSO header by flush(), which the caller runs before it reuses those buffers.
+deliver() (inline, in tun.pxd) is the one write path for received packets: without offloads a plain write; with them,
+consecutive segments of one TCP flow are held (pointers into the caller's receive buffers, nothing copied) and written
+as one packet with a virtio GSO header by flush(), which the caller runs before it reuses those buffers.
 """
 from libc.errno cimport EINTR, errno
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
-from posix.unistd cimport read, write
+from posix.unistd cimport read as read_fd, write as write_fd
 
 from _fastpath.clib cimport writev
 from _fastpath.offload cimport coalescer_finish
@@ -27,7 +27,7 @@ cdef class TunSide:
         """One read (a packet, or with offloads a virtio header and a packet); < 0 when there is none."""
         cdef Py_ssize_t r
         while True:
-            r = read(self.fd, buf, size)
+            r = read_fd(self.fd, buf, size)
             if r < 0 and errno == EINTR:
                 continue
             return r
@@ -38,7 +38,7 @@ cdef class TunSide:
         cdef Py_ssize_t r
         self.writes += 1
         if not self.vnet_hdr:
-            return write(self.fd, pkt, length)
+            return write_fd(self.fd, pkt, length)
         parts[0].iov_base = self.vnet_zero
         parts[0].iov_len = VNET_HDR_LEN
         parts[1].iov_base = pkt

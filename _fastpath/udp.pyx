@@ -10,7 +10,7 @@ the rest datagram by datagram.
 Receiving: recvmmsg a batch; with UDP_GRO a message may hold a run of datagrams from one sender, cut at gro_size().
 """
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport uint16_t, uint32_t
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
