@@ -8,13 +8,10 @@ error (exit 1), not a silent exit 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ipaddress
 import logging
 import os
 import re
 import sys
-import time
 
 from . import __version__, defaults
 
@@ -266,68 +263,6 @@ def lease_source(args: argparse.Namespace):
     return LeaseSource(args.lease_file, etcd_options(args), kube_options(args))
 
 
-def config_command(args: argparse.Namespace) -> int:
-    from .subnet.config import ConfigError, load_config
-
-    try:
-        with open(args.path, "rb") as f:
-            cfg = load_config(f.read())
-    except OSError as e:
-        return fail(f"cannot read {args.path}: {e.strerror}")
-    except ConfigError as e:
-        return fail(f"{args.path}: {e}")
-    if args.config_command == "put":
-        return put_config_to_etcd(args)
-    rows = []
-    if cfg.enable_ipv4:
-        rows += [
-            ("Network", cfg.network),
-            ("SubnetLen", cfg.subnet_len),
-            ("SubnetMin", cfg.subnet_min),
-            ("SubnetMax", cfg.subnet_max),
-            ("Subnets", cfg.subnet_count()),
-        ]
-    if cfg.enable_ipv6:
-        rows += [
-            ("IPv6Network", cfg.ipv6_network),
-            ("IPv6SubnetLen", cfg.ipv6_subnet_len),
-            ("IPv6SubnetMin", cfg.ipv6_subnet_min),
-            ("IPv6SubnetMax", cfg.ipv6_subnet_max),
-            ("IPv6Subnets", cfg.ipv6_subnet_count()),
-        ]
-    rows.append(("Backend", cfg.backend_name))
-    for name, value in rows:
-        print(f"{name + ':':15}{value}")
-    return 0
-
-
-def put_config_to_etcd(args: argparse.Namespace) -> int:
-    """Store a checked net-conf.json as <prefix>/config, where every etcd-mode node reads it."""
-    from .subnet.etcd_client import EtcdConfigError
-    from .subnet.etcd_store import EtcdRegistry
-    from .subnet.registry import StoreError
-
-    etcd = etcd_options(args)
-    if etcd is None:
-        return fail("config put: give -etcd-endpoints")
-    with open(args.path, "rb") as f:
-        text = f.read()
-
-    async def work() -> None:
-        registry = EtcdRegistry(etcd)
-        try:
-            await registry.put_network_config(text)
-        finally:
-            await registry.close()
-        print(f"stored {args.path} as {registry.config_key}")
-
-    try:
-        asyncio.run(work())
-        return 0
-    except (StoreError, EtcdConfigError) as e:
-        return fail(str(e))
-
-
 def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ETCD_FLAGS:
         kind, default, help_text = RUN_FLAGS[name]
@@ -347,65 +282,32 @@ def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{name}", f"-{name}", dest=dest, default=default, help=help_text)
 
 
-def print_leases(rows: list[tuple[str, object]], with_node: bool) -> None:
-    """One line per lease: [node,] subnet, public IP, [IPv6 subnet and public IPv6,] backend, time left."""
-    now = time.time()
-    dual = any(lease.ipv6_subnet is not None for _node, lease in rows)
-    node_header = f"{'NODE':24} " if with_node else ""
-    v6_header = f" {'IPV6 SUBNET':24} {'PUBLIC IPV6':24}" if dual else ""
-    print(f"{node_header}{'SUBNET':20} {'PUBLIC IP':16}{v6_header} {'BACKEND':9} EXPIRES IN")
-    for node, lease in rows:
-        left = lease.seconds_left(now)
-        if left is None:
-            expires = "never (podCIDR)" if with_node else "never (reservation)"
+def config_command(args: argparse.Namespace) -> int:
+    from .tools import ToolError, put_config, show_config
+
+    try:
+        if args.config_command == "put":
+            etcd = etcd_options(args)
+            if etcd is None:
+                return fail("config put: give -etcd-endpoints")
+            put_config(args.path, etcd)
         else:
-            expires = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
-        v6 = f" {str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24}" if dual else ""
-        name = f"{node:24} " if with_node else ""
-        print(
-            f"{name}{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} "
-            f"{expires}"
-        )
+            show_config(args.path)
+        return 0
+    except ToolError as e:
+        return fail(str(e))
 
 
 def leases_command(args: argparse.Namespace) -> int:
-    from .subnet.etcd_client import EtcdConfigError
-    from .subnet.registry import StoreError
-
-    source = lease_source(args)
-    if source.kube is not None:
-        if args.action == "delete":
-            return fail("in kube mode a lease is the Node's podCIDR: delete the Node object instead")
-        try:
-            print_leases(asyncio.run(source.read()), with_node=True)
-            return 0
-        except StoreError as e:
-            return fail(str(e))
-
-    async def work() -> int:
-        registry = source.open_registry()
-        try:
-            leases, _ = await registry.get_subnets()
-            if args.action == "delete":
-                try:  # FLANNEL_SUBNET's form (10.244.6.1/24) names the lease too
-                    wanted = ipaddress.ip_network(args.subnet, strict=False)
-                except ValueError:
-                    return fail(f"not a subnet: {args.subnet}")
-                # The IPv4 subnet names a lease; a dual-stack lease's key also holds its IPv6 subnet.
-                match = next((lease for lease in leases if wanted in (lease.subnet, lease.ipv6_subnet)), None)
-                if match is None:
-                    return fail(f"no lease for subnet {args.subnet}")
-                await registry.delete_subnet(match.subnet, match.ipv6_subnet)
-                print(f"deleted lease {args.subnet}")
-                return 0
-            print_leases([("", lease) for lease in leases], with_node=False)
-            return 0
-        finally:
-            await registry.close()
+    from .tools import ToolError, delete_lease, list_leases
 
     try:
-        return asyncio.run(work())
-    except (StoreError, EtcdConfigError) as e:
+        if args.action == "delete":
+            delete_lease(lease_source(args), args.subnet)
+        else:
+            list_leases(lease_source(args))
+        return 0
+    except ToolError as e:
         return fail(str(e))
 
 

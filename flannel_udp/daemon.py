@@ -24,9 +24,9 @@ from .subnet.config import ConfigError, NetworkConfig, load_config, parse_config
 from .subnet.etcd_client import EtcdConfigError, EtcdOptions
 from .subnet.kube_client import KubeOptions
 from .subnet.lease import Lease
-from .subnet.local_store import LocalRegistry
 from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
 from .subnet.registry import StoreError, StoreUnavailable
+from .subnet.source import LeaseSource
 from .subnet.watcher import LeaseRevoked, LeaseStream
 
 log = logging.getLogger(__name__)
@@ -124,12 +124,11 @@ async def open_store(opts: Options):
 
         config = read_network_config(opts.net_config_path, kube=True)
         return await KubeManager.open(opts.kube, config), config
+    source = LeaseSource(opts.lease_file, opts.etcd)  # the same way to a store as the tools take
     if opts.etcd is None:
-        config = read_network_config(opts.net_config_path)
-        return LocalRegistry.open_sync(opts.lease_file), config
-    from .subnet.etcd_store import EtcdRegistry  # gRPC is loaded only when etcd is used
-
-    registry = EtcdRegistry(opts.etcd)
+        config = read_network_config(opts.net_config_path)  # checked before the lease file is created
+        return source.open_registry(create=True), config
+    registry = source.open_registry()
     try:
         return registry, await read_etcd_network_config(registry)
     except BaseException:

@@ -1,5 +1,5 @@
-"""Where the user tools (`leases`, `capture`) read leases from, as plain values: etcd, the Kubernetes API or the
-embedded lease file. The command line builds a LeaseSource from its flags; the tools never see argv."""
+"""Where leases come from, as plain values: etcd, the Kubernetes API or the embedded lease file. The command line
+builds a LeaseSource from its flags for the tools (`leases`, `capture`); the daemon opens its registry the same way."""
 
 from __future__ import annotations
 
@@ -25,16 +25,16 @@ class LeaseSource:
     etcd: EtcdOptions | None = None  # etcd instead of the lease file
     kube: KubeOptions | None = None  # the Nodes of the Kubernetes API instead of either
 
-    def open_registry(self):
-        """The registry of leases: etcd when given, else the embedded file (which must exist: a tool that reads
-        leases must not create an empty store)."""
+    def open_registry(self, create: bool = False):
+        """The registry of leases: etcd when given (gRPC is loaded only then), else the embedded file, which only the
+        node agent creates (create=True): a tool that reads leases must not leave an empty store behind."""
         if self.etcd is not None:
             from .etcd_store import EtcdRegistry
 
             return EtcdRegistry(self.etcd)
         from .local_store import LocalRegistry
 
-        if not os.path.exists(self.lease_file):
+        if not create and not os.path.exists(self.lease_file):
             raise NoLeaseFile(f"no lease file at {self.lease_file} (give -etcd-endpoints to read leases from etcd)")
         return LocalRegistry.open_sync(self.lease_file)
 
