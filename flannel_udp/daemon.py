@@ -219,7 +219,7 @@ class Daemon:
                 annotated, annotated6 = store.stored_public_ips()
                 public_ip, public_ipv6 = annotated or public_ip, annotated6 or public_ipv6
             backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
-            # The IPv6 side is looked for only where a backend carries IPv6 (udp refuses EnableIPv6 itself).
+            # The IPv6 side is looked for where the backend carries IPv6 (for udp an IPv6 underlay is optional).
             dual_stack = config.enable_ipv6 and backend_cls.dual_stack
             ext = await choose_interface(
                 nl, opts, public_ip, public_ipv6, dual_stack, getattr(backend_cls, "ipv6_underlay_optional", False)
