@@ -1,8 +1,9 @@
 """The udp backend: TUN flannel0 plus the _fastpath pump, wire-compatible with upstream (IP packet as UDP payload).
 
-Beyond upstream (whose udp is IPv4 only): with EnableIPv6 the lease gets an IPv6 subnet too and flannel0 carries both families.
-IPv6 pod packets go to a peer's PublicIPv6 over an IPv6 underlay socket when both nodes have one, else over the IPv4
-underlay; either way the UDP payload stays the raw inner packet, so IPv4 traffic with an upstream peer is unchanged."""
+Beyond upstream (whose udp is IPv4 only): with EnableIPv6 the lease gets an IPv6 subnet too and flannel0 carries both
+families. IPv6 pod packets go to a peer's PublicIPv6 over an IPv6 underlay socket when both nodes have one, else over
+the IPv4 underlay; either way the UDP payload stays the raw inner packet, so IPv4 traffic with an upstream peer is
+unchanged."""
 
 from __future__ import annotations
 
