@@ -15,6 +15,7 @@ import logging
 from . import cni_ports
 from .net import netlink
 from .net.bridge import BridgeError, BridgePort, BridgeSpec, LinkEvent, LinkEvents, link_indexes, repair_bridge
+from .subnet import subnetenv
 from .subnet.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,7 @@ DEFAULT_BRIDGE = "cni0"
 def gateway_addresses(lease: Lease) -> tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]:
     """The bridge's addresses as subnet.env gives them (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET): each subnet's first
     address with the subnet's prefix length, which is what the bridge plugin sets with isGateway."""
-    return tuple(
-        ipaddress.ip_interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
-        for subnet in (lease.subnet, lease.ipv6_subnet)
-        if subnet is not None
-    )
+    return tuple(subnetenv.gateway(subnet) for subnet in (lease.subnet, lease.ipv6_subnet) if subnet is not None)
 
 
 class BridgeGuard:

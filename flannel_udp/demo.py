@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ipv6-network",
         default="",
         metavar="CIDR",
-        help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (vxlan and host-gw)",
+        help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (every backend)",
     )
     parser.add_argument("--iperf-seconds", type=float, default=3, help="length of the throughput sample (0: skip)")
     parser.add_argument(

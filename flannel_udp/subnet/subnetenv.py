@@ -14,14 +14,19 @@ from .lease import Lease
 log = logging.getLogger(__name__)
 
 
+def gateway(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """The subnet's first address with its prefix length: FLANNEL_SUBNET, and the pods' bridge address (isGateway)."""
+    return ipaddress.ip_interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+
+
 def render(cfg: NetworkConfig, lease: Lease, mtu: int, ip_masq: bool) -> str:
     lines = []
     if cfg.enable_ipv4:
         lines.append(f"FLANNEL_NETWORK={cfg.network}")
-        lines.append(f"FLANNEL_SUBNET={lease.subnet.network_address + 1}/{lease.subnet.prefixlen}")
+        lines.append(f"FLANNEL_SUBNET={gateway(lease.subnet)}")
     if cfg.enable_ipv6 and lease.ipv6_subnet is not None:
         lines.append(f"FLANNEL_IPV6_NETWORK={cfg.ipv6_network}")
-        lines.append(f"FLANNEL_IPV6_SUBNET={lease.ipv6_subnet.network_address + 1}/{lease.ipv6_subnet.prefixlen}")
+        lines.append(f"FLANNEL_IPV6_SUBNET={gateway(lease.ipv6_subnet)}")
     lines.append(f"FLANNEL_MTU={mtu}")
     lines.append(f"FLANNEL_IPMASQ={'true' if ip_masq else 'false'}")
     return "".join(line + "\n" for line in lines)
