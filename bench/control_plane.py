@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+import uvloop
+
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import LeaseAttrs
 from flannel_udp.subnet.watcher import LeaseWatcher
@@ -44,19 +46,23 @@ CONFIG = '{"Network": "10.100.0.0/16", "SubnetLen": 26}'
 UNDERLAY = ipaddress.ip_network("198.18.0.0/15")
 CHURN_EVERY = 10  # every 10th node leaves and rejoins after convergence
 LOST_WATCH = ("Lost the etcd watch", "Lost the Kubernetes API server", "fell behind")
+LOST_RACE = "was taken by another node meanwhile"
 
 
 class LostWatches(logging.Handler):
-    """Counts the store clients' own reports of a broken or overtaken watch."""
+    """Counts the store clients' own reports of a broken or overtaken watch, and the allocation races they lost."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.count = 0
+        self.races = 0
         self.reasons: collections.Counter = collections.Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if any(text in message for text in LOST_WATCH):
+        if LOST_RACE in message:
+            self.races += 1
+        elif any(text in message for text in LOST_WATCH):
             self.count += 1
             self.reasons[re.sub(r"\d+", "N", message)[:160]] += 1
 
@@ -98,13 +104,20 @@ class Follower:
         self.task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
-        async for result in self.watch:
-            self.watcher.apply(result)
-            self.changed.set()
+        try:
+            async for result in self.watch:
+                self.watcher.apply(result)
+                self.changed.set()
+        finally:
+            self.changed.set()  # a watch that ended (or raised) wakes until(), which says so
 
     async def until(self, count: int) -> float:
-        """Wait until the watch shows `count` other leases; returns when (time.time())."""
+        """Wait until the watch shows `count` other leases; returns when (time.time()). A watch that ended is an
+        error of its own (with the watch's exception), not a timeout."""
         while len(self.watcher.leases) != count:
+            if self.task.done():
+                error = None if self.task.cancelled() else self.task.exception()
+                raise RuntimeError(f"a node's lease watch ended with {len(self.watcher.leases)} leases: {error!r}")
             self.changed.clear()
             await self.changed.wait()
         return time.time()
@@ -142,14 +155,20 @@ async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrie
     moving = len(range(0, nodes, CHURN_EVERY))
     try:
         async with asyncio.timeout(timeout):
+            result["phase"] = "acquire and converge"
             result["converged"] = await asyncio.gather(*(first_join(i) for i in ids))
             if store != "kube":  # a Kubernetes node leaves by its Node object going away, not through a lease store
                 for phase, move, count in (("left_s", leave, nodes - 1 - moving), ("rejoined_s", join, nodes - 1)):
+                    result["phase"] = phase
                     await asyncio.to_thread(barrier.wait, timeout)
                     began = time.time()
                     await asyncio.gather(*(move(i) for i in movers))
                     seen = await asyncio.gather(*(followers[i].until(count) for i in survivors))
                     result[phase] = max(seen, default=began) - began
+    except TimeoutError:
+        # Where it stuck: the phase, and how far this process's nodes got (a node's count of other leases seen).
+        seen = collections.Counter(len(f.watcher.leases) for f in followers.values())
+        result["timeout"] = f"in {result['phase']}: {len(followers)}/{len(ids)} nodes joined, seen {dict(seen)}"
     finally:
         for follower in followers.values():
             await follower.close()
@@ -170,12 +189,13 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     nodes_log.setLevel(logging.INFO)
     nodes_log.propagate = False  # the nodes' chatter is not the point; the lost watches are counted
     try:
-        result = asyncio.run(run_share(store, target, ids, nodes, barrier, timeout))
+        result = uvloop.run(run_share(store, target, ids, nodes, barrier, timeout))  # the loop a node process runs
     except TimeoutError:
-        result = {"timeout": True}
+        result = {"timeout": "before the start"}
     except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
         result = {"error": f"{type(e).__name__}: {e}"}
     result["lost_watches"] = lost.count
+    result["lost_races"] = lost.races
     result["lost_reasons"] = dict(lost.reasons)
     results.put(result)
 
@@ -210,7 +230,9 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(f"{len(errors)} of {processes} node processes failed; the first: {errors[0]}")
-    if any(r.get("timeout") for r in results):
+    stuck = [r["timeout"] for r in results if "timeout" in r]
+    if stuck:
+        print(f"  {len(stuck)} of {processes} node processes timed out, the first {stuck[0]}", file=sys.stderr)
         raise TimeoutError(lost)
     start = min(r["started"] for r in results)
     converged = [t - start for r in results for t in r["converged"]]
@@ -221,6 +243,7 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
         "all_converged_s": max(converged),
         "median_node_converged_s": statistics.median(converged),
         "lost_watches": lost,
+        "lost_races": sum(r["lost_races"] for r in results),
         **{
             f"churn_{phase}": max(r[phase] for r in results) if all(phase in r for r in results) else None
             for phase in ("left_s", "rejoined_s")
@@ -301,18 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(
             f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
-            f"{'lost watches':>13} {'10% left s':>11} {'rejoined s':>11}",
+            f"{'lost watches':>13} {'lost races':>11} {'10% left s':>11} {'rejoined s':>11}",
             flush=True,
         )
         for store in stores:
-            for n in sizes:
+            for run, n in enumerate(sizes):
                 try:
                     if store == "embedded":
                         figures = run_embedded(n, args.processes, args.timeout)
                     elif store == "kube":
                         figures = run_kube(n, args.processes, args.timeout)
                     else:
-                        figures = run_etcd(etcd.endpoints, f"/scale-{n}/network", n, args.processes, args.timeout)
+                        figures = run_etcd(etcd.endpoints, f"/scale-{run}-{n}/network", n, args.processes, args.timeout)
                 except RuntimeError as e:  # nodes that gave up (e.g. the API server refusing connections)
                     print(f"{store:9} {n:6} failed: {e}", flush=True)
                     results[store].append({"nodes": n, "failed": str(e)})
@@ -333,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
-                    f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d}{churn}",
+                    f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d} "
+                    f"{figures['lost_races']:11d}{churn}",
                     flush=True,
                 )
     except KeyboardInterrupt:

@@ -16,8 +16,9 @@ import time
 from collections.abc import AsyncIterator
 
 from aetcd import exceptions as etcd_errors
+from aetcd import rpc
 
-from .etcd_client import WATCH_CREATE_TIMEOUT, EtcdClient, EtcdOptions
+from .etcd_client import EtcdClient, EtcdOptions
 from .lease import (
     Events,
     IPv4Net,
@@ -53,8 +54,6 @@ def _translate(e: etcd_errors.ClientError, endpoints: str) -> StoreError:
         return StoreUnavailable(f"etcd at {endpoints} is unreachable: {e}")
     if isinstance(e, etcd_errors.UnauthenticatedError):
         return StoreError(f"etcd at {endpoints} refused the credentials: {e}")
-    if isinstance(e, etcd_errors.WatchTimeoutError):  # aetcd's has no text of its own
-        return StoreError(f"etcd at {endpoints} did not create the watch within {WATCH_CREATE_TIMEOUT:g} s")
     return StoreError(f"etcd at {endpoints}: {e or type(e).__name__}")
 
 
@@ -96,16 +95,18 @@ class EtcdRegistry(Registry):
         # TTL -1: the lease is already gone, and its key with it a moment later.
         return time.time() + max(info.TTL, 0)
 
-    async def _lease(self, key: bytes, value: bytes, lease_id: int, expiration: bool = True) -> Lease | None:
+    @staticmethod
+    def _decode(kv, when: float | None) -> Lease | None:
         try:
-            if expiration:
-                when = await self._expiration(lease_id)
-            else:
-                when = None if lease_id == 0 else math.inf  # a reservation, or a lease that expires (when: not asked)
-            return lease_from_kv(key.decode("utf-8", "replace"), value, when)
+            return lease_from_kv(kv.key.decode("utf-8", "replace"), kv.value, when)
         except LeaseError as e:
-            log.warning("Ignoring bad subnet node %s: %s", key.decode("utf-8", "replace"), e)
+            log.warning("Ignoring bad subnet node %s: %s", kv.key.decode("utf-8", "replace"), e)
             return None
+
+    @staticmethod
+    def _unasked_expiration(kv) -> float | None:
+        """None for a reservation; inf for a key with an etcd lease, whose TTL was not asked."""
+        return None if kv.lease == 0 else math.inf
 
     async def get_subnets(self, expirations: bool = True) -> tuple[list[Lease], int]:
         """Every lease and the revision. Without `expirations` no TTL is asked per key (upstream asks one RPC per
@@ -114,7 +115,11 @@ class EtcdRegistry(Registry):
         a reservation None."""
         # No trailing slash on the prefix, as upstream; keys that do not parse are skipped.
         result = await self._call(self.client.get_prefix, self.subnets_key.encode())
-        leases = await asyncio.gather(*(self._lease(kv.key, kv.value, kv.lease, expirations) for kv in result.kvs))
+        if expirations:
+            whens = await asyncio.gather(*(self._expiration(kv.lease) for kv in result.kvs))
+        else:
+            whens = [self._unasked_expiration(kv) for kv in result.kvs]
+        leases = [self._decode(kv, when) for kv, when in zip(result.kvs, whens, strict=True)]
         return [lease for lease in leases if lease is not None], result.header.revision
 
     async def _grant(self, ttl: float):
@@ -159,12 +164,11 @@ class EtcdRegistry(Registry):
         return (await self._call(self.client.get_prefix, self.subnets_key.encode())).header.revision
 
     # -- watch -------------------------------------------------------------------------------------------------------
-    async def _event(self, event) -> LeaseEvent | None:
-        key = event.kv.key.decode("utf-8", "replace")
-        if event.kind == "DELETE":  # a delete, or the expiry of the key's etcd lease
-            subnets = parse_subnet_key(key)
+    def _event(self, event) -> LeaseEvent | None:
+        if event.type == rpc.Event.DELETE:  # a delete, or the expiry of the key's etcd lease
+            subnets = parse_subnet_key(event.kv.key.decode("utf-8", "replace"))
             return None if subnets is None else LeaseRemoved(*subnets)
-        lease = await self._lease(event.kv.key, event.kv.value, event.kv.lease, expiration=False)
+        lease = self._decode(event.kv, self._unasked_expiration(event.kv))
         return None if lease is None else LeaseAdded(lease)
 
     async def watch_subnets(self, since: int | None = None) -> AsyncIterator[Snapshot | Events]:
@@ -182,25 +186,26 @@ class EtcdRegistry(Registry):
                 if revision is None:
                     leases, revision = await self.get_subnets(expirations=False)
                     yield Snapshot(leases, revision)
-                watch = await self._call(
-                    self.client.watch_prefix, self.subnets_key.encode(), start_revision=revision + 1
-                )
-                if outage:
-                    log.warning(
-                        "etcd at %s is reachable again; following leases from revision %d",
-                        self.client.description,
-                        revision + 1,
-                    )
-                    outage = False
-                backoff = WATCH_BACKOFF_FIRST
+                watch = self.client.watch_prefix_batches(self.subnets_key.encode(), revision + 1)
                 try:
-                    async for event in watch:
-                        revision = max(revision, event.kv.mod_revision)
-                        lease_event = await self._event(event)
-                        if lease_event is not None:
-                            yield Events([lease_event], revision)
+                    async for batch in watch:  # the first, empty, once the watch exists
+                        if outage:
+                            log.warning(
+                                "etcd at %s is reachable again; following leases from revision %d",
+                                self.client.description,
+                                revision + 1,
+                            )
+                            outage = False
+                        backoff = WATCH_BACKOFF_FIRST
+                        if not batch:
+                            continue
+                        revision = max(revision, batch[-1].kv.mod_revision)
+                        decoded = [self._event(event) for event in batch]
+                        events = [event for event in decoded if event is not None]
+                        if events:
+                            yield Events(events, revision)
                 finally:
-                    await _bounded(watch.cancel(), "cancelling the etcd watch")
+                    await watch.aclose()
                 raise StoreUnavailable("the watch stream closed")
             except etcd_errors.RevisionCompactedError as e:
                 log.info("Lease watch fell behind compaction (%s); re-listing", e)
@@ -216,7 +221,7 @@ class EtcdRegistry(Registry):
 
     async def close(self) -> None:
         if not await _bounded(self.client.close(), "closing the etcd client"):
-            # aetcd's close queues a message for a watch stream that may be gone: never let that hold a shutdown.
+            # A channel that is reconnecting can hold aetcd's close: never let that hold a shutdown.
             channel = self.client.channel
             if channel is not None:
                 await _bounded(channel.close(), "closing the etcd channel")

@@ -184,17 +184,15 @@ class Events:
     revision: int = 0
 
 
-def lease_from_kv(key: str, value: str | bytes, expiration: float | None) -> Lease:
-    """Decode one stored key/value; raises LeaseError for anything upstream would skip."""
-    subnet, ipv6_subnet, attrs = _decode_kv(key, value)
-    return Lease(subnet, attrs, ipv6_subnet, expiration, True, ipv6_subnet is not None)
-
-
 @functools.lru_cache(maxsize=8192)
-def _decode_kv(key: str, value: str | bytes) -> tuple[IPv4Net, IPv6Net | None, LeaseAttrs]:
-    """Every listing and every retry of an acquisition decodes the same keys and values again: decode each once
-    (a cluster-wide start of 1,000 nodes spent most of its time here). LeaseErrors are not cached: they are rare."""
+def lease_from_kv(key: str, value: str | bytes, expiration: float | None) -> Lease:
+    """Decode one stored key/value; raises LeaseError for anything upstream would skip.
+
+    Every listing, every retry of an acquisition and every watcher decode the same keys and values again: each is
+    decoded once (leases are immutable; a cluster-wide start of 1,000 nodes spent most of its time here). LeaseErrors
+    are not cached: they are rare."""
     subnets = parse_subnet_key(key)
     if subnets is None:
         raise LeaseError(f"bad subnet key {key!r}")
-    return subnets[0], subnets[1], LeaseAttrs.from_json(value)
+    subnet, ipv6_subnet = subnets
+    return Lease(subnet, LeaseAttrs.from_json(value), ipv6_subnet, expiration, True, ipv6_subnet is not None)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from .allocation import decide
 from .config import NetworkConfig
-from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, Snapshot
+from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, Snapshot, make_subnet_key
 from .registry import Registry, StoreUnavailable, SubnetExists
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ class Manager:
         self.lease_ttl = lease_ttl
         self.rng = rng or random.Random()
         self.created: Lease | None = None  # a lease this process allocated (not one it found and reused)
+        # Keys this process asked the store to create: a create whose answer was lost (a timeout under load) may have
+        # succeeded, and the lease found by public IP at the next attempt is then this start's own, not an old one.
+        self._tried: set[str] = set()
 
     async def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
         """Upstream's allocation; an unreachable store (etcd down) is waited for, once a second, saying so once."""
@@ -77,6 +80,7 @@ class Manager:
                 expiration = await self.registry.update_subnet(decision.subnet, decision.ipv6_subnet, attrs, ttl)
                 log.info("Found lease (%s) for current IP (%s), reusing", decision.reuse.key, attrs.public_ip)
             else:
+                self._tried.add(make_subnet_key(decision.subnet, decision.ipv6_subnet))
                 try:
                     expiration = await self.registry.create_subnet(
                         decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl
@@ -101,7 +105,8 @@ class Manager:
             lease = Lease(
                 decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None
             )
-            self.created = None if decision.reuse is not None else lease
+            found_old = decision.reuse is not None and decision.reuse.key not in self._tried
+            self.created = None if found_old else lease
             return lease
         raise AcquireError(
             f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)"

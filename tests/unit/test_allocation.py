@@ -10,6 +10,7 @@ from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import EventType, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from flannel_udp.subnet.local_store import LocalRegistry
 from flannel_udp.subnet.manager import Manager
+from flannel_udp.subnet.registry import StoreUnavailable
 from flannel_udp.subnet.watcher import LeaseRevoked, LeaseStream, LeaseWatcher
 
 net = ipaddress.ip_network
@@ -175,6 +176,35 @@ async def test_a_dual_stack_node_gives_way_when_another_took_its_ipv4_subnet_wit
         leases, _ = await reg.get_subnets()
         assert [lease.subnet for lease in leases].count(lease.subnet) == 1, leases
         assert [x.ipv6_subnet for x in leases].count(lease.ipv6_subnet) == 1
+    finally:
+        await reg.close()
+
+
+async def test_a_create_whose_answer_was_lost_is_still_this_starts_own_lease(tmp_path):
+    """Under load a create can succeed in the store while its answer times out: the next attempt finds the lease by
+    public IP. It is this start's own, so a failed start gives it back (an old lease found at start stays)."""
+
+    class LostAnswer(LocalRegistry):
+        async def create_subnet(self, subnet, ipv6_subnet, attrs, ttl):
+            expiration = await super().create_subnet(subnet, ipv6_subnet, attrs, ttl)
+            if not getattr(self, "answered", False):
+                self.answered = True
+                raise StoreUnavailable("the answer timed out")
+            return expiration
+
+    reg = LostAnswer.open_sync(str(tmp_path / "leases.db"))
+    try:
+        manager = Manager(reg, CONFIG)
+        lease = await manager.acquire_lease(OURS)
+        assert [x.subnet for x in (await reg.get_subnets())[0]] == [lease.subnet]
+        assert await manager.release_created_lease() == lease
+        assert (await reg.get_subnets())[0] == []
+        # A lease that was there before this start is reused and kept.
+        await reg.create_subnet(lease.subnet, None, OURS, 3600)
+        restarted = Manager(reg, CONFIG)
+        assert (await restarted.acquire_lease(OURS)).subnet == lease.subnet
+        assert await restarted.release_created_lease() is None
+        assert [x.subnet for x in (await reg.get_subnets())[0]] == [lease.subnet]
     finally:
         await reg.close()
 
