@@ -38,7 +38,7 @@ import time
 import uvloop
 
 from flannel_udp.subnet.config import load_config
-from flannel_udp.subnet.lease import LeaseAttrs
+from flannel_udp.subnet.lease import LeaseAttrs, Snapshot
 from flannel_udp.subnet.watcher import LeaseWatcher
 from testbed.etcdserver import EtcdCluster
 
@@ -101,11 +101,13 @@ class Follower:
         self.watcher = LeaseWatcher(lease.subnet)
         self.watch = manager.watch_leases()
         self.changed = asyncio.Event()
+        self.delivered = 0  # leases and lease events this watch handed over
         self.task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
         try:
             async for result in self.watch:
+                self.delivered += len(result.leases if isinstance(result, Snapshot) else result.events)
                 self.watcher.apply(result)
                 self.changed.set()
         finally:
@@ -157,6 +159,7 @@ async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrie
         async with asyncio.timeout(timeout):
             result["phase"] = "acquire and converge"
             result["converged"] = await asyncio.gather(*(first_join(i) for i in ids))
+            result["delivered"] = sum(follower.delivered for follower in followers.values())
             if store != "kube":  # a Kubernetes node leaves by its Node object going away, not through a lease store
                 for phase, move, count in (("left_s", leave, nodes - 1 - moving), ("rejoined_s", join, nodes - 1)):
                     result["phase"] = phase
@@ -244,6 +247,9 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
         "median_node_converged_s": statistics.median(converged),
         "lost_watches": lost,
         "lost_races": sum(r["lost_races"] for r in results),
+        # The fan-out's throughput: every lease (in snapshots) and lease event the watches handed over until all had
+        # converged, per second. Constant over N means no per-watcher cost that grows with the cluster.
+        "delivered_per_s": sum(r["delivered"] for r in results) / max(converged),
         **{
             f"churn_{phase}": max(r[phase] for r in results) if all(phase in r for r in results) else None
             for phase in ("left_s", "rejoined_s")
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(
             f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
-            f"{'lost watches':>13} {'lost races':>11} {'10% left s':>11} {'rejoined s':>11}",
+            f"{'lost watches':>13} {'lost races':>11} {'10% left s':>11} {'rejoined s':>11} {'leases seen/s':>14}",
             flush=True,
         )
         for store in stores:
@@ -357,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
                     f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d} "
-                    f"{figures['lost_races']:11d}{churn}",
+                    f"{figures['lost_races']:11d}{churn} {figures['delivered_per_s']:14,.0f}",
                     flush=True,
                 )
     except KeyboardInterrupt:

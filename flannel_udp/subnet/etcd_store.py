@@ -114,7 +114,7 @@ class EtcdRegistry(Registry):
         nodes that is 10^6 RPCs across the cluster at every start): a key with an etcd lease carries expiration inf,
         a reservation None."""
         # No trailing slash on the prefix, as upstream; keys that do not parse are skipped.
-        result = await self._call(self.client.get_prefix, self.subnets_key.encode())
+        result = await self._call(self.client.list_prefix, self.subnets_key.encode())
         if expirations:
             whens = await asyncio.gather(*(self._expiration(kv.lease) for kv in result.kvs))
         else:

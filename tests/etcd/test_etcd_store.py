@@ -225,6 +225,29 @@ async def test_reservation_without_ttl_stays_a_reservation(registry):
     assert (await registry.client.get(registry.subnet_key(lease.subnet, None))).lease == 0
 
 
+async def test_a_watch_catching_up_takes_events_in_batches_and_ends_with_the_stores_set(registry):
+    """A watch that starts behind (a node that was busy, or resumes after an outage) is handed the missed changes as
+    etcd sends them, many per result rather than one by one, and ends with exactly the store's leases."""
+    start = await registry.revision()
+    for third in range(40):
+        await registry.create_subnet(net(f"10.7.{third}.0/24"), None, LeaseAttrs(ip(f"1.1.1.{third + 1}")), DAY)
+    for third in range(0, 40, 4):
+        await registry.delete_subnet(net(f"10.7.{third}.0/24"), None)
+    end = await registry.revision()
+    watcher = LeaseWatcher(net("10.7.255.0/24"))
+    watch = registry.watch_subnets(since=start)
+    sizes, seen = [], start
+    while seen < end:
+        result = await next_events(watch)
+        sizes.append(len(result.events))
+        seen = result.revision
+        watcher.apply(result)
+    await watch.aclose()
+    assert sum(sizes) == 50 and max(sizes) > 1, sizes
+    stored, _ = await registry.get_subnets(expirations=False)  # as a watch reports them: no TTL asked
+    assert watcher.leases == {lease.subnet: lease for lease in stored} and len(stored) == 30
+
+
 async def compact_after_bumps(registry):
     for i in range(5):
         await registry.client.put(registry.config_key.encode() + b"-bump", str(i).encode())
