@@ -58,7 +58,8 @@ class LocalRegistry(Registry):
     def __init__(self, path: str = DEFAULT_LEASE_FILE, poll_interval: float = POLL_INTERVAL) -> None:
         self.path = path
         self.poll_interval = poll_interval
-        # sqlite3 connections belong to one thread: all store work runs on this one, off the event loop.
+        # sqlite3 connections belong to one thread: all store work runs on this one, off the event loop, except the
+        # watch's polls (see _poll_connection).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease-store")
         self._db: sqlite3.Connection | None = None
         self._writer_lock: int | None = None  # fd of <path>-lock, opened with the database
