@@ -9,6 +9,7 @@ them up (reference §4.2, §4.3), so that the udp backend is compared with the k
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
 import json
 import os
@@ -113,7 +114,9 @@ def limit_tunnel_binary() -> str:
     if _limit_tunnel_binary is None:
         if not LIMIT_TUNNEL_SOURCE.exists() or shutil.which("gcc") is None:
             raise RuntimeError(f"limit-c needs gcc and {LIMIT_TUNNEL_SOURCE}")
-        out = os.path.join(tempfile.mkdtemp(prefix="flannel-udp-bench-"), "limit-tunnel")
+        folder = tempfile.mkdtemp(prefix="flannel-udp-bench-")
+        atexit.register(shutil.rmtree, folder, True)  # the build goes with the run, whichever way it ends
+        out = os.path.join(folder, "limit-tunnel")
         subprocess.run(["gcc", "-O2", "-o", out, str(LIMIT_TUNNEL_SOURCE)], check=True)
         _limit_tunnel_binary = out
     return _limit_tunnel_binary

@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import uvloop
 
@@ -176,7 +177,8 @@ async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrie
         seen = collections.Counter(len(f.watcher.leases) for f in followers.values())
         result["timeout"] = f"in {result['phase']}: {len(followers)}/{len(ids)} nodes joined, seen {dict(seen)}"
     finally:
-        for follower in followers.values():
+        # A copy: after a timeout, cancelled joins may still be adding their followers while these close.
+        for follower in list(followers.values()):
             await follower.close()
         for _, close in opened.values():
             await close()
@@ -199,7 +201,8 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     except TimeoutError:
         result = {"timeout": "before the start"}
     except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
-        result = {"error": f"{type(e).__name__}: {e}"}
+        where = traceback.extract_tb(e.__traceback__)[-1]  # the innermost frame: where a node's code failed
+        result = {"error": f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"}
     result["lost_watches"] = lost.count
     result["lost_races"] = lost.races
     result["lost_reasons"] = dict(lost.reasons)
