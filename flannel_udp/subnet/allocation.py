@@ -1,9 +1,13 @@
 """Which subnet a node gets (upstream tryAcquireLease), as a pure decision over the current leases.
 
 Order, as upstream: reuse the lease that carries our public IP if it still fits the config (else delete it); else the
-previous subnet from subnet.env if it is still free and fits; else a random free subnet. Unlike upstream, which picks
-among the first 100 free candidates (so N nodes starting together collide about N/100 times each and retry), the pick
-is uniform over the whole SubnetMin..SubnetMax range: nodes starting together rarely choose the same subnet.
+previous subnet from subnet.env if it is still free and fits; else the node's home subnet if it is free; else a
+random free subnet. Upstream picks at random among the first 100 free candidates, so N nodes starting together collide
+about N/100 times each and retry. Here each node first tries its home: the subnet whose ordinal in SubnetMin..SubnetMax
+is its public IP modulo the number of subnets. Nodes numbered consecutively in one underlay (the usual cluster) have
+distinct homes however full the range is, and a node whose lease is gone (expired while it was down, or given back)
+gets the same subnet again while it is free. When the home is taken, the pick is uniform over the whole range, so that
+nodes starting together still rarely choose the same subnet.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def decide(
         int(cfg.subnet_max),
         cfg.subnet_len,
         ipaddress.IPv4Network,
+        int(public_ip),
         rng,
     )
     ipv6_subnet = None
@@ -86,6 +91,7 @@ def decide(
             int(cfg.ipv6_subnet_max),
             cfg.ipv6_subnet_len,
             ipaddress.IPv6Network,
+            int(public_ip),
             rng,
         )
     return Decision(subnet, ipv6_subnet, reuse=None, delete=tuple(delete))
@@ -106,13 +112,16 @@ class _Taken:
         return start in self.covering or any(first <= start <= last for first, last in self.wider)
 
 
-def _pick_free(taken: list, first: int, last: int, length: int, network_type, rng: random.Random):
-    """A free subnet of `length` in [first, last], uniformly at random: random draws first (the range may be far too
-    large to list, e.g. IPv6), then, if they keep hitting taken ones, a pick among the first free candidates."""
+def _pick_free(taken: list, first: int, last: int, length: int, network_type, home: int, rng: random.Random):
+    """A free subnet of `length` in [first, last]: the one at ordinal `home` modulo their number if it is free, else
+    uniformly at random: random draws first (the range may be far too large to list, e.g. IPv6), then, if they keep
+    hitting taken ones, a pick among the first free candidates."""
     bits = network_type(0).max_prefixlen
     occupied = _Taken(taken, length, bits)
     size = 1 << (bits - length)
     count = (last - first) // size + 1 if last >= first else 0
+    if count > 0 and (start := first + home % count * size) not in occupied:
+        return network_type((start, length))
     for _ in range(RANDOM_DRAWS if count > 0 else 0):
         start = first + rng.randrange(count) * size
         if start not in occupied:

@@ -29,10 +29,13 @@ RPC_TIMEOUT = 5.0
 # that gave up after RPC_TIMEOUT and asked again only repeated the work (1,000 simulated nodes lost ~50 watches per
 # run to "Deadline Exceeded" on the listing that starts a watch).
 LIST_TIMEOUT = 30.0
-# gRPC's own reconnect backoff (default 1 s growing to 120 s) would keep a node blind long after etcd is back.
+# gRPC's own reconnect backoff (default 1 s growing to 120 s) would keep a node blind long after etcd is back. Despite
+# its name, min_reconnect_backoff is the time one connection attempt is given (gRPC core's minimum connect timeout),
+# not a backoff: at 100 ms, a handshake slower than the backoff (an etcd far away, or busy with 1,000 nodes connecting
+# at once) was abandoned and tried again, over and over. gRPC's default, 20 s, stays.
 CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 20000,
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 10000,
     "grpc.keepalive_timeout_ms": 5000,

@@ -93,8 +93,11 @@ def make_subnet_key(subnet: IPv4Net, ipv6_subnet: IPv6Net | None = None) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_subnet_key(key: str) -> tuple[IPv4Net, IPv6Net | None] | None:
-    """The subnet(s) named by a key or a full key path; None for a key upstream would ignore."""
+    """The subnet(s) named by a key or a full key path; None for a key upstream would ignore. Cached (the result is
+    immutable): every watching node parses each removal's key, and parsing the addresses was a fifth of a node's CPU
+    while 100 of 1,000 nodes left."""
     m = _SUBNET_KEY_RE.search(key)
     if m is None:
         return None

@@ -334,6 +334,49 @@ async def test_three_member_cluster_survives_losing_the_member_in_use():
             await registry.close()
 
 
+async def test_an_etcd_slow_to_answer_its_handshake_is_still_reached(etcd):
+    """An etcd far away or busy (1,000 nodes connecting at once) answers a connection's HTTP/2 handshake late: the
+    client must wait for it rather than abandon the attempt and start over (with gRPC's minimum connect timeout at
+    100 ms it never connected). Here a proxy holds every new connection for 1.5 s before passing it to etcd."""
+    host, port = etcd.endpoints.split(",")[0].removeprefix("http://").rsplit(":", 1)
+    pipes: set[asyncio.Task] = set()
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def slow_accept(client_reader, client_writer):
+        await asyncio.sleep(1.5)
+        server_reader, server_writer = await asyncio.open_connection(host, int(port))
+        for task in (pipe(client_reader, server_writer), pipe(server_reader, client_writer)):
+            pipes.add(asyncio.ensure_future(task))
+
+    proxy = await asyncio.start_server(slow_accept, "127.0.0.1", 0)
+    registry = EtcdRegistry(
+        EtcdOptions(
+            endpoints=f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}",
+            prefix=f"/test-{secrets.token_hex(4)}/network",
+        )
+    )
+    try:
+        await registry.create_subnet(net("10.1.8.0/24"), None, LeaseAttrs(ip("1.2.3.7")), DAY)
+        leases, _ = await registry.get_subnets()
+        assert [lease.subnet for lease in leases] == [net("10.1.8.0/24")]
+    finally:
+        await registry.close()
+        proxy.close()
+        for task in pipes:
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        await proxy.wait_closed()
+
+
 def test_config_not_found_text_is_upstreams():
     assert CONFIG_NOT_FOUND == "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
     assert json.loads(LeaseAttrs(ip("1.2.3.4")).to_json()) == {"PublicIP": "1.2.3.4", "PublicIPv6": None}
@@ -349,7 +392,7 @@ from flannel_udp.subnet.manager import Manager
 
 async def main():
     reg = EtcdRegistry(EtcdOptions(endpoints=sys.argv[1], prefix=sys.argv[2]))
-    cfg = load_config('{"Network": "10.5.0.0/16", "SubnetLen": 20}')  # 15 subnets: collisions are likely
+    cfg = load_config('{"Network": "10.5.0.0/16", "SubnetLen": 20}')  # 15 subnets
     await reg.get_subnets()  # connected before the common start
     while time.time() < float(sys.argv[4]):
         await asyncio.sleep(0.001)
@@ -362,6 +405,7 @@ asyncio.run(main())
 
 
 def test_twelve_processes_acquiring_at_once_on_etcd_get_distinct_subnets(etcd):
+    """Public IPs 15 apart share their home subnet (the IP modulo the 15 subnets): every start collides at first."""
     import subprocess
     import sys
 
@@ -369,7 +413,7 @@ def test_twelve_processes_acquiring_at_once_on_etcd_get_distinct_subnets(etcd):
     start_at = str(time.time() + 3)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-P", "-c", ACQUIRE, etcd.endpoints, prefix, f"198.18.0.{i + 1}", start_at],
+            [sys.executable, "-P", "-c", ACQUIRE, etcd.endpoints, prefix, f"198.18.0.{1 + 15 * i}", start_at],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -140,6 +140,22 @@ def test_simultaneous_starts_spread_over_the_whole_range():
     assert len(set(picks)) > 160  # ~181 expected from 824 free; upstream's way: at most 100
 
 
+def test_nodes_numbered_consecutively_start_together_without_colliding_and_return_to_their_subnet():
+    """1,000 nodes with consecutive public IPs (one underlay, as clusters number their nodes) decide on the same empty
+    listing of a range with 1,023 subnets: each takes its home, so none collides (uniform draws would give ~640
+    distinct subnets); a node deciding again once its lease is gone gets the same subnet back."""
+    import random
+
+    from flannel_udp.subnet.allocation import decide
+
+    cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')
+    first = int(ip("198.18.0.1"))
+    picks = [decide(cfg, [], ip(first + i), rng=random.Random(i)).subnet for i in range(1000)]
+    assert len(set(picks)) == 1000
+    others = [Lease(subnet, OTHER) for subnet in picks[1:]]
+    assert decide(cfg, others, ip(first), rng=random.Random(99)).subnet == picks[0]
+
+
 def test_a_nearly_full_range_still_finds_its_last_free_subnet():
     import random
 

@@ -13,7 +13,7 @@ from flannel_udp.subnet.manager import Manager
 
 async def main():
     reg = LocalRegistry.open_sync(sys.argv[1])
-    cfg = load_config('{"Network": "10.5.0.0/16", "SubnetLen": 20}')  # 15 subnets: collisions are likely
+    cfg = load_config('{"Network": "10.5.0.0/16", "SubnetLen": 20}')  # 15 subnets
     while time.time() < float(sys.argv[3]):
         time.sleep(0.001)
     lease = await Manager(reg, cfg).acquire_lease(LeaseAttrs(ipaddress.IPv4Address(sys.argv[2])))
@@ -25,11 +25,12 @@ asyncio.run(main())
 
 
 def test_eight_processes_acquiring_at_once_get_distinct_subnets(tmp_path):
+    """Public IPs 15 apart share their home subnet (the IP modulo the 15 subnets): every start collides at first."""
     lease_file = str(tmp_path / "leases.db")
     start_at = str(time.time() + 1.5)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", ACQUIRE, lease_file, f"198.18.0.{i + 1}", start_at],
+            [sys.executable, "-c", ACQUIRE, lease_file, f"198.18.0.{1 + 15 * i}", start_at],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
