@@ -22,6 +22,9 @@ from .registry import StoreError, StoreUnavailable
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Every request but a watch gives up after this; a watch has no read timeout (it waits for events).
 REQUEST_TIMEOUT = 10.0
+# Connecting (TCP and the TLS handshake) may take as long as client-go's dialer allows: a busy API server answers
+# handshakes late, and a handshake abandoned at 10 s is started again from nothing.
+CONNECT_TIMEOUT = 30.0
 
 
 class KubeConfigError(StoreError):
@@ -74,7 +77,9 @@ def make_client(config: KubeConfig) -> AsyncClient:
     # trust_env=False: no proxy or ~/.kube/config from the environment; exactly the configuration chosen above.
     # lazy: a Node's fields are decoded when read, so the large status of a real node (images, conditions) that
     # every watch event carries is never decoded here.
-    return AsyncClient(config, timeout=httpx.Timeout(REQUEST_TIMEOUT), trust_env=False, lazy=True)
+    return AsyncClient(
+        config, timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT), trust_env=False, lazy=True
+    )
 
 
 def describe(error: BaseException) -> str:
