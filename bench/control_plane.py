@@ -14,10 +14,11 @@ the agent runs. The nodes are spread over --processes OS processes (default 4 pe
 is a real etcd server started on loopback for the run. `kube` is a real control plane (etcd, kube-apiserver,
 kube-controller-manager) in a network namespace of its own: the N Node objects are registered through the API first (as
 kubelets would) and get their podCIDRs from kube-controller-manager, then N Kubernetes subnet managers start at once,
-annotate their Node and follow the others. Simplified: no data plane, every node on one machine's cores (with the
-servers, so 1,000 nodes put 10^6 watch deliveries on 2 cores that a cluster spreads over 1,000 machines), and a node
-"sees" a lease when its watch delivers it. A size that times out says in which phase and how far each process's nodes
-got. Nothing is left behind.
+annotate their Node and follow the others. The nodes' public IPs are consecutive (one underlay, as clusters number
+their nodes) or, with --public-ips scattered, spread at random over 198.18.0.0/15. Simplified: no data plane, every
+node on one machine's cores (with the servers, so 1,000 nodes put 10^6 watch deliveries on 2 cores that a cluster
+spreads over 1,000 machines), and a node "sees" a lease when its watch delivers it. A size that times out says in
+which phase and how far each process's nodes got. Nothing is left behind.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import signal
@@ -145,7 +147,8 @@ async def run_share(store: str, target: dict, ids: list[int], nodes: int, barrie
 
     async def join(i: int) -> None:
         manager = opened[i][0]
-        followers[i] = Follower(manager, await manager.acquire_lease(LeaseAttrs(UNDERLAY.network_address + i + 1)))
+        lease = await manager.acquire_lease(LeaseAttrs(ipaddress.IPv4Address(target["public_ips"][i])))
+        followers[i] = Follower(manager, lease)
 
     async def first_join(i: int) -> float:
         await join(i)
@@ -209,8 +212,18 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     results.put(result)
 
 
-def simulate(store: str, target: dict, nodes: int, processes: int, timeout: float) -> dict:
+def public_ips(nodes: int, scattered: bool) -> list[str]:
+    """The simulated nodes' underlay addresses: consecutive from 198.18.0.1 (one underlay, numbered as clusters number
+    their nodes: each node's home subnet is its own), or scattered at random over 198.18.0.0/15 (homes then collide as
+    random picks do, and allocation falls back to its uniform draws)."""
+    first = int(UNDERLAY.network_address) + 1
+    offsets = random.Random(nodes).sample(range(UNDERLAY.num_addresses - 2), nodes) if scattered else range(nodes)
+    return [str(ipaddress.IPv4Address(first + offset)) for offset in offsets]
+
+
+def simulate(store: str, target: dict, nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
     processes = min(processes, nodes)
+    target = {**target, "public_ips": public_ips(nodes, scattered)}
     context = multiprocessing.get_context("spawn")  # no fork: gRPC and threads do not survive it
     barrier, queue = context.Barrier(processes), context.Queue()
     workers = [
@@ -263,22 +276,22 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
     }
 
 
-def run_embedded(nodes: int, processes: int, timeout: float) -> dict:
+def run_embedded(nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
     folder = tempfile.mkdtemp(prefix="flannel-udp-scale-")
     try:
-        return simulate("embedded", {"lease_file": f"{folder}/leases.db"}, nodes, processes, timeout)
+        return simulate("embedded", {"lease_file": f"{folder}/leases.db"}, nodes, processes, timeout, scattered)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_etcd(endpoints: str, prefix: str, nodes: int, processes: int, timeout: float) -> dict:
-    return simulate("etcd", {"endpoints": endpoints, "prefix": prefix}, nodes, processes, timeout)
+def run_etcd(endpoints: str, prefix: str, nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
+    return simulate("etcd", {"endpoints": endpoints, "prefix": prefix}, nodes, processes, timeout, scattered)
 
 
 KUBE_NETWORK = "10.100.0.0/16"
 
 
-def run_kube(nodes: int, processes: int, timeout: float) -> dict:
+def run_kube(nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
     """A fresh control plane per size (so every size starts from an empty cluster), in a namespace of its own; the
     worker processes enter that namespace, where the API server is on loopback."""
     import secrets
@@ -294,7 +307,8 @@ def run_kube(nodes: int, processes: int, timeout: float) -> dict:
             names = [f"node-{i:04d}" for i in range(nodes)]
             cp.call(register_nodes, names)
             kubeconfig = cp.write_kubeconfig(cp.path("bench.kubeconfig"), cp.flannel_token())
-            return simulate("kube", {"ns": ns, "kubeconfig": kubeconfig, "names": names}, nodes, processes, timeout)
+            target = {"ns": ns, "kubeconfig": kubeconfig, "names": names}
+            return simulate("kube", target, nodes, processes, timeout, scattered)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
@@ -323,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         help="OS processes the nodes are spread over (each node has its own store client)",
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds one size may take")
+    parser.add_argument(
+        "--public-ips",
+        choices=("consecutive", "scattered"),
+        default="consecutive",
+        help="the nodes' underlay addresses: consecutive (one underlay) or scattered at random over 198.18.0.0/15",
+    )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.nodes.split(",")]
@@ -330,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 2 <= n <= 1023 for n in sizes) or any(s not in ("embedded", "etcd", "kube") for s in stores):
         parser.error("--nodes from 2 to 1023; --stores of embedded, etcd, kube")
     results: dict = {s: [] for s in stores}
+    scattered = args.public_ips == "scattered"
     # SIGTERM (timeout, a CI runner) takes the Ctrl-C path, so the servers started here are stopped and removed.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in stores else None
@@ -343,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
             for run, n in enumerate(sizes):
                 try:
                     if store == "embedded":
-                        figures = run_embedded(n, args.processes, args.timeout)
+                        figures = run_embedded(n, args.processes, args.timeout, scattered)
                     elif store == "kube":
-                        figures = run_kube(n, args.processes, args.timeout)
+                        figures = run_kube(n, args.processes, args.timeout, scattered)
                     else:
-                        figures = run_etcd(etcd.endpoints, f"/scale-{run}-{n}/network", n, args.processes, args.timeout)
+                        prefix = f"/scale-{run}-{n}/network"
+                        figures = run_etcd(etcd.endpoints, prefix, n, args.processes, args.timeout, scattered)
                 except RuntimeError as e:  # nodes that gave up (e.g. the API server refusing connections)
                     print(f"{store:9} {n:6} failed: {e}", flush=True)
                     results[store].append({"nodes": n, "failed": str(e)})
