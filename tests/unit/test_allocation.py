@@ -126,15 +126,18 @@ def test_watcher_reset_and_update():
 
 def test_simultaneous_starts_spread_over_the_whole_range():
     """Nodes that start together all see the same listing; upstream's pick among the first 100 free subnets gives
-    them at most 100 distinct choices (N/100 collisions each), ours is uniform over every free subnet."""
+    them at most 100 distinct choices (N/100 collisions each). Ours, once a node's home subnet is taken (here the
+    same home for all: public IPs 1,023 apart), is uniform over every free subnet."""
     import random
 
     from flannel_udp.subnet.allocation import decide
 
-    cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')  # 1,023 subnets
+    cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')  # 1,023 subnets, the first 10.100.0.64/26
     taken = [Lease(net(f"10.100.{i}.0/26"), OTHER) for i in range(1, 200)]  # some already leased
+    base = int(ip("198.18.0.0"))
+    home_taken = base + (3 - base) % 1023  # ordinal 3: 10.100.1.0/26
     rng = random.Random(7)
-    picks = [decide(cfg, taken, ip(f"198.18.1.{i}"), rng=rng).subnet for i in range(1, 201)]
+    picks = [decide(cfg, taken, ip(home_taken + 1023 * k), rng=rng).subnet for k in range(200)]
     assert all(p.prefixlen == 26 and cfg.subnet_min <= p.network_address <= cfg.subnet_max for p in picks)
     assert not {p for p in picks} & {lease.subnet for lease in taken}
     assert len(set(picks)) > 160  # ~181 expected from 824 free; upstream's way: at most 100
