@@ -6,8 +6,8 @@ random free subnet. Upstream picks at random among the first 100 free candidates
 about N/100 times each and retry. Here each node first tries its home: the subnet whose ordinal in SubnetMin..SubnetMax
 is its public IP modulo the number of subnets. Nodes numbered consecutively in one underlay (the usual cluster) have
 distinct homes however full the range is, and a node whose lease is gone (expired while it was down, or given back)
-gets the same subnet again while it is free. When the home is taken, the pick is uniform over the whole range, so that
-nodes starting together still rarely choose the same subnet.
+gets the same subnet again while it is free. When the home is taken, the pick is uniform over the whole range: nodes
+with scattered IPs then collide as random picks do, seldom while the range is roomy.
 """
 
 from __future__ import annotations
