@@ -1,9 +1,10 @@
 """Control-plane scale: N simulated nodes acquire leases at once (one /16 cut into /26 subnets, 1,023 of them) and each
 follows the others with its own lease watch; reported is the time until every node has seen every other lease, for
 each store and each N, how many watches and allocation races were lost on the way, and the fan-out's throughput
-(leases and lease events the watches handed over per second). Then, on the lease stores, churn: every 10th node
-releases its lease, and once every survivor has seen that, acquires again; reported is how long the survivors took to
-see each change.
+(leases and lease events the watches handed over per second), and where the CPU went (all node processes together,
+and the store's server: etcd, or kube-apiserver from the moment the nodes start). Then, on the lease stores, churn:
+every 10th node releases its lease, and once every survivor has seen that, acquires again; reported is how long the
+survivors took to see each change.
 
     .venv/bin/python -m bench.control_plane --nodes 100,300,1000 --stores embedded,etcd,kube
 
@@ -33,6 +34,7 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -206,6 +208,8 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
     except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
         where = traceback.extract_tb(e.__traceback__)[-1]  # the innermost frame: where a node's code failed
         result = {"error": f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # the whole process: start-up, lists, watches, churn
     result["lost_watches"] = lost.count
     result["lost_races"] = lost.races
     result["lost_reasons"] = dict(lost.reasons)
@@ -221,8 +225,22 @@ def public_ips(nodes: int, scattered: bool) -> list[str]:
     return [str(ipaddress.IPv4Address(first + offset)) for offset in offsets]
 
 
-def simulate(store: str, target: dict, nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process has used so far; 0 without one."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def simulate(
+    store: str, target: dict, nodes: int, processes: int, timeout: float, scattered: bool, server_pid: int | None = None
+) -> dict:
+    """Run one size; `server_pid` is the store's server (etcd, kube-apiserver), whose CPU time over the run is
+    reported beside the node processes' own."""
     processes = min(processes, nodes)
+    server_cpu = cpu_seconds(server_pid)
     target = {**target, "public_ips": public_ips(nodes, scattered)}
     context = multiprocessing.get_context("spawn")  # no fork: gRPC and threads do not survive it
     barrier, queue = context.Barrier(processes), context.Queue()
@@ -266,6 +284,9 @@ def simulate(store: str, target: dict, nodes: int, processes: int, timeout: floa
         "median_node_converged_s": statistics.median(converged),
         "lost_watches": lost,
         "lost_races": sum(r["lost_races"] for r in results),
+        # Where the machine's CPU went: all node processes together, and the store's server (None: no server).
+        "nodes_cpu_s": sum(r["cpu_s"] for r in results),
+        "server_cpu_s": cpu_seconds(server_pid) - server_cpu if server_pid is not None else None,
         # The fan-out's throughput: every lease (in snapshots) and lease event the watches handed over until all had
         # converged, per second. Constant over N means no per-watcher cost that grows with the cluster.
         "delivered_per_s": sum(r["delivered"] for r in results) / max(converged),
@@ -284,8 +305,9 @@ def run_embedded(nodes: int, processes: int, timeout: float, scattered: bool) ->
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_etcd(endpoints: str, prefix: str, nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
-    return simulate("etcd", {"endpoints": endpoints, "prefix": prefix}, nodes, processes, timeout, scattered)
+def run_etcd(etcd: EtcdCluster, prefix: str, nodes: int, processes: int, timeout: float, scattered: bool) -> dict:
+    target = {"endpoints": etcd.endpoints, "prefix": prefix}
+    return simulate("etcd", target, nodes, processes, timeout, scattered, etcd.members[0].process.pid)
 
 
 KUBE_NETWORK = "10.100.0.0/16"
@@ -308,7 +330,7 @@ def run_kube(nodes: int, processes: int, timeout: float, scattered: bool) -> dic
             cp.call(register_nodes, names)
             kubeconfig = cp.write_kubeconfig(cp.path("bench.kubeconfig"), cp.flannel_token())
             target = {"ns": ns, "kubeconfig": kubeconfig, "names": names}
-            return simulate("kube", target, nodes, processes, timeout, scattered)
+            return simulate("kube", target, nodes, processes, timeout, scattered, cp.apiserver.pid)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
@@ -357,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(
             f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
-            f"{'lost watches':>13} {'lost races':>11} {'10% left s':>11} {'rejoined s':>11} {'leases seen/s':>14}",
+            f"{'lost watches':>13} {'lost races':>11} {'10% left s':>11} {'rejoined s':>11} {'leases seen/s':>14} "
+            f"{'nodes CPU s':>12} {'server CPU s':>13}",
             flush=True,
         )
         for store in stores:
@@ -369,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                         figures = run_kube(n, args.processes, args.timeout, scattered)
                     else:
                         prefix = f"/scale-{run}-{n}/network"
-                        figures = run_etcd(etcd.endpoints, prefix, n, args.processes, args.timeout, scattered)
+                        figures = run_etcd(etcd, prefix, n, args.processes, args.timeout, scattered)
                 except RuntimeError as e:  # nodes that gave up (e.g. the API server refusing connections)
                     print(f"{store:9} {n:6} failed: {e}", flush=True)
                     results[store].append({"nodes": n, "failed": str(e)})
@@ -384,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[store].append({"nodes": n, "timeout_s": args.timeout, "lost_watches": lost})
                     continue
                 results[store].append(figures)
+                server_cpu = "-" if figures["server_cpu_s"] is None else f"{figures['server_cpu_s']:.1f}"
+                server_cpu = f"{server_cpu:>13}"
                 churn = "".join(
                     f" {figures[k]:11.2f}" if figures[k] is not None else f" {'-':>11}"
                     for k in ("churn_left_s", "churn_rejoined_s")
@@ -391,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
                     f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d} "
-                    f"{figures['lost_races']:11d}{churn} {figures['delivered_per_s']:14,.0f}",
+                    f"{figures['lost_races']:11d}{churn} {figures['delivered_per_s']:14,.0f} "
+                    f"{figures['nodes_cpu_s']:12.1f} {server_cpu}",
                     flush=True,
                 )
     except KeyboardInterrupt:

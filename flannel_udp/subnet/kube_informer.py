@@ -18,12 +18,13 @@ from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Node
 
 from .kube_client import describe, is_unavailable, node_name
+from .kube_nodes import NodeInfo, NodeStreamError, list_nodes, watch_nodes
 
 log = logging.getLogger(__name__)
 
 RETRY = 1.0  # seconds between tries while the API server is out of reach
 REFUSAL_GRACE = 5.0  # seconds a refusal (401/403) of the first list may last before it ends the start
-_FAILURES = (ApiError, httpx.HTTPError, OSError)
+_FAILURES = (ApiError, httpx.HTTPError, OSError, NodeStreamError)
 
 
 class AccessDenied(RuntimeError):
@@ -35,14 +36,14 @@ class NodeInformer:
         self,
         client: AsyncClient,
         probe_node: str,
-        on_change: Callable[[Node | None, Node | None], None],
+        on_change: Callable[[NodeInfo | None, NodeInfo | None], None],
         on_relist: Callable[[], None],
     ) -> None:
         self.client = client
         self.probe_node = probe_node  # a cheap GET that tells whether the server is back (get nodes is granted)
         self.on_change = on_change
         self.on_relist = on_relist
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, NodeInfo] = {}
         self.resource_version: str | None = None
         self.changed = asyncio.Event()  # set at every change; waiters clear it
         self.lists = 0
@@ -107,15 +108,8 @@ class NodeInformer:
         """List the nodes. As client-go's reflector: resourceVersion "0" lets the API server answer from its watch
         cache (no quorum read of etcd per node; with 1,000 nodes starting together those reads made the server time
         out connections); after a 410 the list is a quorum read, since the cache's version is the one that expired."""
-        params = {"resourceVersion": "0"} if from_cache else None
-        # lightkube's list() takes no resourceVersion; its request builder and list iterator do.
-        request = self.client._client.prepare_request("list", res=Node, params=params)
-        listing = self.client._client.list(request)
-        fresh = {}
-        async for node in listing:
-            fresh[node_name(node)] = node
-        self.nodes = fresh
-        self.resource_version = listing.resourceVersion
+        nodes, self.resource_version = await list_nodes(self.client, "0" if from_cache else None)
+        self.nodes = {node_name(node): node for node in nodes}
         self.lists += 1
         if self.lists > 1:
             self.on_relist()
@@ -132,7 +126,7 @@ class NodeInformer:
                     await self._retrying(lambda: self._list(from_cache=False))
                     continue
                 self._failed(e)
-            except (httpx.HTTPError, OSError) as e:
+            except (httpx.HTTPError, OSError, NodeStreamError) as e:
                 self._failed(e)
             await asyncio.sleep(RETRY)
             # Resume from the last version seen once the server answers again; nothing is listed anew.
@@ -146,7 +140,7 @@ class NodeInformer:
                 raise
 
     async def _watch(self) -> None:
-        async for kind, node in self.client.watch(Node, resource_version=self.resource_version):
+        async for kind, node in watch_nodes(self.client, self.resource_version):
             self._recovered()
             version = node.metadata.resourceVersion if node.metadata else None
             if version:

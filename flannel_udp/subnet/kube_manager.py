@@ -8,6 +8,7 @@ runs), the own lease is not watched for revocation, and `complete_lease` sets th
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -34,6 +35,7 @@ from .kube_client import (
     resolve_node_name,
 )
 from .kube_informer import AccessDenied, NodeInformer
+from .kube_nodes import NodeInfo, NodeStreamError, list_nodes
 from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from .registry import StoreError, StoreUnavailable
 
@@ -46,7 +48,7 @@ PATCH_WAIT = 30.0
 SYNC_TIMEOUT = 600.0  # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
 # Upstream forces every other backend's lease to IPv4 only; "udp" is ours (the backend type of a dual-stack udp lease).
 DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard", "udp")
-_FAILURES = (ApiError, httpx.HTTPError, OSError)
+_FAILURES = (ApiError, httpx.HTTPError, OSError, NodeStreamError)
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 
@@ -59,13 +61,29 @@ def contains_cidr(outer: IPv4Net | IPv6Net, inner: IPv4Net | IPv6Net) -> bool:
     return outer.version == inner.version and outer.prefixlen <= inner.prefixlen and inner.network_address in outer
 
 
-def pod_cidr_text(node: Node) -> str:
+# Text to address objects, cached: every node converts every peer's Node, and again at each snapshot and re-list.
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> IPv4Net | IPv6Net:
+    return ipaddress.ip_network(text, strict=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv4(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6(text: str) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(text)
+
+
+def pod_cidr_text(node: NodeInfo) -> str:
     """The podCIDR fields as the Node spells them, for messages."""
     spec = node.spec
     return str((spec.podCIDRs or spec.podCIDR) if spec is not None else None)
 
 
-def pod_cidrs(node: Node) -> tuple[IPv4Net | None, IPv6Net | None]:
+def pod_cidrs(node: NodeInfo) -> tuple[IPv4Net | None, IPv6Net | None]:
     """The node's IPv4 and IPv6 podCIDRs: spec.podCIDR alone, or each of one or two spec.podCIDRs by family."""
     spec = node.spec
     cidrs = list(spec.podCIDRs or []) if spec else []
@@ -76,7 +94,7 @@ def pod_cidrs(node: Node) -> tuple[IPv4Net | None, IPv6Net | None]:
     v4 = v6 = None
     for text in cidrs:
         try:
-            network = ipaddress.ip_network(text, strict=False)
+            network = _network(text)
         except ValueError:
             raise LeaseConversionError(f"node {node_name(node)!r} has an invalid pod CIDR {text!r}") from None
         if network.version == 4:
@@ -95,7 +113,7 @@ def _backend_json(text: str | None, name: str):
         raise LeaseConversionError(f"annotation {name} is not JSON: {text[:80]!r}") from None
 
 
-def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> Lease:
+def node_to_lease(node: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> Lease:
     """upstream nodeToLease: the peer's lease as its annotations and podCIDRs describe it."""
     annotations = node_annotations(node)
     v4, v6 = pod_cidrs(node)
@@ -103,7 +121,7 @@ def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: 
     backend_data = backend_v6_data = None
     if enable_ipv4:
         try:
-            public_ip = ipaddress.IPv4Address(annotations.get(ann.public_ip, ""))
+            public_ip = _ipv4(annotations.get(ann.public_ip, ""))
         except ValueError:
             raise LeaseConversionError(f"invalid {ann.public_ip}: {annotations.get(ann.public_ip)!r}") from None
         backend_data = _backend_json(annotations.get(ann.backend_data), ann.backend_data)
@@ -113,7 +131,7 @@ def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: 
         try:
             # A udp node without an IPv6 underlay publishes no public IPv6: its IPv6 pods are reached over IPv4.
             optional = annotations.get(ann.backend_type) == "udp" and not annotations.get(ann.public_ipv6)
-            public_ipv6 = None if optional else ipaddress.IPv6Address(annotations.get(ann.public_ipv6, ""))
+            public_ipv6 = None if optional else _ipv6(annotations.get(ann.public_ipv6, ""))
         except ValueError:
             raise LeaseConversionError(f"invalid {ann.public_ipv6}: {annotations.get(ann.public_ipv6)!r}") from None
         backend_v6_data = _backend_json(annotations.get(ann.backend_v6_data), ann.backend_v6_data)
@@ -126,7 +144,7 @@ def node_to_lease(node: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: 
     return Lease(v4, attrs, ipv6_subnet, None, enable_ipv4, enable_ipv6)
 
 
-def lease_relevant_change(old: Node, new: Node, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
+def lease_relevant_change(old: NodeInfo, new: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
     """upstream handleUpdateLeaseEvent: an update matters when backend data, type or public IP changed."""
     a, b = node_annotations(old), node_annotations(new)
     changed = True
@@ -184,7 +202,8 @@ async def list_node_leases(opts: KubeOptions) -> list[tuple[str, Lease]]:
     client = make_client(load_config(opts))
     try:
         out = []
-        async for node in client.list(Node):
+        nodes, _version = await list_nodes(client, None)
+        for node in nodes:
             if node_annotations(node).get(annotations.kube_managed) != "true":
                 continue
             dual = bool(node_annotations(node).get(annotations.public_ipv6))
@@ -252,7 +271,7 @@ class KubeManager:
             raise
 
     # -- what the daemon and the backends ask ---------------------------------------------------------------------
-    def own_node(self) -> Node | None:
+    def own_node(self) -> NodeInfo | None:
         return self.informer.nodes.get(self.node_name)
 
     def stored_public_ips(self) -> tuple[str, str]:
@@ -369,10 +388,10 @@ class KubeManager:
         await self.client.close()
 
     # -- internals ------------------------------------------------------------------------------------------------
-    def _managed(self, node: Node | None) -> bool:
+    def _managed(self, node: NodeInfo | None) -> bool:
         return node is not None and node_annotations(node).get(self.annotations.kube_managed) == "true"
 
-    def _to_lease(self, node: Node) -> Lease | None:
+    def _to_lease(self, node: NodeInfo) -> Lease | None:
         try:
             return node_to_lease(node, self.annotations, self.enable_ipv4, self.enable_ipv6)
         except LeaseConversionError as e:
@@ -392,7 +411,7 @@ class KubeManager:
         for queue in self._queues:
             queue.put_nowait(item)
 
-    def _on_change(self, old: Node | None, new: Node | None) -> None:
+    def _on_change(self, old: NodeInfo | None, new: NodeInfo | None) -> None:
         if new is None:  # deleted
             if old is not None and self._managed(old):
                 lease = self._to_lease(old)
@@ -412,7 +431,7 @@ class KubeManager:
     def _on_relist(self) -> None:
         self._publish(Snapshot([lease for _name, lease in self._cached_leases()], 0))
 
-    async def _wait_for_own_node(self) -> Node:
+    async def _wait_for_own_node(self) -> NodeInfo:
         """The own node with a podCIDR, from the cache; waited for up to 30 s as upstream (which polls every 3 s;
         here every cache change is looked at as it comes)."""
         deadline = time.monotonic() + NODE_WAIT

@@ -1,24 +1,29 @@
 """A Node object as any node of the cluster may annotate it (upstream's flanneld, ours, or a hostile one): its podCIDRs
 and flannel's annotations give a lease or a LeaseConversionError, and the annotations we would write for it are
 strings; nothing else. The input is JSON: {"annotations": {name: value}, "podCIDRs": [...], "v4": bool, "v6": bool}
-with names relative to the prefix; shapes the API server would never send (a number as an annotation) are skipped."""
+with names relative to the prefix; shapes the API server would never send (a number as an annotation) are skipped. The
+Node reaches the conversion as a watch event line through the informer's own decoder, and the raw input, read as such
+a line, gives a node or one of the decoder's two errors."""
 
 from __future__ import annotations
 
 import json
 
-from lightkube.models.core_v1 import NodeSpec
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import Node
+from lightkube import ApiError
 
 from flannel_udp.subnet.kube_annotations import Annotations, mac_from_backend_data
 from flannel_udp.subnet.kube_manager import LeaseConversionError, node_to_lease, wanted_annotations
+from flannel_udp.subnet.kube_nodes import NodeStreamError, decode_watch_event
 
 PREFIX = "flannel.alpha.coreos.com/"
 ANN = Annotations.from_prefix()
 
 
 def test_one_input(data: bytes) -> None:
+    try:
+        decode_watch_event(data)
+    except (NodeStreamError, ApiError):
+        pass
     try:
         spec = json.loads(data)
     except ValueError:
@@ -35,10 +40,9 @@ def test_one_input(data: bytes) -> None:
         return
     annotations = {PREFIX + k: v for k, v in annotations.items()}
     v4, v6 = bool(spec.get("v4", True)), bool(spec.get("v6", False))
-    node = Node(
-        metadata=ObjectMeta(name="n", annotations=annotations),
-        spec=NodeSpec(podCIDR=cidrs[0] if cidrs else None, podCIDRs=cidrs or None),
-    )
+    spec_fields = {"podCIDR": cidrs[0], "podCIDRs": cidrs} if cidrs else {}
+    event = {"type": "MODIFIED", "object": {"metadata": {"name": "n", "annotations": annotations}, "spec": spec_fields}}
+    _, node = decode_watch_event(json.dumps(event).encode())
     mac_from_backend_data(annotations.get(ANN.backend_data))
     try:
         lease = node_to_lease(node, ANN, v4, v6)

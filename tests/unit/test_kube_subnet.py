@@ -302,3 +302,70 @@ def test_too_many_requests_is_waited_out_whatever_shape_it_comes_in():
         response = httpx.Response(code, request=request)
         error = httpx.HTTPStatusError(f"{code}", request=request, response=response)
         assert is_unavailable(error) is busy, code
+
+
+# A Node as kube-apiserver writes it, with the fields flannel never reads (status, managedFields) left in.
+API_NODE = {
+    "kind": "Node",
+    "apiVersion": "v1",
+    "metadata": {
+        "name": "n7",
+        "uid": "0d5e8f3c-4a1b-4c7e-9b43-2f1d2f4d9a10",
+        "resourceVersion": "4242",
+        "labels": {"kubernetes.io/hostname": "n7"},
+        "annotations": VXLAN_ANNOTATIONS,
+        "managedFields": [{"manager": "flanneld", "operation": "Update", "fieldsV1": {"f:metadata": {}}}],
+    },
+    "spec": {"podCIDR": "10.244.7.0/24", "podCIDRs": ["10.244.7.0/24"], "taints": [{"key": "k", "effect": "x"}]},
+    "status": {
+        "conditions": [{"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"}],
+        "addresses": [{"type": "InternalIP", "address": "198.18.0.7"}],
+        "images": [{"names": ["registry.example/app:1"], "sizeBytes": 123}],
+    },
+}
+
+
+def test_an_api_servers_node_decodes_to_the_same_lease_as_the_full_model():
+    import json
+
+    from flannel_udp.subnet.kube_nodes import decode_node_list, decode_watch_event
+
+    line = json.dumps({"type": "MODIFIED", "object": API_NODE}).encode()
+    kind, lean = decode_watch_event(line)
+    assert kind == "MODIFIED" and lean.metadata.name == "n7" and lean.metadata.resourceVersion == "4242"
+    full = Node.from_dict(API_NODE)
+    assert node_to_lease(lean, ANN, True, False) == node_to_lease(full, ANN, True, False)
+    listing = {"kind": "NodeList", "metadata": {"resourceVersion": "4243", "continue": "abc"}, "items": [API_NODE]}
+    nodes, version, token = decode_node_list(json.dumps(listing).encode())
+    assert [n.metadata.name for n in nodes] == ["n7"] and (version, token) == ("4243", "abc")
+
+
+def test_watch_errors_and_bookmarks():
+    """ERROR carries a Status: 410 Gone must reach the informer as ApiError 410 (it lists again); a BOOKMARK is only a
+    version; anything else from the server is a NodeStreamError, never a crash of the watch task."""
+    from lightkube import ApiError
+
+    from flannel_udp.subnet.kube_nodes import NodeStreamError, decode_watch_event
+
+    gone = b'{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",'
+    gone += b'"message":"too old resource version: 1 (4242)","reason":"Expired","code":410}}'
+    with pytest.raises(ApiError) as raised:
+        decode_watch_event(gone)
+    assert raised.value.status.code == 410 and "too old" in raised.value.status.message
+    kind, mark = decode_watch_event(b'{"type":"BOOKMARK","object":{"kind":"Node","metadata":{"resourceVersion":"9"}}}')
+    assert kind == "BOOKMARK" and mark.metadata.resourceVersion == "9"
+    bad_utf8 = b'{"type":"ADDED","object":{"metadata":{"name":"\xa2"}}}'  # found by the kube fuzz target
+    wrong_type = b'{"type":"ADDED","object":{"metadata":{"annotations":{"a":1}}}}'
+    for bad in (b"<html>", b'{"type":"ADDED"}', wrong_type, bad_utf8):
+        with pytest.raises(NodeStreamError):
+            decode_watch_event(bad)
+
+
+def test_watch_lines_cut_anywhere_by_the_stream_come_out_whole():
+    from flannel_udp.subnet.kube_nodes import LineSplitter
+
+    stream = b'{"a":1}\n{"b":2}\n\n{"c":3}\n'
+    for cut in range(1, len(stream)):
+        splitter = LineSplitter()
+        lines = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:])
+        assert lines == [b'{"a":1}', b'{"b":2}', b'{"c":3}'] and splitter.pending == b"", cut
