@@ -71,6 +71,11 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     ),
     "udp-offload": ("bool", True, "batch datagrams with UDP GSO/GRO (false: one datagram per syscall message)"),
     "udp-priority": ("int", 0, "real-time (SCHED_FIFO) priority 1..99 of the packet thread; 0: ordinary scheduling"),
+    "udp-busy-poll": (
+        "int",
+        0,
+        "microseconds (0..1000) the packet thread keeps looking for packets after a burst before it sleeps; 0: none",
+    ),
     "cni-bridge-repair": (
         "bool",
         True,
@@ -183,6 +188,7 @@ def run_command(argv: list[str], prog: str) -> int:
         ("-iptables-resync", args.iptables_resync, 1, 86400),
         ("-v", args.v, 0, 10),
         ("-udp-priority", args.udp_priority, 0, 99),
+        ("-udp-busy-poll", args.udp_busy_poll, 0, 1000),
     ):
         if not low <= value <= high:
             return fail(f"{flag} must be from {low} to {high}, got {value}")
@@ -210,6 +216,7 @@ def run_command(argv: list[str], prog: str) -> int:
         udp_source_check=args.udp_source_check,
         udp_offload=args.udp_offload,
         udp_priority=args.udp_priority,
+        udp_busy_poll=args.udp_busy_poll,
         etcd=None if args.kube_subnet_mgr else etcd_options(args),
         kube=kube_options(args),
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,

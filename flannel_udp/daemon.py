@@ -61,6 +61,7 @@ class Options:
     udp_source_check: bool = True
     udp_offload: bool = True
     udp_priority: int = 0
+    udp_busy_poll: int = 0  # microseconds
     cni_bridge_repair: bool = True
     cni_data_dir: str = defaults.CNI_DATA_DIR
     etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
@@ -233,7 +234,7 @@ class Daemon:
             )
             if ext.iface_addr6 is not None:
                 log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
-            udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority)
+            udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll)
             backend = make_backend(config, nl, ext, udp_flags)
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)

@@ -49,11 +49,12 @@ class Network(ABC):
 
 @dataclass(frozen=True)
 class UdpFlags:
-    """The node flags of the udp backend (-udp-source-check, -udp-offload, -udp-priority)."""
+    """The node flags of the udp backend (-udp-source-check, -udp-offload, -udp-priority, -udp-busy-poll)."""
 
     source_check: bool = True
     offload: bool = True
     priority: int = 0
+    busy_poll_us: int = 0
 
 
 class BackendTypeFilter:

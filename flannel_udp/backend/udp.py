@@ -70,6 +70,7 @@ class UdpBackend:
         self.source_check = flags.source_check
         self.offload = flags.offload
         self.priority = flags.priority
+        self.busy_poll_us = flags.busy_poll_us
 
     def tun_mtu(self) -> int:
         """The interface's MTU less the encapsulation of the larger outer header in use."""
@@ -133,6 +134,7 @@ class UdpBackend:
                 tun_offloads,
                 self.priority,
                 sock6=socks[1] if len(socks) > 1 else None,
+                busy_poll_us=self.busy_poll_us,
             )
         except BaseException:
             if tun_fd >= 0:
@@ -171,6 +173,7 @@ class UdpNetwork(Network):
         tun_offloads: int = 0,
         priority: int = 0,
         sock6: socket.socket | None = None,
+        busy_poll_us: int = 0,
     ) -> None:
         self.lease = lease
         self.mtu = mtu
@@ -211,6 +214,7 @@ class UdpNetwork(Network):
         # (watches, netlink, SQLite, metrics, garbage collection) delays a packet.
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self.priority = priority
+        self.busy_poll_us = busy_poll_us
         self._thread = threading.Thread(target=self._run_pump, name="udp-pump", daemon=True)
         self._thread.start()
 
@@ -229,7 +233,9 @@ class UdpNetwork(Network):
                     self.priority,
                     e.strerror,
                 )
-        self.pump.run(self._stop_fd)
+        if self.busy_poll_us:
+            log.info("Packet thread keeps polling %d µs after each burst before it sleeps", self.busy_poll_us)
+        self.pump.run(self._stop_fd, self.busy_poll_us)
 
     def _on_pump_notice(self) -> None:
         try:

@@ -127,6 +127,7 @@ def test_leases_without_a_file(tmp_path):
         ("-healthz-port", "-1", 0, 65535),
         ("-iptables-resync", "0", 1, 86400),
         ("-udp-priority", "100", 0, 99),
+        ("-udp-busy-poll", "1001", 0, 1000),
     ],
 )
 def test_numeric_flags_out_of_range_are_one_line(flag, value, low, high):

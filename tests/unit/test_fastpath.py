@@ -385,3 +385,36 @@ def test_pump_survives_100k_hostile_datagrams(rig):
         c = rig.pump.counters()
     assert c["udp_received_packets"] == sent
     assert c["tun_written_packets"] + sum(c["drops_udp_to_tun"].values()) == sent
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 1000])
+def test_pump_thread_moves_a_lone_packet_and_sleeps_when_idle(busy_poll_us):
+    """The pump's own loop (run(), as the backend runs it in its thread): a lone packet crosses at once, with or without
+    a busy-poll window; once the tunnel is idle the thread sleeps again (a window that never closed would burn the
+    300 ms of idleness below as CPU time); and its stop eventfd ends it, also in the middle of a window."""
+    import os
+    import threading
+    import time
+
+    rig = PumpRig()
+    stop = os.eventfd(0, os.EFD_CLOEXEC)
+    thread = threading.Thread(target=rig.pump.run, args=(stop, busy_poll_us), daemon=True)
+    thread.start()
+    try:
+        for i in range(3):
+            rig.tun_app.send(ip_packet(src="10.5.72.5", dst=f"10.5.1.{i + 1}", ttl=64))
+            assert IP(rig.peer.recv(65535)).dst == f"10.5.1.{i + 1}"
+        clock = time.pthread_getcpuclockid(thread.ident)
+        before = time.clock_gettime(clock)
+        time.sleep(0.3)
+        assert time.clock_gettime(clock) - before < 0.1
+        rig.tun_app.send(ip_packet(src="10.5.72.5", dst="10.5.1.9", ttl=64))
+        rig.peer.recv(65535)
+        os.eventfd_write(stop, 1)  # at once: the window opened by that packet is still running
+        thread.join(1)
+        assert not thread.is_alive()
+    finally:
+        os.eventfd_write(stop, 1)
+        thread.join(1)
+        os.close(stop)
+        rig.close()
