@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.harness import cpu_seconds
 from testbed.cluster import Host, Testbed, in_ns
 
 NETWORK = ipaddress.ip_network("10.244.0.0/16")
@@ -175,12 +176,6 @@ def iperf(bed: Testbed, client, server, *args: str, seconds: float) -> dict:
         return json.loads(out)
     finally:
         srv.wait(10)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(variant: str, seconds: float, offloads: bool) -> dict:

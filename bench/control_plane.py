@@ -45,6 +45,7 @@ import traceback
 
 import uvloop
 
+from bench.harness import cpu_seconds
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import LeaseAttrs, Snapshot
 from flannel_udp.subnet.watcher import LeaseWatcher
@@ -225,22 +226,13 @@ def public_ips(nodes: int, scattered: bool) -> list[str]:
     return [str(ipaddress.IPv4Address(first + offset)) for offset in offsets]
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """CPU time (user + system) a process has used so far; 0 without one."""
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def simulate(
     store: str, target: dict, nodes: int, processes: int, timeout: float, scattered: bool, server_pid: int | None = None
 ) -> dict:
     """Run one size; `server_pid` is the store's server (etcd, kube-apiserver), whose CPU time over the run is
     reported beside the node processes' own."""
     processes = min(processes, nodes)
-    server_cpu = cpu_seconds(server_pid)
+    server_cpu = cpu_seconds(server_pid) if server_pid is not None else 0.0
     target = {**target, "public_ips": public_ips(nodes, scattered)}
     context = multiprocessing.get_context("spawn")  # no fork: gRPC and threads do not survive it
     barrier, queue = context.Barrier(processes), context.Queue()

@@ -81,6 +81,7 @@ def iperf(bed: Testbed, client, server, seconds: float, *args: str, ipv6: bool =
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -75,8 +75,8 @@ def load_config(opts: KubeOptions) -> KubeConfig:
 
 def make_client(config: KubeConfig) -> AsyncClient:
     # trust_env=False: no proxy or ~/.kube/config from the environment; exactly the configuration chosen above.
-    # lazy: a Node's fields are decoded when read, so the large status of a real node (images, conditions) that
-    # every watch event carries is never decoded here.
+    # lazy: what still goes through lightkube's models (a patch's answer: the whole Node; the informer's probe) is
+    # decoded only as far as it is read. The Node list and watch have a leaner decoder of their own (kube_nodes.py).
     return AsyncClient(
         config, timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT), trust_env=False, lazy=True
     )
