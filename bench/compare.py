@@ -123,13 +123,16 @@ def limit_tunnel_binary() -> str:
     return _limit_tunnel_binary
 
 
-def setup_limit_c(bed: Testbed) -> None:
+def setup_limit_c(bed: Testbed, priority: int = 0) -> None:
+    """The reference tunnel on both hosts (priority > 0: its thread at that real-time priority, as -udp-priority)."""
     mtu = bed.mtu - 28
+    realtime = ["chrt", "-f", str(priority)] if priority else []
     subnets = [fake_subnet_env(h, i + 1, mtu) for i, h in enumerate(bed.hosts)]
     for i, host in enumerate(bed.hosts):
         peer = bed.hosts[1 - i]
         bed.popen(
             host.ns,
+            *realtime,
             limit_tunnel_binary(),
             "flannel0",
             str(host.address),

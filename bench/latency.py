@@ -1,6 +1,7 @@
 """`python -m bench.latency`: round trips through each backend, run as users run it, side by side in one run.
 
-Per backend a fresh 2-host cluster with a pod on each (upstream's flanneld on a real etcd for `upstream-*`), then:
+Per backend a fresh 2-host cluster with a pod on each (upstream's flanneld on a real etcd for `upstream-*`; the
+reference C tunnel of ../shared/reference for `limit-c`, and `limit-c@rt=10` runs it at real-time priority 10), then:
   idle     ping every 5 ms (after a warm-up), percentiles of the round trip
   loaded   the same ping while one TCP stream (iperf3) runs between the same pods
   rr       request/response: sockperf TCP ping-pong with 64-byte messages as fast as it goes (transactions per
@@ -13,6 +14,7 @@ Percentiles p50/p99/p99.9 in ms, and each backend as a ratio to the first one gi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -21,8 +23,9 @@ import subprocess
 import sys
 import time
 
-from testbed.cluster import Testbed, in_ns
+from testbed.cluster import Testbed, in_ns, wait_for
 
+from .compare import setup_limit_c
 from .harness import two_pod_cluster
 
 RR_PORT = 11111
@@ -128,8 +131,30 @@ def request_response(bed: Testbed, client, server, seconds: float) -> dict:
     return figures
 
 
+@contextlib.contextmanager
+def cluster(backend: str):
+    """(testbed, pod a, pod b) for one backend: flanneld's (two_pod_cluster) or the reference C tunnel's."""
+    name, *flags = backend.split("@")
+    if name != "limit-c":
+        with two_pod_cluster(backend) as pods:
+            yield pods
+        return
+    priority = 0
+    for flag in flags:
+        if not flag.startswith("rt="):
+            raise SystemExit(f"limit-c takes only @rt=PRIORITY, not @{flag}")
+        priority = int(flag.removeprefix("rt="))
+    with Testbed(hosts=2) as bed:
+        bed.set_underlay_offloads(True)
+        setup_limit_c(bed, priority)
+        a, b = (bed.add_pod(h) for h in bed.hosts)
+        if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
+            raise RuntimeError(f"{backend}: pods cannot reach each other")
+        yield bed, a, b
+
+
 def measure(backend: str, count: int, rr_seconds: float) -> dict:
-    with two_pod_cluster(backend) as (bed, a, b):
+    with cluster(backend) as (bed, a, b):
         ping_rtts(bed, a, b, 100)  # warm-up: neighbours, routes, caches
         return {
             "idle": percentiles(ping_rtts(bed, a, b, count)),
