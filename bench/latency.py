@@ -131,19 +131,27 @@ def request_response(bed: Testbed, client, server, seconds: float) -> dict:
     return figures
 
 
+def limit_c_priority(backend: str) -> int | None:
+    """The real-time priority of a `limit-c[@rt=N]` backend (0: ordinary scheduling); None for any other backend."""
+    name, *flags = backend.split("@")
+    if name != "limit-c":
+        return None
+    if not flags:
+        return 0
+    value = flags[0].removeprefix("rt=")
+    if len(flags) > 1 or value == flags[0] or not value.isdigit() or not 1 <= int(value) <= 99:
+        raise SystemExit(f"bench.latency: {backend!r}: limit-c takes one @rt=PRIORITY, 1..99")
+    return int(value)
+
+
 @contextlib.contextmanager
 def cluster(backend: str):
     """(testbed, pod a, pod b) for one backend: flanneld's (two_pod_cluster) or the reference C tunnel's."""
-    name, *flags = backend.split("@")
-    if name != "limit-c":
+    priority = limit_c_priority(backend)
+    if priority is None:
         with two_pod_cluster(backend) as pods:
             yield pods
         return
-    priority = 0
-    for flag in flags:
-        if not flag.startswith("rt="):
-            raise SystemExit(f"limit-c takes only @rt=PRIORITY, not @{flag}")
-        priority = int(flag.removeprefix("rt="))
     with Testbed(hosts=2) as bed:
         bed.set_underlay_offloads(True)
         setup_limit_c(bed, priority)
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
+    for backend in backends:
+        limit_c_priority(backend)  # a mistyped variant fails before any cluster is built
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     runs: dict = {b: [] for b in backends}
     try:
