@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offloads", choices=["on", "off", "both"], default="on", help="underlay veth TSO/GSO/GRO")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args(argv)
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(
+            f"{parser.prog}: unknown variant(s) {', '.join(unknown) or '(none given)'} (one of: {', '.join(VARIANTS)})"
+        )
     settings = ["on", "off"] if args.offloads == "both" else [args.offloads]
     print(
         f"# {time.strftime('%Y-%m-%d')} kernel {platform.release()}, {os.cpu_count()} cores, iperf3 single TCP stream "

@@ -340,7 +340,7 @@ def register_nodes(client, names: list[str]) -> None:
         time.sleep(0.2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="100,300,1000", help="comma list of cluster sizes (at most 1023)")
     parser.add_argument("--stores", default="embedded,etcd", help="comma list of: embedded, etcd, kube")
@@ -359,15 +359,54 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    sizes = [int(n) for n in args.nodes.split(",")]
-    stores = args.stores.split(",")
-    if any(not 2 <= n <= 1023 for n in sizes) or any(s not in ("embedded", "etcd", "kube") for s in stores):
+    args.sizes = [int(n) for n in args.nodes.split(",")]
+    args.stores = args.stores.split(",")
+    if any(not 2 <= n <= 1023 for n in args.sizes) or any(s not in ("embedded", "etcd", "kube") for s in args.stores):
         parser.error("--nodes from 2 to 1023; --stores of embedded, etcd, kube")
-    results: dict = {s: [] for s in stores}
+    return args
+
+
+def run_size(store: str, run: int, n: int, etcd, args: argparse.Namespace) -> dict:
+    """One cluster size on one store; a row is printed, and its figures (or why it failed) returned."""
     scattered = args.public_ips == "scattered"
+    try:
+        if store == "embedded":
+            figures = run_embedded(n, args.processes, args.timeout, scattered)
+        elif store == "kube":
+            figures = run_kube(n, args.processes, args.timeout, scattered)
+        else:
+            figures = run_etcd(etcd, f"/scale-{run}-{n}/network", n, args.processes, args.timeout, scattered)
+    except RuntimeError as e:  # nodes that gave up (e.g. the API server refusing connections)
+        print(f"{store:9} {n:6} failed: {e}", flush=True)
+        return {"nodes": n, "failed": str(e)}
+    except TimeoutError as e:
+        lost = e.args[0] if e.args else "?"
+        print(
+            f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47} {lost:>13}",
+            flush=True,
+        )
+        return {"nodes": n, "timeout_s": args.timeout, "lost_watches": lost}
+    server_cpu = "-" if figures["server_cpu_s"] is None else f"{figures['server_cpu_s']:.1f}"
+    churn = "".join(
+        f" {figures[k]:11.2f}" if figures[k] is not None else f" {'-':>11}"
+        for k in ("churn_left_s", "churn_rejoined_s")
+    )
+    print(
+        f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
+        f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d} "
+        f"{figures['lost_races']:11d}{churn} {figures['delivered_per_s']:14,.0f} "
+        f"{figures['nodes_cpu_s']:12.1f} {server_cpu:>13}",
+        flush=True,
+    )
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    results: dict = {s: [] for s in args.stores}
     # SIGTERM (timeout, a CI runner) takes the Ctrl-C path, so the servers started here are stopped and removed.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in stores else None
+    etcd = EtcdCluster(extra_args=("--quota-backend-bytes", str(2 << 30))) if "etcd" in args.stores else None
     try:
         print(
             f"{'store':9} {'nodes':>6} {'all acquired s':>15} {'all converged s':>16} {'median node s':>14} "
@@ -375,43 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{'nodes CPU s':>12} {'server CPU s':>13}",
             flush=True,
         )
-        for store in stores:
-            for run, n in enumerate(sizes):
-                try:
-                    if store == "embedded":
-                        figures = run_embedded(n, args.processes, args.timeout, scattered)
-                    elif store == "kube":
-                        figures = run_kube(n, args.processes, args.timeout, scattered)
-                    else:
-                        prefix = f"/scale-{run}-{n}/network"
-                        figures = run_etcd(etcd, prefix, n, args.processes, args.timeout, scattered)
-                except RuntimeError as e:  # nodes that gave up (e.g. the API server refusing connections)
-                    print(f"{store:9} {n:6} failed: {e}", flush=True)
-                    results[store].append({"nodes": n, "failed": str(e)})
-                    continue
-                except TimeoutError as e:
-                    lost = e.args[0] if e.args else "?"
-                    print(
-                        f"{store:9} {n:6} {'did not converge within ' + format(args.timeout, 'g') + ' s':>47} "
-                        f"{lost:>13}",
-                        flush=True,
-                    )
-                    results[store].append({"nodes": n, "timeout_s": args.timeout, "lost_watches": lost})
-                    continue
-                results[store].append(figures)
-                server_cpu = "-" if figures["server_cpu_s"] is None else f"{figures['server_cpu_s']:.1f}"
-                server_cpu = f"{server_cpu:>13}"
-                churn = "".join(
-                    f" {figures[k]:11.2f}" if figures[k] is not None else f" {'-':>11}"
-                    for k in ("churn_left_s", "churn_rejoined_s")
-                )
-                print(
-                    f"{store:9} {n:6} {figures['all_acquired_s']:15.2f} {figures['all_converged_s']:16.2f} "
-                    f"{figures['median_node_converged_s']:14.2f} {figures['lost_watches']:13d} "
-                    f"{figures['lost_races']:11d}{churn} {figures['delivered_per_s']:14,.0f} "
-                    f"{figures['nodes_cpu_s']:12.1f} {server_cpu}",
-                    flush=True,
-                )
+        for store in args.stores:
+            for run, n in enumerate(args.sizes):
+                results[store].append(run_size(store, run, n, etcd, args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -94,6 +94,51 @@ def lost(output: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(1)) - int(m.group(2))) if m else (0, 0)
 
 
+def flood(stranger, peer, target, datagrams: int) -> dict[str, int]:
+    """The hostile datagrams from the stranger, then from the peer's own address: {source: datagrams sent}."""
+    own = str(ipaddress.ip_interface(peer.subnet_env()["FLANNEL_SUBNET"]).network)
+    theirs = str(ipaddress.ip_interface(target.subnet_env()["FLANNEL_SUBNET"]).network)
+    sent = {}
+    for name, host in (("stranger", stranger), ("peer", peer)):
+        out = in_ns(
+            host.ns,
+            sys.executable,
+            "-c",
+            GENERATOR,
+            str(target.address),
+            "8285",
+            str(datagrams),
+            own,
+            theirs,
+            "7",
+            timeout=datagrams / 1000 + 120,
+        ).stdout
+        sent[name] = int(out.strip())
+    return sent
+
+
+def report(sent: dict[str, int], flood_seconds: float, alive: bool, received: float, drops: dict, pings) -> None:
+    during, after = pings
+    socket_drops = drops.pop("socket_receive_buffer", 0)
+    total_sent = sum(sent.values())
+    print(
+        f"sent {total_sent:,} hostile datagrams in {flood_seconds:.1f} s "
+        f"({', '.join(f'{k} {v:,}' for k, v in sent.items())}; {total_sent / flood_seconds / 1e3:.0f} k/s)"
+    )
+    print(
+        f"node: {'alive' if alive else 'DEAD'}; received by the pump {received:,.0f}, dropped by the "
+        f"socket buffer {socket_drops:,.0f}: accounted {received + socket_drops:,.0f} of {total_sent:,} "
+        f"(a 60 KB datagram travels as IP fragments; one lost on the underlay never reaches the node)"
+    )
+    print(
+        f"delivered into flannel0 (well-formed, from the peer's subnet to ours): {received - sum(drops.values()):,.0f}"
+    )
+    print(
+        "dropped by reason: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]) if v)
+    )
+    print(f"pings lost: {during[1]} of {during[0]} during the flood (+5 s), {after[1]} of {after[0]} after")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__.splitlines()[0])
     parser.add_argument("--datagrams", type=int, default=1_000_000, help="per source")
@@ -109,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
             a, b = bed.add_pod(peer), bed.add_pod(target)
             if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
                 raise RuntimeError(f"pods cannot reach each other\n{bed.logs()}")
-            own = str(ipaddress.ip_interface(peer.subnet_env()["FLANNEL_SUBNET"]).network)
-            theirs = str(ipaddress.ip_interface(target.subnet_env()["FLANNEL_SUBNET"]).network)
             drops_before, received_before = drops_and_received(target.ns)
             ping = bed.popen(
                 a.ns,
@@ -125,22 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 text=True,
             )
             started = time.monotonic()
-            sent = {}
-            for name, host in (("stranger", stranger), ("peer", peer)):
-                out = in_ns(
-                    host.ns,
-                    sys.executable,
-                    "-c",
-                    GENERATOR,
-                    str(target.address),
-                    "8285",
-                    str(args.datagrams),
-                    own,
-                    theirs,
-                    "7",
-                    timeout=args.datagrams / 1000 + 120,
-                ).stdout
-                sent[name] = int(out.strip())
+            sent = flood(stranger, peer, target, args.datagrams)
             flood_seconds = time.monotonic() - started
             time.sleep(5)
             ping.send_signal(signal.SIGINT)
@@ -150,26 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             drops_after, received_after = drops_and_received(target.ns)
             drops = {k: drops_after.get(k, 0) - drops_before.get(k, 0) for k in drops_after}
             received = received_after - received_before - during[0] - after[0]  # the ping requests are not hostile
-            socket_drops = drops.pop("socket_receive_buffer", 0)
-            total_sent = sum(sent.values())
-            print(
-                f"sent {total_sent:,} hostile datagrams in {flood_seconds:.1f} s "
-                f"({', '.join(f'{k} {v:,}' for k, v in sent.items())}; {total_sent / flood_seconds / 1e3:.0f} k/s)"
-            )
-            print(
-                f"node: {'alive' if alive else 'DEAD'}; received by the pump {received:,.0f}, dropped by the "
-                f"socket buffer {socket_drops:,.0f}: accounted {received + socket_drops:,.0f} of {total_sent:,} "
-                f"(a 60 KB datagram travels as IP fragments; one lost on the underlay never reaches the node)"
-            )
-            print(
-                f"delivered into flannel0 (well-formed, from the peer's subnet to ours): "
-                f"{received - sum(drops.values()):,.0f}"
-            )
-            print(
-                "dropped by reason: "
-                + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]) if v)
-            )
-            print(f"pings lost: {during[1]} of {during[0]} during the flood (+5 s), {after[1]} of {after[0]} after")
+            report(sent, flood_seconds, alive, received, drops, (during, after))
             return 0 if alive else 1
     except KeyboardInterrupt:
         print("\ninterrupted; everything built was removed", file=sys.stderr)

@@ -274,7 +274,23 @@ def plot(path: str, report: dict) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_backends(prog: str, backends: list[str], names: tuple[str, ...] = BACKENDS) -> None:
+    """A mistyped backend, or a node flag a variant adds (`NAME@FLAG@FLAG`) that the node would refuse, ends the
+    command in one line naming it, before any namespace is built."""
+    from flannel_udp.cli import UsageError, parse_run_args
+
+    for backend in backends:
+        name, *flags = backend.split("@")
+        if name not in names:
+            raise SystemExit(f"{prog}: unknown backend {name!r} in {backend!r} (one of: {', '.join(names)})")
+        try:
+            parse_run_args(flags, backend)
+        except UsageError as e:
+            raise SystemExit(f"{prog}: {backend!r}: {str(e).removeprefix(backend + ': ')}") from None
+
+
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the backends to measure (checked; upstream's left out where they cannot run)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description="Compare the backends side by side.")
     parser.add_argument(
         "--backends",
@@ -292,64 +308,86 @@ def main(argv: list[str] | None = None) -> int:
         help="dual-stack network; every figure between the pods' IPv6 "
         "addresses (upstream's udp backend is IPv4-only and is left out)",
     )
-    parser.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in the README)")
+    parser.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in docs/performance.md)")
     parser.add_argument("--plot", metavar="FILE.png", help="bar charts of the main figures")
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b.partition("@")[0] not in BACKENDS]
-    if unknown or not backends:
-        parser.error(f"unknown backend(s): {', '.join(unknown) or '(none given)'}")
+    if not backends:
+        raise SystemExit(f"{parser.prog}: no backend given")
+    check_backends(parser.prog, backends)
     from testbed import upstreamflannel
 
+    chosen = args.backends != parser.get_default("backends")
     if any(b.startswith(UPSTREAM) for b in backends) and not upstreamflannel.available():
-        if args.backends != parser.get_default("backends"):
+        if chosen:
             parser.error(f"upstream flanneld is not built ({upstreamflannel.flanneld_path()}): run scripts/setup.sh")
         backends = [b for b in backends if not b.startswith(UPSTREAM)]
     if args.ipv6 and "upstream-udp" in backends:
-        if args.backends != parser.get_default("backends"):
+        if chosen:
             parser.error("--ipv6: upstream's udp backend is IPv4-only")
         backends.remove("upstream-udp")
     if args.quick:
         args.repeat, args.seconds, args.underlay = 1, 1, "defaults"
-    ping_count = 100 if args.quick else 500
-    settings = ["defaults", "offloads-off"] if args.underlay == "both" else [args.underlay]
-    # SIGTERM takes the same clean path as Ctrl-C: every testbed is closed on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    machine = {
+    return args, backends
+
+
+def machine_facts() -> dict:
+    return {
         "date": time.strftime("%Y-%m-%d"),
         "kernel": platform.release(),
         "cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "tools": tool_versions(),
     }
-    print(
-        f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
-        f"{args.repeat} x {args.seconds:g}s per TCP test{'; IPv6 pods' if args.ipv6 else ''}",
-        flush=True,
-    )
+
+
+def measure_all(args: argparse.Namespace, backends: list[str], settings: list[str]) -> dict:
+    """Every backend in every underlay setting, --repeat times, backends interleaved within each repetition."""
+    ping_count = 100 if args.quick else 500
     runs: dict = {s: {b: [] for b in backends} for s in settings}
-    started = time.monotonic()
-    try:
-        for setting in settings:
-            for repetition in range(args.repeat):
-                for backend in backends:
-                    progress(f"underlay {setting}, repetition {repetition + 1}/{args.repeat}: {backend}")
-                    runs[setting][backend].append(
-                        measure(backend, setting == "defaults", args.seconds, ping_count, args.ipv6)
-                    )
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything built was removed", file=sys.stderr)
-        return 130
+    for setting in settings:
+        for repetition in range(args.repeat):
+            for backend in backends:
+                progress(f"underlay {setting}, repetition {repetition + 1}/{args.repeat}: {backend}")
+                runs[setting][backend].append(
+                    measure(backend, setting == "defaults", args.seconds, ping_count, args.ipv6)
+                )
+    return runs
+
+
+def build_report(machine: dict, args: argparse.Namespace, backends: list[str], runs: dict) -> dict:
+    """The JSON report (schema in docs/performance.md); prints each setting's table on the way."""
     report = {
         "machine": machine,
         "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends, "ipv6": args.ipv6},
         "settings": {},
     }
-    for setting in settings:
-        summary = {b: summarise(runs[setting][b]) for b in backends}
-        report["settings"][setting] = {"backends": summary, "runs": runs[setting]}
+    for setting, setting_runs in runs.items():
+        summary = {b: summarise(setting_runs[b]) for b in backends}
+        report["settings"][setting] = {"backends": summary, "runs": setting_runs}
         print(table(setting, summary, backends))
-    report["backends"] = report["settings"][settings[0]]["backends"]  # the first setting, for quick lookups
+    report["backends"] = next(iter(report["settings"].values()))["backends"]  # the first setting, for quick lookups
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, backends = parse_arguments(argv)
+    settings = ["defaults", "offloads-off"] if args.underlay == "both" else [args.underlay]
+    # SIGTERM takes the same clean path as Ctrl-C: every testbed is closed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    machine = machine_facts()
+    print(
+        f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
+        f"{args.repeat} x {args.seconds:g}s per TCP test{'; IPv6 pods' if args.ipv6 else ''}",
+        flush=True,
+    )
+    started = time.monotonic()
+    try:
+        runs = measure_all(args, backends, settings)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything built was removed", file=sys.stderr)
+        return 130
+    report = build_report(machine, args, backends, runs)
     print(f"\n(took {time.monotonic() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -26,7 +26,7 @@ import time
 from testbed.cluster import Testbed, in_ns, wait_for
 
 from .compare import setup_limit_c
-from .harness import two_pod_cluster
+from .harness import check_backends, two_pod_cluster
 
 RR_PORT = 11111
 
@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    for backend in backends:
-        limit_c_priority(backend)  # a mistyped variant fails before any cluster is built
+    if not backends:
+        raise SystemExit(f"{parser.prog}: no backend given")
+    # A mistyped backend or variant fails in one line before any cluster is built.
+    check_backends(parser.prog, [b for b in backends if limit_c_priority(b) is None])
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     runs: dict = {b: [] for b in backends}
     try:

@@ -50,6 +50,74 @@ def pings_so_far(path: str) -> tuple[int, int]:
     return (max(sequences) if sequences else 0), len(re.findall(r"bytes from", text))
 
 
+def start_load(bed, a, b, seconds: float, log: str):
+    """One TCP stream from pod a to pod b and a ping every 10 ms beside it, both for `seconds`, the ping into log."""
+    server = bed.popen(b.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    duration = f"{seconds:.0f}"
+    client = bed.popen(
+        a.ns,
+        "iperf3",
+        "-c",
+        str(b.address),
+        "-t",
+        duration,
+        "-J",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    with open(log, "w") as out:
+        ping = bed.popen(
+            a.ns, "ping", "-i", "0.01", "-W", "1", "-w", duration, str(b.address), stdout=out, stderr=subprocess.STDOUT
+        )
+    return server, client, ping
+
+
+def print_row(elapsed: float, rows: list[dict], log: str) -> None:
+    sent, answered = pings_so_far(log)
+    print(
+        f"{elapsed:6.0f} "
+        + "".join(f"{r['rss_mib']:14.1f}{r['fds']:6d}{r['threads']:5d}{r['packets'] / 1e6:8.2f}" for r in rows)
+        + f"{sent:10d}{sent - answered:7d}",
+        flush=True,
+    )
+
+
+def sample_until(bed, seconds: float, interval: float, log: str) -> tuple[list[dict], list[dict]]:
+    """A row every interval until seconds have passed or a daemon died: (the first samples, the last)."""
+    start = time.monotonic()
+    first = rows = sample(bed)
+    print(
+        f"{'t s':>6} "
+        + "".join(f"{h.name + ' RSS MiB':>14}{'fds':>6}{'thr':>5}{'Mpkts':>8}" for h in bed.hosts)
+        + f"{'pings':>10}{'lost':>7}",
+        flush=True,
+    )
+    while True:
+        elapsed = time.monotonic() - start
+        print_row(elapsed, rows, log)
+        if elapsed >= seconds or not all(r["alive"] for r in rows):
+            return first, rows
+        time.sleep(min(interval, max(seconds - elapsed, 0.1)))
+        rows = sample(bed)
+
+
+def print_growth(bed, minutes: float, first: list[dict], last_rows: list[dict], log: str, iperf_json: str) -> None:
+    sent, answered = pings_so_far(log)
+    moved = re.search(r'"sum_received":\s*{[^}]*"bytes":\s*(\d+)', iperf_json)
+    print(
+        f"\nafter {minutes:g} min: "
+        + "; ".join(
+            f"{h.name}: RSS {last['rss_mib'] - begin['rss_mib']:+.1f} MiB, "
+            f"fds {last['fds'] - begin['fds']:+d}, "
+            f"threads {last['threads'] - begin['threads']:+d}, {'alive' if last['alive'] else 'DEAD'}"
+            for h, begin, last in zip(bed.hosts, first, last_rows, strict=True)
+        )
+    )
+    print(f"pings: {sent} sent, {sent - answered} lost; TCP moved {int(moved.group(1)) / 1e9 if moved else 0:.1f} GB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
@@ -61,77 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with two_pod_cluster(NODE) as (bed, a, b):
             log = os.path.join(bed.workdir, "soak-ping.log")
-            server = bed.popen(b.ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-            client = bed.popen(
-                a.ns,
-                "iperf3",
-                "-c",
-                str(b.address),
-                "-t",
-                f"{seconds + args.warmup:.0f}",
-                "-J",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-            with open(log, "w") as out:
-                ping = bed.popen(
-                    a.ns,
-                    "ping",
-                    "-i",
-                    "0.01",
-                    "-W",
-                    "1",
-                    "-w",
-                    f"{seconds + args.warmup:.0f}",
-                    str(b.address),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+            server, client, ping = start_load(bed, a, b, seconds + args.warmup, log)
             time.sleep(args.warmup)
-            start = time.monotonic()
-            first = sample(bed)
-            print(
-                f"{'t s':>6} "
-                + "".join(f"{h.name + ' RSS MiB':>14}{'fds':>6}{'thr':>5}{'Mpkts':>8}" for h in bed.hosts)
-                + f"{'pings':>10}{'lost':>7}",
-                flush=True,
-            )
-            rows = first
-            while True:
-                elapsed = time.monotonic() - start
-                sent, answered = pings_so_far(log)
-                print(
-                    f"{elapsed:6.0f} "
-                    + "".join(
-                        f"{r['rss_mib']:14.1f}{r['fds']:6d}{r['threads']:5d}{r['packets'] / 1e6:8.2f}" for r in rows
-                    )
-                    + f"{sent:10d}{sent - answered:7d}",
-                    flush=True,
-                )
-                if elapsed >= seconds or not all(r["alive"] for r in rows):
-                    break
-                time.sleep(min(args.interval, max(seconds - elapsed, 0.1)))
-                rows = sample(bed)
+            first, rows = sample_until(bed, seconds, args.interval, log)
             ping.wait(60)
             result = client.communicate(timeout=60)[0]
             server.wait(10)
-            sent, answered = pings_so_far(log)
-            moved = re.search(r'"sum_received":\s*{[^}]*"bytes":\s*(\d+)', result)
-            print(
-                f"\nafter {args.minutes:g} min: "
-                + "; ".join(
-                    f"{h.name}: RSS {last['rss_mib'] - begin['rss_mib']:+.1f} MiB, "
-                    f"fds {last['fds'] - begin['fds']:+d}, "
-                    f"threads {last['threads'] - begin['threads']:+d}, {'alive' if last['alive'] else 'DEAD'}"
-                    for h, begin, last in zip(bed.hosts, first, rows, strict=True)
-                )
-            )
-            print(
-                f"pings: {sent} sent, {sent - answered} lost; TCP moved "
-                f"{int(moved.group(1)) / 1e9 if moved else 0:.1f} GB"
-            )
+            print_growth(bed, args.minutes, first, rows, log, result)
             return 0 if all(r["alive"] for r in rows) else 1
     except KeyboardInterrupt:
         print("\ninterrupted; everything built was removed", file=sys.stderr)

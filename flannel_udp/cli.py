@@ -173,16 +173,13 @@ def fail(message: str) -> int:
     return 1
 
 
-def run_command(argv: list[str], prog: str) -> int:
-    if any(a in ("-version", "--version") for a in argv):
-        print(__version__, file=sys.stderr)  # to stderr, as upstream
-        return 0
+def parse_run_args(argv: list[str], prog: str) -> argparse.Namespace:
+    """The node's flags from argv and FLANNELD_*, checked; UsageError names the first bad flag or value."""
     normalised, given = normalise_go_flags(argv, set(RUN_FLAGS))
     args = build_run_parser(prog).parse_args(["--help" if a == "-h" else a for a in normalised])
     apply_env(args, given)
-    setup_logging(args.v)
     if not 0 < args.subnet_lease_renew_margin < 1440:
-        return fail("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
+        raise UsageError("-subnet-lease-renew-margin must be between 1 and 1439 minutes")
     for flag, value, low, high in (
         ("-healthz-port", args.healthz_port, 0, 65535),
         ("-iptables-resync", args.iptables_resync, 1, 86400),
@@ -191,9 +188,18 @@ def run_command(argv: list[str], prog: str) -> int:
         ("-udp-busy-poll", args.udp_busy_poll, 0, 1000),
     ):
         if not low <= value <= high:
-            return fail(f"{flag} must be from {low} to {high}, got {value}")
+            raise UsageError(f"{flag} must be from {low} to {high}, got {value}")
     if args.lease_ttl <= 0:
-        return fail("--lease-ttl must be a positive number of seconds")
+        raise UsageError("--lease-ttl must be a positive number of seconds")
+    return args
+
+
+def run_command(argv: list[str], prog: str) -> int:
+    if any(a in ("-version", "--version") for a in argv):
+        print(__version__, file=sys.stderr)  # to stderr, as upstream
+        return 0
+    args = parse_run_args(argv, prog)
+    setup_logging(args.v)
 
     import uvloop
 

@@ -44,7 +44,7 @@ def read_subnet_env(path: str) -> dict:
             f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
             "is flanneld running on this node?",
         ) from None
-    except UnicodeDecodeError:  # found by fuzz/targets/cni.py: a damaged file ended the plugin in a traceback
+    except UnicodeDecodeError:  # a damaged file is a CNI error like any other, never a traceback
         raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: not UTF-8 text") from None
     required = ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
     if "FLANNEL_IPV6_SUBNET" in values:
@@ -53,7 +53,7 @@ def read_subnet_env(path: str) -> dict:
     if missing:
         raise CniError(INVALID_CONFIG, f"{path} is missing {', '.join(missing)}")
     # Each value parsed as upstream's loadFlannelSubnetEnv does, so a damaged file is one CNI error, not a traceback
-    # later (found by fuzz/targets/cni.py).
+    # later (fuzz/targets/cni.py holds the plugin to that).
     for key in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET"):
         if values.get(key):
             try:

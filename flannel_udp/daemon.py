@@ -39,6 +39,21 @@ class StartupError(RuntimeError):
     """A failure the user can fix; printed as one line, exit status 1."""
 
 
+# What a start can fail on that the user can cause: each ends the node in one line, exit status 1.
+STARTUP_ERRORS = (
+    SocketError,
+    iface.InterfaceError,
+    BackendError,
+    TunError,
+    StoreError,
+    OutOfSubnets,
+    AcquireError,
+    EtcdConfigError,
+    RulesError,
+    HealthError,
+)
+
+
 @dataclass
 class Options:
     net_config_path: str = defaults.NET_CONFIG_PATH
@@ -214,26 +229,8 @@ class Daemon:
             if health is not None:
                 await health.start()
             store, config = await open_store(opts)
-            public_ip, public_ipv6 = opts.public_ip, opts.public_ipv6
-            if opts.kube is not None:
-                # node-public-ip(v6) annotations set by the admin replace -public-ip(v6), as upstream.
-                annotated, annotated6 = store.stored_public_ips()
-                public_ip, public_ipv6 = annotated or public_ip, annotated6 or public_ipv6
             backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
-            # The IPv6 side is looked for where the backend carries IPv6 (for udp an IPv6 underlay is optional).
-            dual_stack = config.enable_ipv6 and backend_cls.dual_stack
-            ext = await choose_interface(
-                nl, opts, public_ip, public_ipv6, dual_stack, getattr(backend_cls, "ipv6_underlay_optional", False)
-            )
-            log.info(
-                "Using interface %s with address %s, public IP %s, MTU %d",
-                ext.name,
-                ext.iface_addr,
-                ext.ext_addr,
-                ext.mtu,
-            )
-            if ext.iface_addr6 is not None:
-                log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
+            ext = await self._external_interface(nl, store, config, backend_cls)
             udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll)
             backend = make_backend(config, nl, ext, udp_flags)
             old_env = subnetenv.read(opts.subnet_file)
@@ -244,49 +241,19 @@ class Daemon:
                 network = await backend.register_network(manager)
                 self.state.network = network
                 self.state.lease_expiration = network.lease.expiration
-                rules = TrafficRules(
-                    rule_families(config, network.lease, old_env, previous),
-                    masq=opts.ip_masq,
-                    forward=opts.iptables_forward_rules,
-                    nftables=config.enable_nftables,
-                    fully_random_disabled=opts.ip_masq_fully_random_disable,
-                )
-                await asyncio.to_thread(rules.setup)
-                try:
-                    subnetenv.write_atomically(
-                        opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq)
-                    )
-                except OSError as e:
-                    raise StartupError(f"cannot write the subnet file {opts.subnet_file}: {e.strerror}") from None
+                rules = self._traffic_rules(config, network.lease, old_env, previous)
+                await self._publish(config, network, rules)
             except Exception:  # a failure, not a signal: a signal is a clean stop and keeps what a stop keeps
                 if await self._undo_start(manager, network, rules):
                     network = None
                 raise
-            self.state.ready = True
-            log.info(
-                "Wrote subnet file %s (subnet %s%s); ready",
-                opts.subnet_file,
-                network.lease.subnet,
-                f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "",
-            )
             await manager.complete_lease(network.lease)
 
             self._starting = None  # from here on a signal ends the serving loop, not the task
             await self._serve(manager, network, rules, nl)
             log.info("Exiting cleanly...")
             return 0
-        except (
-            SocketError,
-            iface.InterfaceError,
-            BackendError,
-            TunError,
-            StoreError,
-            OutOfSubnets,
-            AcquireError,
-            EtcdConfigError,
-            RulesError,
-            HealthError,
-        ) as e:
+        except STARTUP_ERRORS as e:
             raise StartupError(str(e)) from None
         finally:
             if network is not None:
@@ -296,6 +263,54 @@ class Daemon:
             if health is not None:
                 await health.stop()
             nl.close()
+
+    async def _external_interface(self, nl, store, config: NetworkConfig, backend_cls):
+        """The interface for inter-node traffic (with its IPv6 side where the backend carries IPv6), logged."""
+        opts = self.opts
+        public_ip, public_ipv6 = opts.public_ip, opts.public_ipv6
+        if opts.kube is not None:
+            # node-public-ip(v6) annotations set by the admin replace -public-ip(v6), as upstream.
+            annotated, annotated6 = store.stored_public_ips()
+            public_ip, public_ipv6 = annotated or public_ip, annotated6 or public_ipv6
+        # For udp an IPv6 underlay is optional: IPv6 pod traffic may cross the IPv4 one.
+        dual_stack = config.enable_ipv6 and backend_cls.dual_stack
+        ext = await choose_interface(
+            nl, opts, public_ip, public_ipv6, dual_stack, getattr(backend_cls, "ipv6_underlay_optional", False)
+        )
+        log.info(
+            "Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu
+        )
+        if ext.iface_addr6 is not None:
+            log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
+        return ext
+
+    def _traffic_rules(self, config: NetworkConfig, lease, old_env: dict, previous) -> TrafficRules:
+        opts = self.opts
+        return TrafficRules(
+            rule_families(config, lease, old_env, previous),
+            masq=opts.ip_masq,
+            forward=opts.iptables_forward_rules,
+            nftables=config.enable_nftables,
+            fully_random_disabled=opts.ip_masq_fully_random_disable,
+        )
+
+    async def _publish(self, config: NetworkConfig, network, rules: TrafficRules) -> None:
+        """Rules in place, then subnet.env for the CNI plugin: from here on the node is ready."""
+        opts = self.opts
+        await asyncio.to_thread(rules.setup)
+        try:
+            subnetenv.write_atomically(
+                opts.subnet_file, subnetenv.render(config, network.lease, network.mtu, opts.ip_masq)
+            )
+        except OSError as e:
+            raise StartupError(f"cannot write the subnet file {opts.subnet_file}: {e.strerror}") from None
+        self.state.ready = True
+        log.info(
+            "Wrote subnet file %s (subnet %s%s); ready",
+            opts.subnet_file,
+            network.lease.subnet,
+            f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "",
+        )
 
     async def _undo_start(self, manager, network, rules: TrafficRules | None) -> bool:
         """A start that failed after allocating a new lease leaves nothing behind: the lease is released, the rules

@@ -66,62 +66,24 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         step(f"Building {args.nodes} hosts on an underlay bridge (198.18.0.0/24) in network namespaces")
         bed = Testbed(hosts=args.nodes)
-        config = {"Network": args.network, "Backend": {"Type": args.backend}}
-        if args.ipv6_network:
-            config.update(EnableIPv6=True, IPv6Network=args.ipv6_network)
-        bed.write_config(config)
-        if args.kube:
-            step(
-                "Starting a Kubernetes control plane on the underlay (198.18.0.200): etcd, kube-apiserver with RBAC, "
-                "kube-controller-manager --allocate-node-cidrs"
-            )
-            bed.start_kube()
-            store = "Kubernetes API: podCIDRs from kube-controller-manager, the flannel ServiceAccount's token"
-        else:
-            store = f"embedded store {bed.lease_file}"
-        step(f"Starting a flannel-udp node in each host ({args.backend} backend, {store})")
-        for host in bed.hosts:
-            bed.start_node(host, wait=False)
-        for host in bed.hosts:
-            bed.wait_ready(host)
-            env = host.subnet_env()
-            v6 = f" FLANNEL_IPV6_SUBNET={env['FLANNEL_IPV6_SUBNET']}" if "FLANNEL_IPV6_SUBNET" in env else ""
-            print(
-                f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']}{v6} "
-                f"FLANNEL_MTU={env['FLANNEL_MTU']}"
-            )
+        start_nodes(bed, args)
         step(f"Creating {args.pods} pods per host through the flannel CNI plugin (bridge cni0, host-local IPAM)")
         for host in bed.hosts:
             for _ in range(args.pods):
                 bed.add_pod(host)
-
         step("Leases")
         print(bed.cli(bed.hosts[0].ns, "leases", *bed.store_args()).stdout)
-
-        pods = [pod for host in bed.hosts for pod in host.pods]
-        time.sleep(0.5)  # routes follow the leases within the store's poll interval
-        failures = ping_matrix(bed, pods, "address", "IPv4")
-        if args.ipv6_network:
-            failures += ping_matrix(bed, pods, "address6", "IPv6")
-
-        if args.iperf_seconds > 0:
-            a, b = bed.hosts[0].pods[0], bed.hosts[1].pods[0]
-            step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the {args.backend} backend")
-            report = bed.iperf3(a, b, args.iperf_seconds)
-            try:
-                print(f"    {report['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s")
-            except KeyError:
-                print(f"    iperf3 failed: {report.get('error', 'no report')}")
-                failures += 1
+        failures = show_traffic(bed, args)
+        outcome = "" if not failures else f" ({failures} checks failed)"
         if args.keep:
             bed.save_state(STATE_FILE)
             step(
                 f"Done; the cluster keeps running (namespaces {bed.prefix}-*, logs in {bed.workdir}); "
-                "remove it with `flannel-udp demo down`" + ("" if not failures else f" ({failures} checks failed)")
+                "remove it with `flannel-udp demo down`" + outcome
             )
             bed = None  # not closed: kept
         else:
-            step("Done; removing the cluster" + ("" if not failures else f" ({failures} checks failed)"))
+            step("Done; removing the cluster" + outcome)
         return 0 if failures == 0 else 1
     except (TestbedError, KubeServerError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -132,6 +94,53 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if bed is not None:
             bed.close()
+
+
+def start_nodes(bed: Testbed, args: argparse.Namespace) -> None:
+    """The network config, the store (embedded, or a Kubernetes control plane), and a ready node on every host."""
+    config = {"Network": args.network, "Backend": {"Type": args.backend}}
+    if args.ipv6_network:
+        config.update(EnableIPv6=True, IPv6Network=args.ipv6_network)
+    bed.write_config(config)
+    if args.kube:
+        step(
+            "Starting a Kubernetes control plane on the underlay (198.18.0.200): etcd, kube-apiserver with RBAC, "
+            "kube-controller-manager --allocate-node-cidrs"
+        )
+        bed.start_kube()
+        store = "Kubernetes API: podCIDRs from kube-controller-manager, the flannel ServiceAccount's token"
+    else:
+        store = f"embedded store {bed.lease_file}"
+    step(f"Starting a flannel-udp node in each host ({args.backend} backend, {store})")
+    for host in bed.hosts:
+        bed.start_node(host, wait=False)
+    for host in bed.hosts:
+        bed.wait_ready(host)
+        env = host.subnet_env()
+        v6 = f" FLANNEL_IPV6_SUBNET={env['FLANNEL_IPV6_SUBNET']}" if "FLANNEL_IPV6_SUBNET" in env else ""
+        print(
+            f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']}{v6} "
+            f"FLANNEL_MTU={env['FLANNEL_MTU']}"
+        )
+
+
+def show_traffic(bed: Testbed, args: argparse.Namespace) -> int:
+    """The ping matrix of every family, then one iperf3 between two hosts; returns the number of failed checks."""
+    pods = [pod for host in bed.hosts for pod in host.pods]
+    time.sleep(0.5)  # routes follow the leases within the store's poll interval
+    failures = ping_matrix(bed, pods, "address", "IPv4")
+    if args.ipv6_network:
+        failures += ping_matrix(bed, pods, "address6", "IPv6")
+    if args.iperf_seconds > 0:
+        a, b = bed.hosts[0].pods[0], bed.hosts[1].pods[0]
+        step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the {args.backend} backend")
+        report = bed.iperf3(a, b, args.iperf_seconds)
+        try:
+            print(f"    {report['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s")
+        except KeyError:
+            print(f"    iperf3 failed: {report.get('error', 'no report')}")
+            failures += 1
+    return failures
 
 
 def ping_matrix(bed: Testbed, pods: list, attribute: str, family: str) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real Go programs that the tests, the demo and the benchmarks start beside ours: kube-apiserver and
-# kube-controller-manager from the Go module k8s.io/kubernetes, and upstream flanneld (the program flannel-udp replaces,
+# Builds the real Go programs that the tests, the demo and the benchmarks start beside ours: kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet and kubectl from the Go module k8s.io/kubernetes, and upstream flanneld (the program flannel-udp replaces,
 # for mixed clusters) from github.com/flannel-io/flannel, each at one pinned release. Each is built once per machine
 # into a cache outside the clone and reused while that version's binaries are there.
 #
@@ -18,18 +18,20 @@ if [ -z "$GO" ] || [ ! -x "$GO" ]; then
     exit 1
 fi
 
-# build_module DEST MODULE VERSION CGO LDFLAGS REPLACES PACKAGE...: go build each PACKAGE of MODULE@VERSION into DEST
-# ("" names the module's root package); REPLACES: space-separated OLD=NEW@VERSION pins for the build module.
+# build_module DEST MINUTES MODULE VERSION CGO LDFLAGS REPLACES PACKAGE...: go build each PACKAGE of MODULE@VERSION
+# into DEST ("" names the module's root package); MINUTES: what a first build took on a fresh 2-core machine, in this
+# order (the node programs reuse the compiled packages of the servers), announced;
+# REPLACES: space-separated OLD=NEW@VERSION pins for the build module.
 build_module() {
-    local dest="$1" module="$2" version="$3" cgo="$4" ldflags="$5" replaces="$6"
-    shift 6
+    local dest="$1" minutes="$2" module="$3" version="$4" cgo="$5" ldflags="$6" replaces="$7"
+    shift 7
     local stamp="$dest/.built"
     if [ -f "$stamp" ]; then
         return 0
     fi
     local work="$CACHE/build/$(basename "$dest")"
     rm -rf "$work" && mkdir -p "$work" && cd "$work"
-    echo "==> building $module@$version ($*) into $dest; the first build takes 15-30 min on 2 cores"
+    echo "==> building $module@$version ($*) into $dest, once per machine (about $minutes min on 2 cores)"
     local started=$SECONDS
     "$GO" mod init flannel-udp-build >/dev/null 2>&1
     "$GO" mod edit -require="$module@$version"
@@ -60,12 +62,15 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     version_flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     version_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-build_module "$CACHE/kube-$KUBE_VERSION" k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" "" \
+build_module "$CACHE/kube-$KUBE_VERSION" 5 k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" "" \
     cmd/kube-apiserver cmd/kube-controller-manager
+# The node side of a cluster (scheduler, kubelet, kubectl) for the tests and the demo that run pods under kubelets.
+build_module "$CACHE/kube-node-$KUBE_VERSION" 1 k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" "" \
+    cmd/kube-scheduler cmd/kubelet cmd/kubectl
 
 # flanneld with cgo on: its udp backend is C. The binary is named after the module (flannel); it is run as upstream's
 # flanneld. The Tencent Cloud VPC SDK version that release requires is not served by the Go module proxy (403), so the
 # build module pins the nearest one it serves; only the tencent-vpc cloud backend, never used here, links it.
 TENCENT_VPC=github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc
-build_module "$CACHE/flannel-$FLANNEL_VERSION" github.com/flannel-io/flannel "$FLANNEL_VERSION" 1 \
+build_module "$CACHE/flannel-$FLANNEL_VERSION" 2 github.com/flannel-io/flannel "$FLANNEL_VERSION" 1 \
     "-X github.com/flannel-io/flannel/pkg/version.Version=$FLANNEL_VERSION" "$TENCENT_VPC=$TENCENT_VPC@v1.3.75" ""

@@ -354,7 +354,9 @@ def test_watch_errors_and_bookmarks():
     assert raised.value.status.code == 410 and "too old" in raised.value.status.message
     kind, mark = decode_watch_event(b'{"type":"BOOKMARK","object":{"kind":"Node","metadata":{"resourceVersion":"9"}}}')
     assert kind == "BOOKMARK" and mark.metadata.resourceVersion == "9"
-    bad_utf8 = b'{"type":"ADDED","object":{"metadata":{"name":"\xa2"}}}'  # found by the kube fuzz target
+    bad_utf8 = (
+        b'{"type":"ADDED","object":{"metadata":{"name":"\xa2"}}}'  # not UTF-8: the decoder's own error, never a crash
+    )
     wrong_type = b'{"type":"ADDED","object":{"metadata":{"annotations":{"a":1}}}}'
     for bad in (b"<html>", b'{"type":"ADDED"}', wrong_type, bad_utf8):
         with pytest.raises(NodeStreamError):
