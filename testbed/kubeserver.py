@@ -44,6 +44,11 @@ def binaries_dir() -> str:
     return os.path.join(CACHE, f"kube-{KUBE_VERSION}")
 
 
+def kubectl_path() -> str:
+    """kubectl, built beside the node programs (kube-scheduler, kubelet) by scripts/build-go-servers.sh."""
+    return os.path.join(CACHE, f"kube-node-{KUBE_VERSION}", "kubectl")
+
+
 def available() -> bool:
     return all(
         os.access(os.path.join(binaries_dir(), b), os.X_OK) for b in ("kube-apiserver", "kube-controller-manager")

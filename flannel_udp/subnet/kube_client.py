@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import httpx2 as httpx
 import msgspec
+import yaml
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube import ConfigError as LightkubeConfigError
+from lightkube.config.models import Cluster, User
 
 from .registry import StoreError, StoreUnavailable
 
@@ -42,25 +44,10 @@ class KubeOptions:
 def load_config(opts: KubeOptions) -> KubeConfig:
     prefix = "fail to create kubernetes config"
     if opts.kubeconfig_file:
-        try:
-            with open(opts.kubeconfig_file):
-                pass
-            config = KubeConfig.from_file(opts.kubeconfig_file)
-            config.get()  # a missing current context or cluster fails here, not at the first request
-            if opts.api_url:  # client-go: the URL overrides the kubeconfig's server
-                if config.current_context is None:
-                    raise KubeConfigError(f"{prefix}: {opts.kubeconfig_file} has no current context")
-                cluster_name = config.contexts[config.current_context].cluster
-                config.clusters[cluster_name] = msgspec.structs.replace(
-                    config.clusters[cluster_name], server=opts.api_url
-                )
-            return config
-        except OSError as e:
-            raise KubeConfigError(f"{prefix}: cannot read kubeconfig {opts.kubeconfig_file}: {e.strerror}") from None
-        except (LightkubeConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
-            raise KubeConfigError(f"{prefix}: invalid kubeconfig {opts.kubeconfig_file}: {e}") from None
+        return _load_kubeconfig(opts.kubeconfig_file, opts.api_url, prefix)
     if opts.api_url:
-        return KubeConfig.from_server(opts.api_url)
+        # client-go: a bare URL is a config without credentials (an API server or a `kubectl proxy` that allows it).
+        return KubeConfig.from_one(cluster=Cluster(server=opts.api_url), user=User())
     if os.environ.get("KUBERNETES_SERVICE_HOST") and os.environ.get("KUBERNETES_SERVICE_PORT"):
         try:
             return KubeConfig.from_service_account(SERVICE_ACCOUNT)
@@ -71,6 +58,42 @@ def load_config(opts: KubeOptions) -> KubeConfig:
         "KUBERNETES_MASTER environment variable (give -kubeconfig-file or -kube-api-url, or run "
         "in a pod)"
     )
+
+
+def _load_kubeconfig(path: str, api_url: str, prefix: str) -> KubeConfig:
+    """A kubeconfig file, checked as far as a request would use it; -kube-api-url replaces its server."""
+    try:
+        with open(path) as f:
+            document = yaml.safe_load(f)
+    except OSError as e:
+        raise KubeConfigError(f"{prefix}: cannot read kubeconfig {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise KubeConfigError(f'{prefix}: error loading config file "{path}": {yaml_problem(e)}') from None
+    if not document:
+        raise KubeConfigError(f"{prefix}: invalid configuration: no configuration has been provided in {path}")
+    try:
+        if not isinstance(document, dict):
+            raise ValueError("not a mapping of clusters, contexts and users")
+        config = KubeConfig.from_dict(document, fname=path)
+        single = config.get()  # a missing current context or cluster fails here, not at the first request
+        if single is None or single.user is None:
+            raise ValueError(f"context {config.current_context!r} names no user")
+        if api_url:  # client-go: the URL overrides the kubeconfig's server
+            cluster_name = config.contexts[config.current_context].cluster
+            config.clusters[cluster_name] = msgspec.structs.replace(config.clusters[cluster_name], server=api_url)
+        return config
+    except KeyError as e:
+        raise KubeConfigError(f"{prefix}: invalid kubeconfig {path}: no {e.args[0]!r}") from None
+    except (LightkubeConfigError, TypeError, AttributeError, ValueError) as e:
+        raise KubeConfigError(f"{prefix}: invalid kubeconfig {path}: {e}") from None
+
+
+def yaml_problem(error: Exception) -> str:
+    """One line for a file that is not YAML: the problem and where it is."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        where = f" at line {error.problem_mark.line + 1}" if error.problem_mark is not None else ""
+        return f"not YAML: {error.problem}{where}"
+    return f"not YAML: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
 
 
 def make_client(config: KubeConfig) -> AsyncClient:

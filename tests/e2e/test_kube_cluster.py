@@ -302,6 +302,50 @@ def test_bad_kube_flags_are_one_clear_line(kube, flags, message):
     no_trace_of_the_node(bed, host)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("garbage: [\n", "not YAML: expected the node content, but found '<stream end>' at line 2"),
+        ("", "invalid configuration: no configuration has been provided in "),
+    ],
+    ids=["not-yaml", "empty"],
+)
+def test_a_damaged_kubeconfig_is_one_clear_line(kube, text, message):
+    bed = kube
+    host = bed.hosts[0]
+    path = os.path.join(bed.workdir, "damaged.kubeconfig")
+    with open(path, "w") as f:
+        f.write(text)
+    line = bed.run_node_expecting_failure(host, "--kube-subnet-mgr", "--kubeconfig-file", path, store=False)
+    assert line.startswith("error: fail to create kubernetes config: ") and message in line, line
+    assert "Traceback" not in bed.node_log(host)
+    no_trace_of_the_node(bed, host)
+
+
+@pytest.mark.skipif(not os.access(kubeserver.kubectl_path(), os.X_OK), reason="kubectl not built (scripts/setup.sh)")
+def test_kube_api_url_alone_reaches_the_api_through_kubectl_proxy(kube):
+    """-kube-api-url without a kubeconfig, as upstream: no credentials of its own, so it works against an endpoint
+    that allows that, here `kubectl proxy` holding the flannel ServiceAccount's token on each node's loopback."""
+    bed = kube
+    a, b, _ = bed.hosts
+    for host in (a, b):
+        bed.popen(
+            host.ns,
+            kubeserver.kubectl_path(),
+            "proxy",
+            "--address=127.0.0.1",
+            "--port=8001",
+            f"--kubeconfig={bed.kubeconfig}",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_for(lambda h=host: in_ns(h.ns, "ss", "-Hltn", "sport = :8001", check=False).stdout.strip(), 10)
+        bed.start_node(host, "--kube-subnet-mgr", "--kube-api-url", "http://127.0.0.1:8001", store=False)
+        bed.add_pod(host)
+    assert reachable(bed, a.pods[0], b.pods[0], 5), bed.logs()
+    assert annotations(bed, a)[PREFIX + "kube-subnet-manager"] == "true"
+
+
 def test_a_token_without_the_role_is_one_clear_line(kube):
     bed = kube
     host = bed.hosts[0]

@@ -270,6 +270,15 @@ def test_client_configuration_kubeconfig_server_replaced_by_api_url(tmp_path):
     [
         ("current-context: nowhere\nclusters: []\ncontexts: []\n", "invalid kubeconfig"),
         ("- just a list\n", "invalid kubeconfig"),
+        ("garbage: [\n", 'error loading config file ".*": not YAML: .* at line 2'),
+        ("", "invalid configuration: no configuration has been provided in "),
+        ("# nothing but a comment\n", "invalid configuration: no configuration has been provided in "),
+        ("apiVersion: v1\nkind: Config\n", "invalid kubeconfig .*: no 'clusters'"),
+        (
+            "clusters:\n- name: c\n  cluster: {server: 'https://10.0.0.1:6443'}\ncontexts:\n- name: x\n"
+            "  context: {cluster: c}\ncurrent-context: x\n",
+            "context 'x' names no user",
+        ),
     ],
 )
 def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
@@ -280,6 +289,19 @@ def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
     with pytest.raises(kube_client.KubeConfigError, match=message) as info:
         kube_client.load_config(kube_client.KubeOptions(kubeconfig_file=str(path)))
     assert "\n" not in str(info.value)
+
+
+def test_api_url_alone_is_a_configuration_without_credentials(monkeypatch):
+    """client-go's BuildConfigFromFlags(url, ""): the server and no credentials, so that requests go out
+    unauthenticated (to an API server or a `kubectl proxy` that allows it) instead of failing inside the client."""
+    from flannel_udp.subnet import kube_client
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = kube_client.load_config(kube_client.KubeOptions(api_url="http://127.0.0.1:8001"))
+    single = config.get()
+    assert single.cluster.server == "http://127.0.0.1:8001"
+    assert single.user.token is None and single.user.username is None and single.user.exec is None
+    kube_client.make_client(config)  # lightkube asserted "Missing user" here
 
 
 def test_no_configuration_at_all_is_upstreams_message(monkeypatch):
