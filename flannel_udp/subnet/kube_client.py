@@ -79,7 +79,7 @@ def _load_kubeconfig(path: str, api_url: str, prefix: str) -> KubeConfig:
         if single is None or single.user is None:
             raise ValueError(f"context {config.current_context!r} names no user")
         if api_url:  # client-go: the URL overrides the kubeconfig's server
-            cluster_name = config.contexts[config.current_context].cluster
+            cluster_name = single.context.cluster
             config.clusters[cluster_name] = msgspec.structs.replace(config.clusters[cluster_name], server=api_url)
         return config
     except KeyError as e:
