@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real Go programs that the tests, the demo and the benchmarks start beside ours: kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet and kubectl from the Go module k8s.io/kubernetes, and upstream flanneld (the program flannel-udp replaces,
+# kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl from the Go module k8s.io/kubernetes (with
+# the pause program of its pod sandboxes), and upstream flanneld (the program flannel-udp replaces,
 # for mixed clusters) from github.com/flannel-io/flannel, each at one pinned release. Each is built once per machine
 # into a cache outside the clone and reused while that version's binaries are there.
 #
@@ -25,8 +26,8 @@ fi
 build_module() {
     local dest="$1" minutes="$2" module="$3" version="$4" cgo="$5" ldflags="$6" replaces="$7"
     shift 7
-    local stamp="$dest/.built"
-    if [ -f "$stamp" ]; then
+    local stamp="$dest/.built" what="$module@$version $*"
+    if [ -f "$stamp" ] && [ "$(head -n 1 "$stamp")" = "$what" ]; then
         return 0
     fi
     local work="$CACHE/build/$(basename "$dest")"
@@ -51,9 +52,9 @@ build_module() {
     mkdir -p "$dest.tmp"
     CGO_ENABLED="$cgo" "$GO" build -trimpath -ldflags "-s -w $ldflags" -o "$dest.tmp/" "${pkgs[@]}"
     rm -rf "$dest" && mv "$dest.tmp" "$dest"
-    echo "$module@$version built in $((SECONDS - started)) s" > "$stamp"
-    cat "$stamp"
-    rm -rf "$work"
+    printf '%s\n%s\n' "$what" "$module@$version built in $((SECONDS - started)) s" > "$stamp"
+    tail -n 1 "$stamp"
+    cd "$CACHE" && rm -rf "$work"
 }
 
 minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
@@ -64,9 +65,16 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 build_module "$CACHE/kube-$KUBE_VERSION" 5 k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" "" \
     cmd/kube-apiserver cmd/kube-controller-manager
-# The node side of a cluster (scheduler, kubelet, kubectl) for the tests and the demo that run pods under kubelets.
+# The rest of a cluster (scheduler, kubelet, kube-proxy, kubectl) for the tests and the demo that run pods under
+# kubelets, and the pause program of every pod sandbox, compiled from the same module's build/pause/linux/pause.c.
 build_module "$CACHE/kube-node-$KUBE_VERSION" 1 k8s.io/kubernetes "$KUBE_VERSION" 0 "$version_flags" "" \
-    cmd/kube-scheduler cmd/kubelet cmd/kubectl
+    cmd/kube-scheduler cmd/kubelet cmd/kube-proxy cmd/kubectl
+if [ ! -x "$CACHE/kube-node-$KUBE_VERSION/pause" ]; then
+    pause_c="$("$GO" env GOMODCACHE)/k8s.io/kubernetes@$KUBE_VERSION/build/pause/linux/pause.c"
+    [ -f "$pause_c" ] || "$GO" mod download "k8s.io/kubernetes@$KUBE_VERSION"
+    gcc -Os -static -DVERSION="$KUBE_VERSION" -o "$CACHE/kube-node-$KUBE_VERSION/pause.tmp" "$pause_c"
+    mv "$CACHE/kube-node-$KUBE_VERSION/pause.tmp" "$CACHE/kube-node-$KUBE_VERSION/pause"
+fi
 
 # flanneld with cgo on: its udp backend is C. The binary is named after the module (flannel); it is run as upstream's
 # flanneld. The Tencent Cloud VPC SDK version that release requires is not served by the Go module proxy (403), so the

@@ -124,6 +124,7 @@ class Testbed:
         self.kube_ns = f"{self.prefix}-kube"
         self.kubeconfig = os.path.join(self.workdir, "flannel.kubeconfig")
         self.registered: set[str] = set()  # Node objects registered for hosts
+        self.kubelet_nodes: list = []  # KubeletNode per host after start_kubelets()
         try:
             self._add_ns(self.underlay_ns)
             in_ns(self.underlay_ns, "ip", "link", "add", "br0", "type", "bridge")
@@ -211,11 +212,11 @@ class Testbed:
             in_ns(ns, "ip", "addr", "add", address, "dev", "eth0")
         in_ns(ns, "ip", "link", "set", "eth0", "up")
 
-    def start_kube(self, cluster_cidrs: list[str] | None = None):
+    def start_kube(self, cluster_cidrs: list[str] | None = None, kubelets: bool = False):
         """A real Kubernetes control plane on the underlay (.200); nodes started afterwards run -kube-subnet-mgr with
         a token of the flannel ServiceAccount, and each host is registered as a Node when its node first starts.
         cluster_cidrs defaults to the Network of the config written so far (kube-controller-manager's
-        --cluster-cidr)."""
+        --cluster-cidr). kubelets: a control plane for start_kubelets() (scheduler, every controller)."""
         from .kubeserver import KubeControlPlane
 
         if cluster_cidrs is None:
@@ -225,9 +226,25 @@ class Testbed:
         address = str(UNDERLAY.network_address + KUBE_ADDRESS)
         addresses = [f"{address}/{UNDERLAY.prefixlen}"]
         self._join_underlay(self.kube_ns, f"{self.prefix}kb", addresses)
-        self.kube = KubeControlPlane(self.kube_ns, address, cluster_cidrs)
+        self.kube = KubeControlPlane(self.kube_ns, address, cluster_cidrs, kubelets=kubelets)
         self.kube.write_kubeconfig(self.kubeconfig, self.kube.flannel_token())
         return self.kube
+
+    def start_kubelets(self, images: list[tuple[str, str]]) -> list:
+        """A kubelet node (containerd, kubelet, kube-proxy: testbed/kubenode.py) in every host, with the images
+        (OCI archive, name) in its containerd; each registers its own Node. Needs start_kube(kubelets=True)."""
+        from .kubenode import KubeletNode
+
+        admin, cluster_cidr = self.kube.path("admin.kubeconfig"), self.kube.cluster_cidrs[0]
+        for host in self.hosts:
+            # A default route, as every node has: a Service's ClusterIP (the API server's, 10.96.0.1) needs a route
+            # before kube-proxy's rules rewrite it to an address on the underlay.
+            in_ns(host.ns, "ip", "route", "replace", "default", "dev", "eth0")
+            node = KubeletNode(host.ns, host.node_name, str(host.address), self.workdir, admin, cluster_cidr)
+            self.kubelet_nodes.append(node)
+            node.start(images)
+            self.registered.add(host.node_name)
+        return self.kubelet_nodes
 
     def register_node(self, host: Host, wait_cidr: bool = True, **kwargs) -> None:
         """The host's Node object, as its kubelet would register it; kube-controller-manager gives it a podCIDR."""
@@ -490,6 +507,9 @@ class Testbed:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        for node in self.kubelet_nodes:
+            node.close()
+        self.kubelet_nodes.clear()
         if self.etcd is not None:
             self.etcd.close()
             self.etcd = None

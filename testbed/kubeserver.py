@@ -17,15 +17,17 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from importlib import resources
+from pathlib import Path
 
 from .etcdserver import EtcdCluster
 
+MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "kube-flannel-udp.yml"
 KUBE_VERSION = "v1.34.4"  # keep in step with scripts/build-go-servers.sh
 CACHE = os.environ.get("FLANNEL_UDP_CACHE", "/var/cache/flannel-udp")
 API_PORT = 6443
@@ -44,9 +46,13 @@ def binaries_dir() -> str:
     return os.path.join(CACHE, f"kube-{KUBE_VERSION}")
 
 
+def node_binaries_dir() -> str:
+    """kube-scheduler, kubelet, kube-proxy, kubectl and the pause program (scripts/build-go-servers.sh)."""
+    return os.path.join(CACHE, f"kube-node-{KUBE_VERSION}")
+
+
 def kubectl_path() -> str:
-    """kubectl, built beside the node programs (kube-scheduler, kubelet) by scripts/build-go-servers.sh."""
-    return os.path.join(CACHE, f"kube-node-{KUBE_VERSION}", "kubectl")
+    return os.path.join(node_binaries_dir(), "kubectl")
 
 
 def available() -> bool:
@@ -55,8 +61,17 @@ def available() -> bool:
     )
 
 
+def flannel_manifest() -> str:
+    """What a cluster admin applies: deploy/kube-flannel-udp.yml."""
+    return MANIFEST.read_text()
+
+
 def rbac_manifest() -> str:
-    return resources.files("flannel_udp").joinpath("manifests/kube-flannel-rbac.yml").read_text()
+    """The manifest's namespace, ServiceAccount and its role: what a node of the tests that run flannel-udp outside
+    a DaemonSet gets, so those tests prove the role is enough."""
+    documents = flannel_manifest().split("\n---\n")
+    kinds = re.compile(r"^kind: (Namespace|ClusterRole|ClusterRoleBinding|ServiceAccount)$", re.M)
+    return "\n---\n".join(d for d in documents if kinds.search(d))
 
 
 def enter_netns(ns: str) -> None:
@@ -78,8 +93,17 @@ def _openssl(*args: str, cwd: str) -> None:
 
 class KubeControlPlane:
     def __init__(
-        self, ns: str, address: str, cluster_cidrs: list[str], node_mask_v4: int = 24, node_mask_v6: int = 64
+        self,
+        ns: str,
+        address: str,
+        cluster_cidrs: list[str],
+        node_mask_v4: int = 24,
+        node_mask_v6: int = 64,
+        kubelets: bool = False,
     ) -> None:
+        """kubelets: a control plane for nodes that run pods (testbed/kubenode.py): every controller (DaemonSets,
+        service accounts, the root CA published to each namespace), kube-scheduler, and the `kubernetes` Service's
+        endpoints kept, for kube-proxy; without it only podCIDRs are assigned, to Node objects the tests register."""
         if not available():
             raise KubeServerError(
                 f"kube-apiserver/kube-controller-manager {KUBE_VERSION} are not built in "
@@ -95,6 +119,8 @@ class KubeControlPlane:
         self.etcd: EtcdCluster | None = None
         self.apiserver: subprocess.Popen | None = None
         self.controller_manager: subprocess.Popen | None = None
+        self.scheduler: subprocess.Popen | None = None
+        self.kubelets = kubelets
         self._pool = concurrent.futures.ThreadPoolExecutor(1, initializer=enter_netns, initargs=(ns,))
         self._client = None
         try:
@@ -103,6 +129,12 @@ class KubeControlPlane:
             self.start_apiserver()
             self.apply_manifest(rbac_manifest())
             self.start_controller_manager()
+            if kubelets:
+                self.scheduler = self._spawn(
+                    "kube-scheduler",
+                    [f"--kubeconfig={self.path('admin.kubeconfig')}", "--leader-elect=false", "--secure-port=0"],
+                    binaries=node_binaries_dir(),
+                )
         except BaseException:
             self.close()
             raise
@@ -190,10 +222,10 @@ current-context: flannel
         return path
 
     # -- processes ------------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], binaries: str | None = None) -> subprocess.Popen:
         with open(self.path(f"{name}.log"), "ab") as log:
             return subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, os.path.join(binaries_dir(), name), *args],
+                ["ip", "netns", "exec", self.ns, os.path.join(binaries or binaries_dir(), name), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -229,7 +261,10 @@ current-context: flannel
                 # API Priority and Fairness on, as in every cluster (it is the default): with it off, requests past
                 # max-in-flight are refused at once (429), and 1,000 nodes starting together failed their patches.
                 "--enable-priority-and-fairness=true",
-                "--endpoint-reconciler-type=none",
+                # Nodes that run kube-proxy need the `kubernetes` Service's endpoints (pods reach the API through it).
+                *([] if self.kubelets else ["--endpoint-reconciler-type=none"]),
+                # Logs and exec reach a kubelet at its node's address (the node names resolve nowhere here).
+                "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
                 f"--cert-dir={p('certs')}",
                 "--shutdown-delay-duration=0s",
@@ -274,7 +309,12 @@ current-context: flannel
             "kube-controller-manager",
             [
                 f"--kubeconfig={self.path('admin.kubeconfig')}",
-                "--controllers=nodeipam",
+                *(
+                    ["--controllers=*", f"--root-ca-file={self.path('ca.crt')}"]
+                    + [f"--service-account-private-key-file={self.path('sa.key')}"]
+                    if self.kubelets
+                    else ["--controllers=nodeipam"]
+                ),
                 "--allocate-node-cidrs=true",
                 f"--cluster-cidr={','.join(self.cluster_cidrs)}",
                 *masks,
@@ -447,19 +487,19 @@ current-context: flannel
 
     # -- teardown -------------------------------------------------------------------------------------------------
     def pids(self) -> list[int]:
-        procs = [self.apiserver, self.controller_manager]
+        procs = [self.apiserver, self.controller_manager, self.scheduler]
         pids = [p.pid for p in procs if p is not None and p.poll() is None]
         if self.etcd is not None:
             pids += [m.process.pid for m in self.etcd.members if m.process is not None]
         return pids
 
     def close(self) -> None:
-        for process in (self.controller_manager, self.apiserver):
+        for process in (self.scheduler, self.controller_manager, self.apiserver):
             try:
                 self._stop(process, signal.SIGKILL)
             except OSError:
                 pass
-        self.controller_manager = self.apiserver = None
+        self.scheduler = self.controller_manager = self.apiserver = None
         if self.etcd is not None:
             self.etcd.close()
             self.etcd = None

@@ -1,6 +1,6 @@
 """-kube-subnet-mgr against a real Kubernetes control plane (etcd, kube-apiserver with RBAC, kube-controller-manager
 assigning podCIDRs) in namespaces. Every node runs with a token of the flannel ServiceAccount bound to exactly the
-shipped ClusterRole (flannel_udp/manifests/kube-flannel-rbac.yml), so these tests also prove it needs no more."""
+ClusterRole of the shipped manifest (deploy/kube-flannel-udp.yml), so these tests also prove it needs no more."""
 
 import ipaddress
 import json
