@@ -10,7 +10,10 @@ import sys
 import time
 
 from testbed.cluster import Testbed, TestbedError, teardown_saved
+from testbed.images import ImageError
+from testbed.kubenode import KubeNodeError
 from testbed.kubeserver import KubeServerError
+from testbed.podcluster import PodCluster, PodClusterError, image_archive
 
 STATE_FILE = "/run/flannel-udp-demo.json"  # what `demo --keep` left running, for `demo down`
 
@@ -45,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the nodes with -kube-subnet-mgr against a real Kubernetes control plane (etcd, "
         "kube-apiserver, kube-controller-manager assigning the podCIDRs) instead of the embedded store",
     )
+    parser.add_argument(
+        "--kubelet",
+        action="store_true",
+        help="a real Kubernetes cluster whose nodes run pods under kubelets (containerd, runc, kubelet, kube-proxy "
+        "in each host), with flannel-udp deployed as users deploy it: the image of scripts/build-image.sh (built on "
+        "first use) and deploy/kube-flannel-udp.yml applied with kubectl",
+    )
 
 
 def step(message: str) -> None:
@@ -60,20 +70,16 @@ def run_demo(args: argparse.Namespace) -> int:
     if not 2 <= args.nodes <= 50 or not 1 <= args.pods <= 20:
         print("error: --nodes must be 2..50 and --pods 1..20", file=sys.stderr)
         return 1
+    if args.kubelet and (args.ipv6_network or args.kube or args.nodes > 5):
+        print("error: --kubelet runs IPv4 clusters of 2..5 nodes (it implies --kube)", file=sys.stderr)
+        return 1
     # SIGTERM takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     bed = None
     try:
         step(f"Building {args.nodes} hosts on an underlay bridge (198.18.0.0/24) in network namespaces")
         bed = Testbed(hosts=args.nodes)
-        start_nodes(bed, args)
-        step(f"Creating {args.pods} pods per host through the flannel CNI plugin (bridge cni0, host-local IPAM)")
-        for host in bed.hosts:
-            for _ in range(args.pods):
-                bed.add_pod(host)
-        step("Leases")
-        print(bed.cli(bed.hosts[0].ns, "leases", *bed.store_args()).stdout)
-        failures = show_traffic(bed, args)
+        failures = kubelet_demo(bed, args) if args.kubelet else agents_demo(bed, args)
         outcome = "" if not failures else f" ({failures} checks failed)"
         if args.keep:
             bed.save_state(STATE_FILE)
@@ -85,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             step("Done; removing the cluster" + outcome)
         return 0 if failures == 0 else 1
-    except (TestbedError, KubeServerError) as e:
+    except (TestbedError, KubeServerError, KubeNodeError, PodClusterError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -94,6 +100,46 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if bed is not None:
             bed.close()
+
+
+def agents_demo(bed: Testbed, args: argparse.Namespace) -> int:
+    """A node agent started in each host, pods made by the CNI plugin, the traffic shown; returns failed checks."""
+    start_nodes(bed, args)
+    step(f"Creating {args.pods} pods per host through the flannel CNI plugin (bridge cni0, host-local IPAM)")
+    for host in bed.hosts:
+        for _ in range(args.pods):
+            bed.add_pod(host)
+    step("Leases")
+    print(bed.cli(bed.hosts[0].ns, "leases", *bed.store_args()).stdout)
+    return show_traffic(bed, args)
+
+
+def kubelet_demo(bed: Testbed, args: argparse.Namespace) -> int:
+    """The DaemonSet on a cluster of kubelet nodes, pods scheduled on each, the traffic shown; returns failed checks."""
+    step("Building flannel-udp's image with scripts/build-image.sh (reused while the code is unchanged)")
+    print(f"    {image_archive()}")
+    cluster = PodCluster(bed, args.network)
+    step(
+        "Starting Kubernetes: etcd, kube-apiserver, kube-controller-manager, kube-scheduler on the underlay, and in "
+        "each host a node with containerd, runc, kubelet and kube-proxy"
+    )
+    cluster.start()
+    print(cluster.kubectl("get", "nodes", "-o", "wide"))
+    step(f"kubectl apply -f deploy/kube-flannel-udp.yml ({args.backend} backend), waiting for the DaemonSet")
+    cluster.deploy(args.backend)
+    print(cluster.kubectl("get", "pods", "-n", "kube-flannel", "-o", "wide"))
+    step(f"Scheduling {args.pods} busybox pods on each node (addresses from the flannel CNI plugin)")
+    names = [f"pod-{n + 1}-{p + 1}" for n in range(len(bed.hosts)) for p in range(args.pods)]
+    ips = {name: cluster.add_pod(name, bed.hosts[int(name.split("-")[1]) - 1].node_name) for name in names}
+    print(cluster.kubectl("get", "pods", "-o", "wide"))
+    failures = ping_matrix(names, lambda src, dst: cluster.ping(src, ips[dst], count=1), "IPv4 (kubectl exec)")
+    step(f"TCP from {names[0]} to {names[-1]} (nc; the pod answers with its name)")
+    answer = cluster.tcp_answer(names[0], ips[names[-1]])
+    print(f"    {answer or 'no answer'}")
+    failures += answer != names[-1]
+    step("The agents' logs, the Kubernetes way (kubectl logs)")
+    print(cluster.kubectl("logs", "-n", "kube-flannel", "ds/kube-flannel-ds", "-c", "kube-flannel", "--tail=4"))
+    return failures
 
 
 def start_nodes(bed: Testbed, args: argparse.Namespace) -> None:
@@ -128,9 +174,15 @@ def show_traffic(bed: Testbed, args: argparse.Namespace) -> int:
     """The ping matrix of every family, then one iperf3 between two hosts; returns the number of failed checks."""
     pods = [pod for host in bed.hosts for pod in host.pods]
     time.sleep(0.5)  # routes follow the leases within the store's poll interval
-    failures = ping_matrix(bed, pods, "address", "IPv4")
+    by_name = {pod.name: pod for pod in pods}
+    names = list(by_name)
+
+    def reach(attribute: str):
+        return lambda src, dst: bed.ping(by_name[src].ns, getattr(by_name[dst], attribute), count=1, timeout=2)
+
+    failures = ping_matrix(names, reach("address"), "IPv4")
     if args.ipv6_network:
-        failures += ping_matrix(bed, pods, "address6", "IPv6")
+        failures += ping_matrix(names, reach("address6"), "IPv6")
     if args.iperf_seconds > 0:
         a, b = bed.hosts[0].pods[0], bed.hosts[1].pods[0]
         step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the {args.backend} backend")
@@ -143,22 +195,22 @@ def show_traffic(bed: Testbed, args: argparse.Namespace) -> int:
     return failures
 
 
-def ping_matrix(bed: Testbed, pods: list, attribute: str, family: str) -> int:
-    """Print who reaches whom over one address family; returns the number of failed pairs."""
-    step(f"{family} ping matrix (pod to pod across hosts; ok = 1 echo answered)")
-    width = max(len(p.name) for p in pods) + 2
-    print(" " * width + "".join(f"{p.name:>{width}}" for p in pods))
+def ping_matrix(names: list[str], reach, family: str) -> int:
+    """Print who reaches whom (reach(source, destination) -> bool); returns the number of failed pairs."""
+    step(f"{family} ping matrix (pod to pod; ok = 1 echo answered)")
+    width = max(len(name) for name in names) + 2
+    print(" " * width + "".join(f"{name:>{width}}" for name in names))
     failures = 0
-    for src in pods:
+    for src in names:
         cells = []
-        for dst in pods:
-            if src is dst:
+        for dst in names:
+            if src == dst:
                 cells.append(f"{'-':>{width}}")
                 continue
-            ok = bed.ping(src.ns, getattr(dst, attribute), count=1, timeout=2)
+            ok = reach(src, dst)
             failures += not ok
             cells.append(f"{'ok' if ok else 'FAIL':>{width}}")
-        print(f"{src.name:<{width}}" + "".join(cells))
+        print(f"{src:<{width}}" + "".join(cells))
     return failures
 
 

@@ -532,6 +532,7 @@ class Testbed:
         with open(path, "w") as f:
             json.dump(
                 {
+                    "node_cgroups": [node.cgroup for node in self.kubelet_nodes],
                     "namespaces": self.namespaces,
                     "pids": pids,
                     "workdir": self.workdir,
@@ -558,8 +559,12 @@ def teardown_saved(path: str) -> int:
                 cmdline = f.read()
         except OSError:
             continue  # already gone
-        if any(name in cmdline for name in (b"flannel_udp", b"iperf3", b"etcd", b"kube-apiserver", b"kube-controller")):
+        if any(name in cmdline for name in (b"flannel_udp", b"iperf3", b"etcd", b"kube-apiserver", b"kube-")):
             os.kill(pid, signal.SIGTERM)
+    for cgroup in state.get("node_cgroups", []):  # kubelet nodes: every process in their cgroups, by PID
+        from .kubenode import remove_node_cgroup
+
+        remove_node_cgroup(cgroup)
     deadline = time.monotonic() + 10
     for pid in state["pids"]:
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:

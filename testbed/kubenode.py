@@ -214,19 +214,6 @@ class KubeletNode:
         return f"/proc/{self.processes['holder'].pid}/root{path}"
 
     # -- teardown -------------------------------------------------------------------------------------------------
-    def pids(self) -> list[int]:
-        """Every process in the node's cgroup tree (containerd's shims and the pods' processes included)."""
-        found: set[int] = set()
-        for hierarchy in cgroup_hierarchies():
-            for root, _dirs, files in os.walk(os.path.join(hierarchy, self.cgroup)):
-                if "cgroup.procs" in files:
-                    try:
-                        with open(os.path.join(root, "cgroup.procs")) as f:
-                            found.update(int(pid) for pid in f.read().split())
-                    except OSError:
-                        pass
-        return sorted(found)
-
     def close(self) -> None:
         """Stops kubelet first (so it starts nothing new), then kills every process of the node by PID and removes
         its cgroups; the mount namespace goes with its last process."""
@@ -237,28 +224,43 @@ class KubeletNode:
                 kubelet.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        deadline = time.monotonic() + 10
-        while (pids := self.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        remove_node_cgroup(self.cgroup)
         for process in self.processes.values():
             if process.poll() is None:
                 process.kill()
             process.wait()
-        self._remove_cgroups()
 
-    def _remove_cgroups(self) -> None:
-        for hierarchy in cgroup_hierarchies():
-            top = os.path.join(hierarchy, self.cgroup)
-            for root, _dirs, _files in sorted(os.walk(top), key=lambda entry: -entry[0].count("/")):
+
+def cgroup_pids(name: str) -> list[int]:
+    """Every process in the cgroup tree `name` (a node's: containerd's shims and the pods' processes included)."""
+    found: set[int] = set()
+    for hierarchy in cgroup_hierarchies():
+        for root, _dirs, files in os.walk(os.path.join(hierarchy, name)):
+            if "cgroup.procs" in files:
                 try:
-                    os.rmdir(root)
+                    with open(os.path.join(root, "cgroup.procs")) as f:
+                        found.update(int(pid) for pid in f.read().split())
                 except OSError:
                     pass
+    return sorted(found)
+
+
+def remove_node_cgroup(name: str, timeout: float = 10) -> None:
+    """Kill (SIGKILL, by PID) every process of a node's cgroup tree, then remove the tree in every hierarchy."""
+    deadline = time.monotonic() + timeout
+    while (pids := cgroup_pids(name)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    for hierarchy in cgroup_hierarchies():
+        for root, _dirs, _files in sorted(os.walk(os.path.join(hierarchy, name)), key=lambda entry: -len(entry[0])):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
 
 
 CONTAINERD_CONFIG = """version = 2

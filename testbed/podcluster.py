@@ -64,19 +64,25 @@ class PodCluster:
     """start() builds the control plane and a kubelet node in every host of the testbed; deploy() applies the
     manifest. Everything it starts belongs to the testbed, which removes it on close()."""
 
-    def __init__(self, bed: Testbed) -> None:
+    def __init__(self, bed: Testbed, network: str = NETWORK) -> None:
         self.bed = bed
+        self.network = network  # the ConfigMap's Network, and so kube-controller-manager's --cluster-cidr
 
     def start(self) -> None:
         bed = self.bed
-        bed.write_config({"Network": NETWORK, "Backend": {"Type": "udp"}})  # the cluster CIDR for the control plane
-        bed.start_kube([NETWORK], kubelets=True)
+        bed.write_config({"Network": self.network, "Backend": {"Type": "udp"}})
+        bed.start_kube([self.network], kubelets=True)
         archives = [
             (images.pause_archive(bed.workdir), images.PAUSE_IMAGE),
             (images.test_pod_archive(bed.workdir), images.TEST_IMAGE),
             (image_archive(), IMAGE),
         ]
         bed.start_kubelets(archives)
+        deadline = time.monotonic() + 60
+        while len(self.kubectl("get", "nodes", "-o", "name").split()) < len(bed.hosts):
+            if time.monotonic() > deadline:
+                raise PodClusterError(f"not every kubelet registered its node: {self.kubectl('get', 'nodes')}")
+            time.sleep(0.5)
 
     def _kubectl(self, args: list[str], input: str | None, timeout: float) -> subprocess.CompletedProcess:
         """kubectl as the cluster's admin, from the control plane's namespace."""
@@ -92,11 +98,14 @@ class PodCluster:
 
     # -- flannel-udp ----------------------------------------------------------------------------------------------
     def deploy(self, backend: str = "udp") -> None:
-        """deploy/kube-flannel-udp.yml as shipped (its net-conf.json with `backend`), then wait for the rollout."""
+        """deploy/kube-flannel-udp.yml as shipped (its net-conf.json with this network and `backend`), then wait for
+        the rollout."""
         documents = list(yaml.safe_load_all(flannel_manifest()))
         for document in documents:
             if document["kind"] == "ConfigMap":
-                document["data"]["net-conf.json"] = self._net_conf(document["data"]["net-conf.json"], backend)
+                config = json.loads(document["data"]["net-conf.json"])
+                config["Network"] = self.network
+                document["data"]["net-conf.json"] = self._net_conf(json.dumps(config), backend)
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
         self.wait_rollout()
 

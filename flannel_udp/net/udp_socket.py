@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
+import struct
 import sys
 
 from _fastpath.udp import UDP_GRO_OPTION
@@ -61,12 +63,39 @@ def accept_local_icmp(tun_name: str) -> None:
     """Let the kernel accept our ICMP net-unreachable, whose source (the subnet's .0, as upstream) is flannel0's own
     address: without accept_local Linux drops it as a martian source and the sender never learns the net is gone."""
     try:
-        with open(f"/proc/sys/net/ipv4/conf/{tun_name}/accept_local", "w") as f:
-            f.write("1")
+        set_ipv4_devconf(socket.if_nametoindex(tun_name), IPV4_DEVCONF_ACCEPT_LOCAL, 1)
     except OSError as e:
         log.warning(
             "Cannot set accept_local on %s (%s): ICMP net-unreachable will not reach local senders", tun_name, e
         )
+
+
+RTM_SETLINK, NLMSG_ERROR, NLM_F_REQUEST, NLM_F_ACK = 19, 2, 1, 4
+IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ACCEPT_LOCAL = 26, 1, 23
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def set_ipv4_devconf(ifindex: int, option: int, value: int) -> None:
+    """One IPv4 setting of a device (net.ipv4.conf.<dev>.*) through netlink, which needs only CAP_NET_ADMIN: in a
+    container, as the DaemonSet runs the node, /proc/sys is read-only. pyroute2 encodes IFLA_INET_CONF as the kernel
+    dumps it (one array) and not as the nested attributes the kernel takes for a change, so the request is made
+    here: RTM_SETLINK with IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { option: value } } }."""
+    conf = _attribute(IFLA_INET_CONF, _attribute(option, struct.pack("=I", value)))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    body += _attribute(IFLA_AF_SPEC, _attribute(socket.AF_INET, conf))
+    header = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5)
+        sock.send(header + body)
+        reply = sock.recv(4096)
+    if struct.unpack_from("=H", reply, 4)[0] == NLMSG_ERROR:
+        error = -struct.unpack_from("=i", reply, 16)[0]
+        if error:
+            raise OSError(error, os.strerror(error))
 
 
 def socket_drops(sock: socket.socket) -> int:

@@ -56,6 +56,10 @@ def test_the_daemonset_runs_ready_on_every_node_and_each_takes_its_pod_cidr(clus
         unavailable = [c for c in node.status.conditions if c.type == "NetworkUnavailable"]
         assert unavailable and unavailable[0].status == "False" and unavailable[0].reason == "FlannelIsUp"
         assert "flannel0" in in_ns(host.ns, "ip", "-o", "link", "show").stdout
+        # Set through netlink: the container's /proc/sys is read-only.
+        assert in_ns(host.ns, "cat", "/proc/sys/net/ipv4/conf/flannel0/accept_local").stdout.strip() == "1"
+    log = cluster.kubectl("logs", "-n", FLANNEL_NAMESPACE, "ds/kube-flannel-ds", "-c", "kube-flannel")
+    assert " W " not in log and " E " not in log, log
 
 
 def test_pods_on_different_nodes_get_their_nodes_addresses_and_reach_each_other(cluster):
