@@ -1,6 +1,8 @@
 """The demo as a newcomer runs it: every backend, --keep then `demo down`, and Ctrl-C leaving nothing behind."""
 
+import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import time
 
 import pytest
 
-from testbed import kubeserver
+from testbed import kubenode, kubeserver
 
 
 def namespaces() -> set[str]:
@@ -43,6 +45,26 @@ def test_kube_demo_runs_the_nodes_on_a_real_control_plane(backend="vxlan"):
     assert "FAIL" not in result.stdout and result.stdout.count(" ok") >= 2
     assert "never (podCIDR)" in result.stdout  # `leases` read the Nodes
     assert namespaces() == before
+
+
+def node_cgroups() -> set[str]:
+    return {path for path in glob.glob("/sys/fs/cgroup/*/fu*") if os.path.isdir(path)}
+
+
+@pytest.mark.skipif(
+    not (kubeserver.available() and kubenode.available()), reason="kubelet or containerd missing (scripts/setup.sh)"
+)
+def test_kubelet_demo_deploys_the_daemonset_and_pods_talk_across_nodes():
+    before, cgroups = namespaces(), node_cgroups()
+    result = demo("--kubelet", "--nodes", "2", "--pods", "1", timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    rows = re.findall(r"^(pod-\d-1) +(\S+) +(\S+)$", out, re.M)  # the ping matrix
+    assert rows == [("pod-1-1", "-", "ok"), ("pod-2-1", "ok", "-")], out
+    assert "kube-flannel-ds-" in out and "1/1     Running" in out
+    assert "\n    pod-2-1\n" in out  # the TCP answer
+    assert "Wrote subnet file /run/flannel/subnet.env" in out  # kubectl logs
+    assert namespaces() == before and node_cgroups() == cgroups
 
 
 def test_kept_demo_is_removed_by_demo_down():
