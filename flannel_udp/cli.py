@@ -14,6 +14,7 @@ import re
 import sys
 
 from . import __version__, defaults
+from .gostrconv import parse_bool
 
 log = logging.getLogger("flannel_udp")
 
@@ -104,12 +105,10 @@ def normalise_go_flags(argv: list[str], names: set[str]) -> tuple[list[str], set
         name, value = m.group(1), m.group(3)
         given.add(name)
         if RUN_FLAGS[name][0] == "bool":
-            if value is None or value.lower() in ("true", "1", "t"):
-                out.append(f"--{name}")
-            elif value.lower() in ("false", "0", "f"):
-                out.append(f"--no-{name}")
-            else:
-                raise UsageError(f"invalid boolean value {value!r} for -{name}")
+            try:
+                out.append(f"--{name}" if value is None or parse_bool(value) else f"--no-{name}")
+            except ValueError:
+                raise UsageError(f"invalid boolean value {value!r} for -{name}") from None
         else:
             out.append(f"--{name}" if value is None else f"--{name}={value}")
     return out, given
@@ -142,10 +141,7 @@ def apply_env(args: argparse.Namespace, given: set[str]) -> None:
         dest = name.replace("-", "_")
         try:
             if kind == "bool":
-                lowered = value.lower()
-                if lowered not in ("true", "1", "t", "false", "0", "f"):
-                    raise ValueError(value)
-                setattr(args, dest, lowered in ("true", "1", "t"))
+                setattr(args, dest, parse_bool(value))
             elif kind == "int":
                 setattr(args, dest, int(value))
             elif kind == "list":

@@ -18,14 +18,11 @@ import sys
 from . import cni_ports
 from .defaults import CNI_DATA_DIR as DEFAULT_DATA_DIR
 from .defaults import SUBNET_FILE as DEFAULT_SUBNET_FILE
+from .gostrconv import GO_BOOLS
 
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 # CNI error codes (spec): 4 invalid network config, 7 invalid environment variables, 11 try again later, 999 other.
 INVALID_CONFIG, INVALID_ENV, TRY_AGAIN, OTHER = 4, 7, 11, 999
-# Go's strconv.ParseBool, which upstream's plugin applies to FLANNEL_IPMASQ.
-GO_BOOLS = {v: True for v in ("1", "t", "T", "TRUE", "true", "True")} | {
-    v: False for v in ("0", "f", "F", "FALSE", "false", "False")
-}
 
 
 class CniError(Exception):

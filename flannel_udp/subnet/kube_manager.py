@@ -145,14 +145,15 @@ def node_to_lease(node: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ip
 
 
 def lease_relevant_change(old: NodeInfo, new: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
-    """upstream handleUpdateLeaseEvent: an update matters when backend data, type or public IP changed."""
+    """upstream handleUpdateLeaseEvent: an update matters when backend data, type or public IP changed, in either
+    family. (Upstream's IPv6 comparison overwrites its IPv4 verdict: in dual stack it misses an IPv4-only change.)"""
     a, b = node_annotations(old), node_annotations(new)
-    changed = True
-    if enable_ipv4 and all(a.get(k) == b.get(k) for k in (ann.backend_data, ann.backend_type, ann.public_ip)):
-        changed = False
-    if enable_ipv6 and all(a.get(k) == b.get(k) for k in (ann.backend_v6_data, ann.backend_type, ann.public_ipv6)):
-        changed = False
-    return changed
+    compared = []
+    if enable_ipv4:
+        compared += [ann.backend_data, ann.backend_type, ann.public_ip]
+    if enable_ipv6:
+        compared += [ann.backend_v6_data, ann.backend_type, ann.public_ipv6]
+    return not compared or any(a.get(key) != b.get(key) for key in compared)
 
 
 def _json(value) -> str:

@@ -223,6 +223,19 @@ def test_only_backend_data_type_or_public_ip_changes_are_lease_updates():
     assert lease_relevant_change(old, moved, ANN, True, False)
 
 
+def test_in_dual_stack_a_change_of_either_family_is_a_lease_update():
+    """Upstream's handleUpdateLeaseEvent lets the IPv6 comparison overwrite the IPv4 one, so a peer whose IPv4
+    public IP or backend data changed kept its old route until a relist; here either family's change counts."""
+    dual = dict(VXLAN_ANNOTATIONS, **{ANN.public_ipv6: "fd00::1", ANN.backend_v6_data: '{"VNI":1}'})
+    old = node(annotations=dual, pod_cidr="10.244.1.0/24")
+    moved4 = node(annotations=dict(dual, **{ANN.public_ip: "198.18.0.9"}), pod_cidr="10.244.1.0/24")
+    moved6 = node(annotations=dict(dual, **{ANN.public_ipv6: "fd00::9"}), pod_cidr="10.244.1.0/24")
+    relabelled = node(annotations=dict(dual, other="x"), pod_cidr="10.244.1.0/24")
+    assert lease_relevant_change(old, moved4, ANN, True, True)
+    assert lease_relevant_change(old, moved6, ANN, True, True)
+    assert not lease_relevant_change(old, relabelled, ANN, True, True)
+
+
 @pytest.mark.parametrize(
     "value, mac",
     [
