@@ -187,13 +187,18 @@ class LocalRegistry(Registry):
 
     @staticmethod
     def _events_since(db: sqlite3.Connection, revision: int) -> Events | None:
-        """Events after `revision`; None when the log was trimmed past it (the watcher must re-list)."""
-        oldest = db.execute("SELECT MIN(rev) FROM events").fetchone()[0]
-        if oldest is not None and oldest > revision + 1:
-            return None
-        rows = db.execute(
-            "SELECT rev, key, value, expires FROM events WHERE rev > ? ORDER BY rev", (revision,)
-        ).fetchall()
+        """Events after `revision`; None when the log was trimmed past it (the watcher must re-list). One read
+        transaction, as _snapshot's: a trim committed between the two reads would otherwise skip events unseen."""
+        db.execute("BEGIN")
+        try:
+            oldest = db.execute("SELECT MIN(rev) FROM events").fetchone()[0]
+            if oldest is not None and oldest > revision + 1:
+                return None
+            rows = db.execute(
+                "SELECT rev, key, value, expires FROM events WHERE rev > ? ORDER BY rev", (revision,)
+            ).fetchall()
+        finally:
+            db.execute("COMMIT")
         events: list[LeaseEvent] = []
         for rev, key, value, expires in rows:
             revision = rev

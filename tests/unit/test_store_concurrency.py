@@ -65,3 +65,44 @@ def test_nodes_creating_the_lease_file_together_all_start(tmp_path):
         ]
         errors = [p.communicate(timeout=60)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errors
+
+
+class TrimmedBetweenReads:
+    """A connection on which another writer trims the event log right after the watch's first read."""
+
+    def __init__(self, db, trim):
+        self.db, self.trim = db, trim
+
+    def execute(self, sql, *args):
+        result = self.db.execute(sql, *args)
+        if "MIN(rev)" in sql:
+            self.trim()
+        return result
+
+
+def test_a_trim_between_a_polls_reads_never_skips_events_unseen(tmp_path, monkeypatch):
+    """The poll reads the oldest event kept, then the events after the watcher's revision: a trim committed between
+    the two must not make events vanish (the poll sees the log before or after the trim, never half of each)."""
+    import ipaddress
+    import sqlite3
+
+    from flannel_udp.subnet import local_store
+
+    monkeypatch.setattr(local_store, "EVENTS_KEPT", 2)
+    path = str(tmp_path / "leases.db")
+    store = local_store.LocalRegistry.open_sync(path)
+    store._executor.submit(store._put, "10.5.1.0-24", '{"PublicIP":"198.18.0.1"}', None).result()
+    revision = store._executor.submit(lambda: store._revision(store._connection())).result()
+    for i in range(2, 4):  # two more events: the log still holds the one after `revision`
+        store._executor.submit(store._put, f"10.5.{i}.0-24", '{"PublicIP":"198.18.0.1"}', None).result()
+
+    def trim_behind_the_watcher():  # a third writer's put trims the event after `revision` away
+        store._executor.submit(store._put, "10.5.9.0-24", '{"PublicIP":"198.18.0.1"}', None).result()
+
+    reader = sqlite3.connect(path, isolation_level=None)
+    events = local_store.LocalRegistry._events_since(TrimmedBetweenReads(reader, trim_behind_the_watcher), revision)
+    assert events is not None  # the log reached back far enough when the poll began...
+    assert [e.lease.subnet for e in events.events] == [ipaddress.ip_network(f"10.5.{i}.0/24") for i in (2, 3)]
+    assert events.revision == revision + 2  # ...so it reads exactly what followed `revision` then, nothing skipped
+    reader.close()
+    store._executor.submit(store._close).result()
