@@ -39,6 +39,11 @@ class StartupError(RuntimeError):
     """A failure the user can fix; printed as one line, exit status 1."""
 
 
+class ServingError(StartupError):
+    """A fault after start-up that nothing handles: the node stops as a signal would stop it, then says why in one
+    line and exits with status 1."""
+
+
 # What a start can fail on that the user can cause: each ends the node in one line, exit status 1.
 STARTUP_ERRORS = (
     SocketError,
@@ -344,6 +349,16 @@ class Daemon:
             self._starting.cancel()
 
     async def _serve(self, manager: Manager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
+        """The node's life after start-up. A fault no task handles ends it as a stop does (the lease and the kernel
+        state stay), in one line and exit status 1, never in a traceback of the task group."""
+        try:
+            await self._serve_tasks(manager, network, rules, nl)
+        except* Exception as group:
+            causes = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+            log.error("Stopping on a fault while serving: %s", causes)
+            raise ServingError(f"the node stopped on a fault while serving: {causes}") from None
+
+    async def _serve_tasks(self, manager: Manager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
         async with asyncio.TaskGroup() as tasks:
             watch = tasks.create_task(self._follow_leases(manager, network))
             renew = tasks.create_task(self._renew(manager, network))

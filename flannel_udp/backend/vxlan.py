@@ -256,7 +256,9 @@ class VxlanNetwork(Network):
         """neighbour, FDB, route, each retried; a failure undoes the steps before it."""
         subnet, gateway, index = str(peer.subnet), str(peer.subnet.network_address), vtep.index
         if self.options.direct_routing and await self._directly_connected(peer.public_ip):
-            await self.netlink.call(netlink.replace_route, subnet, gateway=peer.public_ip)
+            if not await self._retry(direct_route, subnet, peer.public_ip):
+                log.error("Cannot add the direct route %s via %s", subnet, peer.public_ip)
+                return False
             log.info("Direct route %s via %s", subnet, peer.public_ip)
             return True
         steps: list[tuple[Callable, tuple, Callable, tuple]] = [
@@ -372,6 +374,10 @@ def peer_from(lease: Lease, version: int) -> PeerState | None:
         log.error("Ignoring vxlan lease %s: %s has no valid VtepMAC (%r)", lease.subnet, field_name, data)
         return None
     return PeerState(subnet, str(public_ip), mac.lower())
+
+
+def direct_route(ipr, subnet: str, public_ip: str) -> None:
+    netlink.replace_route(ipr, subnet, gateway=public_ip)
 
 
 def route_via_device(ipr, subnet: str, index: int, gateway: str) -> None:
