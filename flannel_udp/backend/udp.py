@@ -190,20 +190,26 @@ class UdpNetwork(Network):
             gro = gro and enable_gro(sock6)
         # The pump thread tells the event loop through this eventfd when it had to turn GSO off: logged at once.
         self._notice_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        asyncio.get_running_loop().add_reader(self._notice_fd, self._on_pump_notice)
-        self.pump = Pump(
-            tun_fd,
-            sock.fileno(),
-            self.routes,
-            str(lease.subnet),
-            source_check,
-            gso=offload,
-            gro=gro,
-            vnet_hdr=bool(tun_offloads),
-            sock6_fd=sock6.fileno() if sock6 is not None else -1,
-            own_subnet6=str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None,
-            notify_fd=self._notice_fd,
-        )
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._notice_fd, self._on_pump_notice)
+        try:
+            self.pump = Pump(
+                tun_fd,
+                sock.fileno(),
+                self.routes,
+                str(lease.subnet),
+                source_check,
+                gso=offload,
+                gro=gro,
+                vnet_hdr=bool(tun_offloads),
+                sock6_fd=sock6.fileno() if sock6 is not None else -1,
+                own_subnet6=str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None,
+                notify_fd=self._notice_fd,
+            )
+        except BaseException:  # nothing half-built: the caller closes the TUN and the sockets it handed over
+            loop.remove_reader(self._notice_fd)
+            os.close(self._notice_fd)
+            raise
         log.info(
             "Offloads: UDP GSO %s, UDP GRO %s, TUN %s",
             "on" if offload else "off",

@@ -122,22 +122,30 @@ class VxlanBackend:
             for vtep in created:
                 await self.netlink.call(netlink.delete_link, vtep.index)
             raise
-        for vtep in self.vteps:
-            subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
-            if subnet is None:
-                raise BackendError(f"the lease has no IPv{vtep.version} subnet for {vtep.name}")
-            vtep.subnet = subnet
-            await self.netlink.call(configure_device, vtep)
-            log.info(
-                "%s is up: VNI %d, MAC %s, address %s/%d, MTU %d",
-                vtep.name,
-                self.options.vni,
-                vtep.mac,
-                subnet.network_address,
-                subnet.max_prefixlen,
-                vtep.mtu,
-            )
+        try:
+            for vtep in self.vteps:
+                await self._configure(vtep, lease)
+        except BaseException:  # the daemon releases a lease this start allocated; the devices it made go here
+            for vtep in created:
+                await self.netlink.call(netlink.delete_link, vtep.index)
+            raise
         return VxlanNetwork(self.netlink, lease, self.vteps, self.options, self.ext, created)
+
+    async def _configure(self, vtep: Vtep, lease: Lease) -> None:
+        subnet = lease.subnet if vtep.version == 4 else lease.ipv6_subnet
+        if subnet is None:
+            raise BackendError(f"the lease has no IPv{vtep.version} subnet for {vtep.name}")
+        vtep.subnet = subnet
+        await self.netlink.call(configure_device, vtep)
+        log.info(
+            "%s is up: VNI %d, MAC %s, address %s/%d, MTU %d",
+            vtep.name,
+            self.options.vni,
+            vtep.mac,
+            subnet.network_address,
+            subnet.max_prefixlen,
+            vtep.mtu,
+        )
 
 
 @dataclass
