@@ -3,7 +3,8 @@
 Each variant gets a fresh pair of host namespaces on the same underlay (veth through a bridge), one pod per host, and
 the same iperf3 runs; the figures are printed as absolute values and as ratios to kernel VXLAN of the same run, because
 this machine is shared and noisy. Routed and VXLAN are set up by hand here, as flannel's host-gw and vxlan backends set
-them up (reference §4.2, §4.3), so that the udp backend is compared with the kernel on identical plumbing.
+them up (upstream pkg/backend/hostgw/hostgw.go, pkg/backend/vxlan/vxlan_network.go), so that the udp backend is
+compared with the kernel on identical plumbing.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .defaults import LEASE_FILE, UDP_PORT
+from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT
 
 DLT_RAW = 101
 ICMP_TYPES = {0: "echo-reply", 3: "unreachable", 8: "echo-request", 11: "time-exceeded"}
@@ -409,7 +409,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--iface", help="the underlay interface (udp and vxlan datagrams), or flannel0 (bare packets)")
     source.add_argument("--read", metavar="FILE", help="a pcap file")
     parser.add_argument("--port", type=int, default=UDP_PORT, help=f"the udp backend's port (default {UDP_PORT})")
-    parser.add_argument("--vxlan-port", type=int, default=8472, help="vxlan's port, decoded too (default 8472)")
+    parser.add_argument(
+        "--vxlan-port",
+        type=int,
+        default=VXLAN_PORT,
+        help=f"vxlan's port, decoded too (default {VXLAN_PORT})",
+    )
     parser.add_argument("--count", type=int, default=0, help="stop after N shown packets")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--pod", help="only packets whose inner source or destination is this IP")

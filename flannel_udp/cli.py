@@ -28,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-# flanneld flags (reference §7.1) and ours: name -> (kind, default, help). kind: str | int | bool | list.
+# flanneld's flags (upstream main.go) and ours: name -> (kind, default, help). kind: str | int | bool | list.
 RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "net-config-path": ("str", defaults.NET_CONFIG_PATH, "path to the network configuration (net-conf.json)"),
     "subnet-file": ("str", defaults.SUBNET_FILE, "file the CNI plugin reads the subnet from"),
@@ -64,7 +64,7 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "v": ("int", 0, "log verbosity (>= 1: debug)"),
     # flannel-udp's own
     "lease-file": ("str", defaults.LEASE_FILE, "embedded lease store shared by the nodes of this machine"),
-    "lease-ttl": ("int", 86400, "seconds a lease lives without renewal (embedded store)"),
+    "lease-ttl": ("int", 86400, "seconds a lease lives without renewal (embedded store and etcd; upstream: 24 h)"),
     "udp-source-check": (
         "bool",
         True,

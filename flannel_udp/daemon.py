@@ -406,7 +406,8 @@ class Daemon:
         lease = network.lease
         while lease.expiration is not None:
             left = lease.expiration - time.time()
-            # Renew `margin` before expiry; a TTL shorter than the margin renews at half-life instead.
+            # Renew `margin` before expiry, but never before half the time left (a margin longer than that, e.g. the
+            # default hour against a short -lease-ttl, would renew again at once).
             await asyncio.sleep(max(left - margin, left / 2, 0.0))
             try:
                 lease = await manager.renew_lease(lease)

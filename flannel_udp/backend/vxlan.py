@@ -40,7 +40,7 @@ STEP_RETRIES = 5
 @dataclass(frozen=True)
 class VxlanOptions:
     vni: int
-    port: int  # 0: the kernel's default (8472)
+    port: int  # 0: the kernel's default (defaults.VXLAN_PORT)
     mtu: int  # of the underlay; the device gets mtu - 50
     gbp: bool
     learning: bool

@@ -1,9 +1,9 @@
 """Traffic rules as upstream's trafficmngr: masquerade (-ip-masq) and forward accept (-iptables-forward-rules), through
 iptables-restore --noflush (iptables mode) or nft (EnableNFTables), kept in place by a periodic resync.
 
-Rule texts, order and comments are upstream's (reference §6), so `iptables -S` on a flannel-udp node reads like one on a
-flanneld node. Everything here runs the iptables/nft binaries of the node's namespace; callers run it off the event
-loop.
+Rule texts, order and comments are upstream's (pkg/trafficmngr/iptables/iptables.go and nftables/nftables.go), so
+`iptables -S` on a flannel-udp node reads like one on a flanneld node. Everything here runs the iptables/nft binaries
+of the node's namespace; callers run it off the event loop.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The etcd lease store, byte-compatible with upstream flanneld (reference §2): a mixed cluster shares one prefix.
+"""The etcd lease store, byte-compatible with upstream flanneld (pkg/subnet/etcd/registry.go): a mixed cluster shares
+one prefix.
 
 Keys `<prefix>/subnets/10.244.1.0-24` hold upstream's lease JSON, each attached to an etcd lease of the lease TTL and
 created with a create-if-absent transaction. A key with no etcd lease is a reservation and stays one (upstream

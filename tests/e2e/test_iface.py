@@ -1,4 +1,4 @@
-"""External interface choice as upstream (pkg/ipmatch match_test.go, reference §9.6), run inside a fresh namespace."""
+"""External interface choice as upstream (pkg/ipmatch/match_test.go), run inside a fresh namespace."""
 
 import json
 import sys

@@ -1,6 +1,6 @@
-"""Traffic rules inside a node's namespace, compared with upstream's texts (reference §6): masquerade and forward
-chains through iptables-restore, resync, stale rules of a previous network, nftables mode, the blackhole route, and
-`flannel-udp cleanup`."""
+"""Traffic rules inside a node's namespace, compared with upstream's texts (pkg/trafficmngr/iptables/iptables_test.go):
+masquerade and forward chains through iptables-restore, resync, stale rules of a previous network, nftables mode, the
+blackhole route, and `flannel-udp cleanup`."""
 
 import ipaddress
 

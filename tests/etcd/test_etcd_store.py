@@ -1,5 +1,5 @@
-"""The etcd store against real etcd servers on loopback: upstream's registry, watch, renew and compaction cases (§9.4),
-reservations, hostile content, restarts and a 3-member cluster losing a member."""
+"""The etcd store against real etcd servers on loopback: upstream's registry, watch, renew and compaction cases
+(pkg/subnet/etcd/registry_test.go), reservations, hostile content, restarts and a 3-member cluster losing a member."""
 
 import asyncio
 import ipaddress
@@ -167,7 +167,8 @@ async def test_renew_gives_a_fresh_ttl_and_keeps_the_attrs(registry):
 
 
 async def test_upstream_written_leases_are_read(registry):
-    """Values as upstream flanneld writes them (reference §2.2), including dual stack and vxlan BackendData."""
+    """Values as upstream flanneld writes them (pkg/subnet/etcd/registry.go, the LeaseAttrs JSON), including dual
+    stack and vxlan BackendData."""
     await registry.put_raw(
         "10.5.52.0-24",
         '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'

@@ -1,4 +1,4 @@
-"""Upstream pkg/subnet/config_test.go cases, the derived-value table and every error message of the reference §1.2."""
+"""Upstream pkg/subnet/config_test.go cases, the derived-value table and every error message of pkg/subnet/config.go."""
 
 import ipaddress
 

@@ -1,5 +1,5 @@
-"""The Kubernetes subnet manager's pure logic: upstream's annotations_test.go, kube_test.go (containsCIDR) and the
-nodeToLease fuzz seeds (reference §9.5), plus the annotations AcquireLease writes and the update filter."""
+"""The Kubernetes subnet manager's pure logic: upstream's pkg/subnet/kube annotations_test.go, containsCIDR and the
+nodeToLease fuzz seeds (fuzz_test.go), plus the annotations AcquireLease writes and the update filter."""
 
 import ipaddress
 
