@@ -382,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             except CaptureError as e:
                 return fail(str(e))
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import run
 
-            return run_demo(args)
+            return run(args)
         print(__version__)
         return 0
     except UsageError as e:

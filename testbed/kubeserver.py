@@ -276,13 +276,13 @@ current-context: flannel
     def _wait_ready(self, timeout: float) -> None:
         import ssl
 
-        import httpx2 as httpx
+        import httpx2
 
         deadline = time.monotonic() + timeout
         tls = ssl.create_default_context(cafile=self.path("ca.crt"))
 
         def probe() -> int:
-            with httpx.Client(verify=tls, timeout=2, trust_env=False) as http:
+            with httpx2.Client(verify=tls, timeout=2, trust_env=False) as http:
                 return http.get(
                     f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}
                 ).status_code

@@ -2,8 +2,9 @@
 -kubeconfig-file (its server replaced by -kube-api-url when both are given), else -kube-api-url alone (no credentials),
 else the in-cluster service account (KUBERNETES_SERVICE_HOST/PORT, its token and CA).
 
-The client is lightkube (PyPI): maintained, asyncio-native over httpx, typed models for Node and Pod, strategic-merge
-patches on subresources, and a watch that we drive ourselves (resume from a resourceVersion, re-list after 410).
+The client is lightkube (PyPI): maintained, asyncio-native over httpx2 (the continuation of httpx it is built on),
+typed models for Node and Pod, strategic-merge patches on subresources, and a watch that we drive ourselves (resume
+from a resourceVersion, re-list after 410).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import httpx2 as httpx
+import httpx2
 import msgspec
 import yaml
 from lightkube import ApiError, AsyncClient, KubeConfig
@@ -101,7 +102,7 @@ def make_client(config: KubeConfig) -> AsyncClient:
     # lazy: what still goes through lightkube's models (a patch's answer: the whole Node; the informer's probe) is
     # decoded only as far as it is read. The Node list and watch have a leaner decoder of their own (kube_nodes.py).
     return AsyncClient(
-        config, timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT), trust_env=False, lazy=True
+        config, timeout=httpx2.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT), trust_env=False, lazy=True
     )
 
 
@@ -117,9 +118,9 @@ def is_unavailable(error: BaseException) -> bool:
     """A failure worth waiting out (the API server restarting or out of reach), as opposed to a refusal."""
     if isinstance(error, ApiError):
         return error.status.code is not None and (error.status.code >= 500 or error.status.code == 429)
-    if isinstance(error, httpx.HTTPStatusError):  # an answer without a Status body, e.g. 429 from max-in-flight
+    if isinstance(error, httpx2.HTTPStatusError):  # an answer without a Status body, e.g. 429 from max-in-flight
         return error.response.status_code >= 500 or error.response.status_code == 429
-    return isinstance(error, (httpx.TransportError, OSError))
+    return isinstance(error, (httpx2.TransportError, OSError))
 
 
 def as_store_error(error: BaseException, what: str) -> StoreError:
@@ -140,7 +141,7 @@ async def resolve_node_name(client: AsyncClient) -> str:
         raise KubeConfigError("env variables POD_NAME and POD_NAMESPACE must be set (or NODE_NAME)")
     try:
         pod = await client.get(Pod, pod_name, namespace=pod_namespace)
-    except (ApiError, httpx.HTTPError, OSError) as e:
+    except (ApiError, httpx2.HTTPError, OSError) as e:
         raise KubeConfigError(f"error retrieving pod spec for '{pod_namespace}/{pod_name}': {describe(e)}") from None
     if not pod.spec or not pod.spec.nodeName:
         raise KubeConfigError(f"node name not present in pod spec '{pod_namespace}/{pod_name}'")

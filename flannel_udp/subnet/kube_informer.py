@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import httpx2 as httpx
+import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Node
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 RETRY = 1.0  # seconds between tries while the API server is out of reach
 REFUSAL_GRACE = 5.0  # seconds a refusal (401/403) of the first list may last before it ends the start
-_FAILURES = (ApiError, httpx.HTTPError, OSError, NodeStreamError)
+_FAILURES = (ApiError, httpx2.HTTPError, OSError, NodeStreamError)
 
 
 class AccessDenied(RuntimeError):
@@ -126,7 +126,7 @@ class NodeInformer:
                     await self._retrying(lambda: self._list(from_cache=False))
                     continue
                 self._failed(e)
-            except (httpx.HTTPError, OSError, NodeStreamError) as e:
+            except (httpx2.HTTPError, OSError, NodeStreamError) as e:
                 self._failed(e)
             await asyncio.sleep(RETRY)
             # Resume from the last version seen once the server answers again; nothing is listed anew.

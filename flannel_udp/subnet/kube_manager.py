@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import httpx2 as httpx
+import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
@@ -48,7 +48,7 @@ PATCH_WAIT = 30.0
 SYNC_TIMEOUT = 600.0  # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
 # Upstream forces every other backend's lease to IPv4 only; "udp" is ours (the backend type of a dual-stack udp lease).
 DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard", "udp")
-_FAILURES = (ApiError, httpx.HTTPError, OSError, NodeStreamError)
+_FAILURES = (ApiError, httpx2.HTTPError, OSError, NodeStreamError)
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 

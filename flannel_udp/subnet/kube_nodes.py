@@ -2,7 +2,7 @@
 
 A Node object carries far more than flannel needs (its status alone lists addresses, conditions and every image on
 the node, and managedFields repeat the field names), and every node of the cluster receives every other node's
-changes: at 1,000 nodes, two writes per node reach each of 1,000 watches. Through lightkube's models and httpx's text
+changes: at 1,000 nodes, two writes per node reach each of 1,000 watches. Through lightkube's models and httpx2's text
 and line iterators one event cost ~125 µs of a node's CPU; here msgspec decodes the handful of fields below in C and
 skips the rest, and the watch stream is split into lines from the raw bytes.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx2 as httpx
+import httpx2
 import msgspec
 from lightkube import ApiError, AsyncClient
 from lightkube.core.generic_client import GenericClient
@@ -109,16 +109,16 @@ class LineSplitter:
         return [line for line in lines if line]
 
 
-def _request(client: AsyncClient, params: dict, watch: bool) -> httpx.Request:
+def _request(client: AsyncClient, params: dict, watch: bool) -> httpx2.Request:
     """A GET of /api/v1/nodes with the client's server, credentials and timeouts (a watch waits for events without a
     read timeout)."""
     generic = client._client
     basic = generic.prepare_request("list", res=Node, watch=watch, params=params)
-    timeout = generic._watch_timeout if watch else httpx.USE_CLIENT_DEFAULT
+    timeout = generic._watch_timeout if watch else httpx2.USE_CLIENT_DEFAULT
     return generic._client.build_request(basic.method, basic.url, params=basic.params, timeout=timeout)
 
 
-async def _checked(response: httpx.Response) -> None:
+async def _checked(response: httpx2.Response) -> None:
     """Raise for a refusal as lightkube does: ApiError when the server explains itself (a Status body)."""
     if response.status_code != 200:
         await response.aread()
@@ -141,7 +141,7 @@ async def list_nodes(client: AsyncClient, resource_version: str | None) -> tuple
 
 async def watch_nodes(client: AsyncClient, resource_version: str | None) -> AsyncIterator[tuple[str, NodeInfo]]:
     """(type, node) for each event after `resource_version`, BOOKMARKs included, until the server ends the stream.
-    Raises ApiError (410 Gone: that version left the server's history), httpx errors when the stream breaks."""
+    Raises ApiError (410 Gone: that version left the server's history), httpx2 errors when the stream breaks."""
     params = {"resourceVersion": resource_version, "allowWatchBookmarks": "true"}
     response = await client._client._client.send(_request(client, params, watch=True), stream=True)
     try:
