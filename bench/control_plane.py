@@ -206,7 +206,7 @@ def worker(results, store: str, target: dict, ids: list[int], nodes: int, barrie
         result = uvloop.run(run_share(store, target, ids, nodes, barrier, timeout))  # the loop a node process runs
     except TimeoutError:
         result = {"timeout": "before the start"}
-    except Exception as e:  # said to the parent, which would otherwise wait for a result that never comes
+    except Exception as e:  # noqa: BLE001 - any fault is said to the parent, which would otherwise wait forever
         where = traceback.extract_tb(e.__traceback__)[-1]  # the innermost frame: where a node's code failed
         result = {"error": f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"}
     usage = resource.getrusage(resource.RUSAGE_SELF)

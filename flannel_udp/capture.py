@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT
+from .subnet.registry import StoreError
 
 DLT_RAW = 101
 ICMP_TYPES = {0: "echo-reply", 3: "unreachable", 8: "echo-request", 11: "time-exceeded"}
@@ -308,7 +309,7 @@ def load_leases(source) -> list:
 
     try:
         return [lease for _node, lease in asyncio.run(source.read())]
-    except Exception as e:  # no lease file, etcd away, bad flags: the capture is still useful, with structural verdicts
+    except (StoreError, OSError) as e:  # no lease file, etcd or the API away: still useful, with structural verdicts
         print(f"note: no leases ({e}); verdicts cover the packet checks only, not peers and subnets", file=sys.stderr)
         return []
 
@@ -351,6 +352,7 @@ def run_capture(args: argparse.Namespace, source) -> int:
     expression = build_filter(args, on_tun)
     check_filter(expression, on_tun)
 
+    from scapy.error import Scapy_Exception
     from scapy.layers.inet import UDP
     from scapy.layers.vxlan import VXLAN
     from scapy.packet import bind_layers
@@ -395,7 +397,7 @@ def run_capture(args: argparse.Namespace, source) -> int:
         pass
     except OSError as e:
         raise CaptureError(f"cannot capture on {args.iface or args.read}: {e.strerror or e}") from None
-    except Exception as e:  # scapy reports unreadable pcaps and bad interfaces in several ways
+    except (Scapy_Exception, ValueError) as e:  # scapy's words for an unreadable pcap or an unknown interface
         raise CaptureError(f"cannot capture on {args.iface or args.read}: {e}") from None
     finally:
         if writer is not None:

@@ -353,7 +353,7 @@ class Daemon:
         state stay), in one line and exit status 1, never in a traceback of the task group."""
         try:
             await self._serve_tasks(manager, network, rules, nl)
-        except* Exception as group:
+        except* Exception as group:  # noqa: BLE001 - any fault of a task: the node stops and names it
             causes = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
             log.error("Stopping on a fault while serving: %s", causes)
             raise ServingError(f"the node stopped on a fault while serving: {causes}") from None

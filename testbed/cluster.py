@@ -501,7 +501,7 @@ class Testbed:
         for host in self.hosts:
             try:
                 self.stop_node(host, timeout=5)
-            except Exception:
+            except OSError:  # a node process that is already gone
                 pass
         for process in self.extra_processes:
             if process.poll() is None:

@@ -293,7 +293,7 @@ current-context: flannel
             try:
                 if self._pool.submit(probe).result() == 200:
                     return
-            except Exception:
+            except (httpx2.HTTPError, OSError):  # not listening yet
                 pass
             time.sleep(0.2)
         raise KubeServerError(f"kube-apiserver not ready after {timeout}s: {self.log('kube-apiserver')[-3000:]}")

@@ -16,6 +16,7 @@ import posixpath
 import time
 from collections.abc import AsyncIterator
 
+import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 
@@ -237,8 +238,6 @@ async def _bounded(awaitable, what: str) -> bool:
     try:
         await asyncio.wait_for(awaitable, CLOSE_TIMEOUT)
         return True
-    except asyncio.CancelledError:
-        raise
-    except BaseException as e:  # a timeout or whatever the client raises while tearing down
+    except (TimeoutError, etcd_errors.ClientError, grpc.RpcError, OSError) as e:  # a hung or broken stream's ends
         log.debug("%s: %r", what, e)
         return False

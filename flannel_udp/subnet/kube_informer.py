@@ -61,8 +61,10 @@ class NodeInformer:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            except asyncio.CancelledError:
+                pass  # what cancel() asked for; a watch that had died of anything else says so below
+            except _FAILURES as e:
+                log.error("The node watch had stopped: %s", describe(e))
 
     async def _retrying(self, step, refusal_is_fatal: bool = False) -> None:
         refused_since = None

@@ -15,7 +15,7 @@ from flannel_udp.subnet.etcd_client import EtcdOptions
 from flannel_udp.subnet.etcd_store import CONFIG_NOT_FOUND, ConfigNotFound, EtcdRegistry
 from flannel_udp.subnet.lease import Events, EventType, LeaseAttrs, LeaseRemoved, Snapshot
 from flannel_udp.subnet.manager import Manager
-from flannel_udp.subnet.registry import StoreUnavailable
+from flannel_udp.subnet.registry import StoreError, StoreUnavailable
 from flannel_udp.subnet.watcher import LeaseWatcher
 from testbed.etcdserver import EtcdCluster
 
@@ -327,7 +327,7 @@ async def test_three_member_cluster_survives_losing_the_member_in_use():
                 try:
                     await registry.create_subnet(net("10.1.7.0/24"), None, LeaseAttrs(ip("1.2.3.6")), DAY)
                     break
-                except Exception:
+                except StoreError:  # unavailable until the members elect a new leader
                     await asyncio.sleep(0.25)
             assert [e.subnet for e in (await next_events(watch, timeout=5)).events] == [net("10.1.7.0/24")]
             await watch.aclose()
