@@ -79,6 +79,8 @@ class Verdicts:
         that node's udp backend would choose (the peer's PublicIPv6 when both have one)."""
         from _fastpath.routes import RouteTable
 
+        from .backend.udp import ipv6_next_hop
+
         key = str(subnet)
         if key not in self.tables:
             owner = next((lease for lease in self.leases if lease.subnet == subnet), None)
@@ -89,10 +91,7 @@ class Verdicts:
                     continue
                 table.set_route(lease.subnet, lease.attrs.public_ip, self.port)
                 if lease.ipv6_subnet is not None and owner is not None and owner.ipv6_subnet is not None:
-                    hop = (
-                        lease.attrs.public_ipv6 if owner_has_ipv6 and lease.attrs.public_ipv6 else lease.attrs.public_ip
-                    )
-                    table.set_route(lease.ipv6_subnet, hop, self.port)
+                    table.set_route(lease.ipv6_subnet, ipv6_next_hop(lease, owner_has_ipv6), self.port)
             self.tables[key] = table
         return self.tables[key]
 

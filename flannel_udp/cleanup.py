@@ -43,9 +43,9 @@ def remove_rules() -> list[str]:
 def remove_blackhole(ipr, subnet_file: str) -> list[str]:
     removed = []
     for name in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET"):
-        entries = subnetenv.read(subnet_file).get(name, [])
-        if len(entries) == 1:
-            subnet = str(ipaddress.ip_network(entries[0], strict=False))
+        network = subnetenv.single(subnetenv.read(subnet_file), name)
+        if network is not None:
+            subnet = str(network)
             if netlink.delete_blackhole(ipr, subnet):
                 removed.append(f"route blackhole {subnet}")
     return removed

@@ -9,7 +9,6 @@ object) on stdout. Unlike upstream, CHECK is delegated too (upstream's is a no-o
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import sys
 from . import cni_ports
 from .defaults import CNI_DATA_DIR as DEFAULT_DATA_DIR
 from .defaults import SUBNET_FILE as DEFAULT_SUBNET_FILE
-from .gostrconv import GO_BOOLS
+from .subnet import subnetenv
 
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 # CNI error codes (spec): 4 invalid network config, 7 invalid environment variables, 11 try again later, 999 other.
@@ -31,55 +30,22 @@ class CniError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-def read_subnet_env(path: str) -> dict:
+def read_subnet_env(path: str) -> subnetenv.SubnetEnv:
+    """subnet.env as upstream's plugin reads it, or the CNI error that says why it cannot be used."""
+    prefix = f"failed to load flannel 'subnet.env' file: {path}"
     try:
-        with open(path) as f:
-            values = dict(line.strip().split("=", 1) for line in f if "=" in line)
+        env = subnetenv.load(path)
     except OSError as e:
-        raise CniError(
-            TRY_AGAIN,
-            f"failed to load flannel 'subnet.env' file: {path}: {e.strerror}",
-            "is flanneld running on this node?",
-        ) from None
-    except UnicodeDecodeError:  # a damaged file is a CNI error like any other, never a traceback
-        raise CniError(INVALID_CONFIG, f"failed to load flannel 'subnet.env' file: {path}: not UTF-8 text") from None
-    required = ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
-    if "FLANNEL_IPV6_SUBNET" in values:
-        required.append("FLANNEL_IPV6_NETWORK")
-    missing = [k for k in required if k not in values]
+        raise CniError(TRY_AGAIN, f"{prefix}: {e.strerror}", "is flanneld running on this node?") from None
+    except subnetenv.SubnetEnvError as e:
+        raise CniError(INVALID_CONFIG, f"{prefix}: {e}") from None
+    missing = env.missing()
     if missing:
         raise CniError(INVALID_CONFIG, f"{path} is missing {', '.join(missing)}")
-    # Each value parsed as upstream's loadFlannelSubnetEnv does, so a damaged file is one CNI error, not a traceback
-    # later (fuzz/targets/cni.py holds the plugin to that).
-    for key in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET"):
-        if values.get(key):
-            try:
-                ipaddress.ip_interface(values[key])
-            except ValueError:
-                raise CniError(
-                    INVALID_CONFIG,
-                    f"failed to load flannel 'subnet.env' file: {path}: invalid CIDR address: {values[key]}",
-                ) from None
-    if not (
-        values["FLANNEL_MTU"].isascii() and values["FLANNEL_MTU"].isdigit() and int(values["FLANNEL_MTU"]) < 1 << 32
-    ):
-        raise CniError(
-            INVALID_CONFIG,
-            f"failed to load flannel 'subnet.env' file: {path}: invalid FLANNEL_MTU {values['FLANNEL_MTU']!r}",
-        )
-    if values["FLANNEL_IPMASQ"] not in GO_BOOLS:
-        raise CniError(
-            INVALID_CONFIG,
-            f"failed to load flannel 'subnet.env' file: {path}: invalid FLANNEL_IPMASQ {values['FLANNEL_IPMASQ']!r}",
-        )
-    return values
+    return env
 
 
-def subnet_of(cidr: str) -> str:
-    return str(ipaddress.ip_interface(cidr).network)
-
-
-def delegate_config(conf: dict, env: dict) -> dict:
+def delegate_config(conf: dict, env: subnetenv.SubnetEnv) -> dict:
     """The config handed to the delegate plugin, built as upstream's doCmdAdd does."""
     for section in ("delegate", "ipam"):
         if not isinstance(conf.get(section) or {}, dict):
@@ -94,8 +60,8 @@ def delegate_config(conf: dict, env: dict) -> dict:
             )
     delegate["name"] = conf.get("name")
     delegate.setdefault("type", "bridge")
-    delegate.setdefault("ipMasq", not GO_BOOLS[env["FLANNEL_IPMASQ"]])  # flannel masquerades, or the bridge must
-    delegate.setdefault("mtu", int(env["FLANNEL_MTU"]))
+    delegate.setdefault("ipMasq", not env.ipmasq)  # flannel masquerades, or the bridge must
+    delegate.setdefault("mtu", env.mtu)
     if delegate["type"] == "bridge":
         delegate.setdefault("isGateway", True)
     if conf.get("cniVersion"):
@@ -104,21 +70,19 @@ def delegate_config(conf: dict, env: dict) -> dict:
         delegate["runtimeConfig"] = conf["runtimeConfig"]
     ipam = dict(conf.get("ipam") or {})
     ipam.setdefault("type", "host-local")
-    # One range (and one route to the cluster network) per family in subnet.env, IPv4 first, as upstream.
+    # One range per family in subnet.env, and a route to each of its networks, IPv4 first, as upstream.
     ipam["ranges"], routes = [], []
-    for subnet_key, network_key in (
-        ("FLANNEL_SUBNET", "FLANNEL_NETWORK"),
-        ("FLANNEL_IPV6_SUBNET", "FLANNEL_IPV6_NETWORK"),
-    ):
-        if not env.get(subnet_key):
+    for subnet, networks in ((env.subnet, env.networks), (env.ipv6_subnet, env.ipv6_networks)):
+        if subnet is None:
             continue
-        ipam["ranges"].append([{"subnet": subnet_of(env[subnet_key])}])
-        route = {"dst": env[network_key]}
-        if delegate["type"] == "bridge" and delegate.get("isGateway"):
-            # The kernel route goes via the bridge's address either way; naming it makes the result say so, which
-            # the bridge plugin's CHECK compares against the routing table.
-            route["gw"] = env[subnet_key].split("/")[0]
-        routes.append(route)
+        ipam["ranges"].append([{"subnet": str(subnet.network)}])
+        for network in networks:
+            route = {"dst": str(network)}
+            if delegate["type"] == "bridge" and delegate.get("isGateway"):
+                # The kernel route goes via the bridge's address either way; naming it makes the result say so,
+                # which the bridge plugin's CHECK compares against the routing table.
+                route["gw"] = str(subnet.ip)
+            routes.append(route)
     ipam["routes"] = list(ipam.get("routes") or []) + routes
     delegate["ipam"] = ipam
     return delegate

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import signal
 import time
@@ -157,22 +156,16 @@ async def open_store(opts: Options):
         raise
 
 
-def previous_network_from(values: dict[str, list], name: str = "FLANNEL_NETWORK"):
-    """FLANNEL_NETWORK (or FLANNEL_IPV6_NETWORK) of an old subnet.env: the network whose masquerade rules may be
-    stale."""
-    entries = values.get(name, [])
-    return ipaddress.ip_network(entries[0], strict=False) if len(entries) == 1 else None
-
-
 def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) -> list[FamilyNetworks]:
     assert config.network is not None  # checked at start: an IPv4 network is required
-    families = [FamilyNetworks(config.network, lease.subnet, previous_network_from(old_env), previous[0])]
+    # The networks of an old subnet.env: their masquerade rules may be stale.
+    families = [FamilyNetworks(config.network, lease.subnet, subnetenv.single(old_env, "FLANNEL_NETWORK"), previous[0])]
     if config.enable_ipv6 and lease.ipv6_subnet is not None and config.ipv6_network is not None:
         families.append(
             FamilyNetworks(
                 config.ipv6_network,
                 lease.ipv6_subnet,
-                previous_network_from(old_env, "FLANNEL_IPV6_NETWORK"),
+                subnetenv.single(old_env, "FLANNEL_IPV6_NETWORK"),
                 previous[1],
             )
         )

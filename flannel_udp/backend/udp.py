@@ -8,6 +8,7 @@ unchanged."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -144,6 +145,15 @@ class UdpBackend:
             raise
 
 
+def ipv6_next_hop(peer: Lease, own_ipv6_underlay: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Where a peer's IPv6 pod traffic goes: its PublicIPv6 when both nodes have an IPv6 underlay, else its PublicIP.
+    Both ends decide alike, so the sender of a datagram is always the peer its inner source routes to. (The capture
+    mode asks it too, to judge datagrams as the receiving node would.)"""
+    if own_ipv6_underlay and peer.attrs.public_ipv6 is not None:
+        return peer.attrs.public_ipv6
+    return peer.attrs.public_ip
+
+
 def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str, network6: str | None = None) -> None:
     """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network; in dual stack
     also <IPv6 subnet address>/128 and a route for the IPv6Network."""
@@ -254,13 +264,6 @@ class UdpNetwork(Network):
                 os.strerror(self.pump.gso_error),
             )
 
-    def ipv6_next_hop(self, lease: Lease):
-        """Where a peer's IPv6 pod traffic goes: its PublicIPv6 when both nodes have an IPv6 underlay, else its
-        PublicIP. Both ends decide alike, so the sender of a datagram is always the peer its inner source routes to."""
-        if self.sock6 is not None and lease.attrs.public_ipv6 is not None:
-            return lease.attrs.public_ipv6
-        return lease.attrs.public_ip
-
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
             if isinstance(event, LeaseAdded):
@@ -272,7 +275,7 @@ class UdpNetwork(Network):
                 if old6 is not None and old6 != lease.ipv6_subnet:
                     self.routes.delete_route(old6)
                 if self.lease.ipv6_subnet is not None and lease.ipv6_subnet is not None:
-                    hop = self.ipv6_next_hop(lease)
+                    hop = ipv6_next_hop(lease, self.sock6 is not None)
                     self.routes.set_route(lease.ipv6_subnet, hop, self.port)
                     self._ipv6_subnets[lease.subnet] = lease.ipv6_subnet
                     log.info(

@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
+from . import subnetenv
 from .allocation import decide
 from .config import NetworkConfig
 from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, Snapshot, make_subnet_key
@@ -152,14 +153,10 @@ class Manager:
 
 
 def previous_subnet_from(values: dict[str, list]) -> tuple[IPv4Net | None, IPv6Net | None]:
-    """FLANNEL_SUBNET / FLANNEL_IPV6_SUBNET from an old subnet.env, masked to the subnet, as upstream reads them."""
-
-    def one(name: str):
-        entries = values.get(name, [])
-        if len(entries) != 1:
-            if len(entries) > 1:
-                log.error("%s in the subnet file has more than one valid value, ignoring it", name)
-            return None
-        return ipaddress.ip_network(entries[0], strict=False)
-
-    return one("FLANNEL_SUBNET"), one("FLANNEL_IPV6_SUBNET")
+    """FLANNEL_SUBNET / FLANNEL_IPV6_SUBNET from an old subnet.env (subnetenv.read), masked to the subnet, as upstream
+    reads them."""
+    v4, v6 = subnetenv.single(values, "FLANNEL_SUBNET"), subnetenv.single(values, "FLANNEL_IPV6_SUBNET")
+    return (
+        v4 if isinstance(v4, ipaddress.IPv4Network) else None,
+        v6 if isinstance(v6, ipaddress.IPv6Network) else None,
+    )

@@ -1,4 +1,7 @@
-"""/run/flannel/subnet.env: written atomically for the CNI plugin, read back at start-up (upstream WriteSubnetFile)."""
+"""/run/flannel/subnet.env: written atomically for the CNI plugin (upstream WriteSubnetFile), and every reading of it,
+as upstream has two: the CNI plugin's, strict (load: the cni-plugin's loadFlannelSubnetEnv), and the node agent's at
+start-up, a hint that skips what it cannot read (read: pkg/subnet ReadCIDRsFromSubnetFile, with single()).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import ipaddress
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 
 from .config import NetworkConfig
 from .lease import Lease
@@ -53,11 +57,16 @@ def write_atomically(path: str, data: str, mode: int = 0o644) -> None:
         raise
 
 
+def _text(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode()
+
+
 def read(path: str) -> dict[str, list]:
-    """Each FLANNEL_* value as a list of the comma-separated entries that parse as CIDRs; {} if the file is absent."""
+    """Each FLANNEL_* value as a list of the comma-separated entries that parse as CIDRs; {} if the file is absent.
+    The agent's reading: `export`, quotes and comments allowed (upstream reads it with godotenv)."""
     try:
-        with open(path) as f:
-            text = f.read()
+        text = _text(path)
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as e:
@@ -87,3 +96,85 @@ def read(path: str) -> dict[str, list]:
         else:
             values[name] = [value]
     return values
+
+
+def single(values: dict[str, list], name: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The one network a value of read() names, masked to it; None for none or several (said, as upstream)."""
+    entries = values.get(name, [])
+    if len(entries) > 1:
+        log.error("%s in the subnet file has more than one valid value, ignoring it", name)
+    return entries[0] if len(entries) == 1 else None
+
+
+class SubnetEnvError(ValueError):
+    """A value the CNI plugin cannot use, in upstream's words (one line)."""
+
+
+@dataclass(frozen=True)
+class SubnetEnv:
+    """subnet.env as the CNI plugin takes it."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # FLANNEL_NETWORK: one or more
+    subnet: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    ipv6_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ipv6_subnet: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    mtu: int | None = None
+    ipmasq: bool | None = None
+
+    def missing(self) -> list[str]:
+        """What the plugin needs and the file lacks (an IPv6 subnet needs its network too)."""
+        wanted = {
+            "FLANNEL_NETWORK": self.networks,
+            "FLANNEL_SUBNET": self.subnet,
+            "FLANNEL_MTU": self.mtu,
+            "FLANNEL_IPMASQ": self.ipmasq,
+        }
+        if self.ipv6_subnet is not None:
+            wanted["FLANNEL_IPV6_NETWORK"] = self.ipv6_networks
+        return [name for name, value in wanted.items() if value is None or value == ()]
+
+
+def _cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """Go's net.ParseCIDR: an address and a prefix length, nothing around them."""
+    try:
+        if "/" not in text:
+            raise ValueError(text)
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise SubnetEnvError(f"invalid CIDR address: {text}") from None
+
+
+def _networks(text: str) -> tuple:
+    networks: list = []
+    for entry in text.split(","):
+        network = _cidr(entry).network
+        if network not in networks:
+            networks.append(network)
+    return tuple(networks)
+
+
+def parse(text: str) -> SubnetEnv:
+    """upstream loadFlannelSubnetEnv: `NAME=value` lines, the names exactly; a network may be a comma list, the MTU an
+    unsigned 32-bit decimal, IP masquerade on only for `true`; other lines are ignored, a bad value is an error."""
+    fields: dict = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name in ("FLANNEL_NETWORK", "FLANNEL_IPV6_NETWORK"):
+            fields["networks" if name == "FLANNEL_NETWORK" else "ipv6_networks"] = _networks(value)
+        elif name in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET"):
+            fields["subnet" if name == "FLANNEL_SUBNET" else "ipv6_subnet"] = _cidr(value)
+        elif name == "FLANNEL_MTU":
+            if not (value.isascii() and value.isdigit() and int(value) < 1 << 32):
+                raise SubnetEnvError(f"invalid FLANNEL_MTU {value!r}")
+            fields["mtu"] = int(value)
+        elif name == "FLANNEL_IPMASQ":
+            fields["ipmasq"] = value == "true"
+    return SubnetEnv(**fields)
+
+
+def load(path: str) -> SubnetEnv:
+    """parse() of the file; OSError when it cannot be read (the node agent has not written it yet)."""
+    try:
+        return parse(_text(path))
+    except UnicodeDecodeError:
+        raise SubnetEnvError("not UTF-8 text") from None

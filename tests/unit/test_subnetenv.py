@@ -4,6 +4,8 @@ import ipaddress
 import os
 import threading
 
+import pytest
+
 from flannel_udp.subnet import subnetenv
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import Lease, LeaseAttrs
@@ -58,3 +60,41 @@ def test_previous_subnet_read_back(tmp_path):
     path.write_text("FLANNEL_SUBNET=garbage\n")
     assert previous_subnet_from(subnetenv.read(str(path))) == (None, None)
     assert subnetenv.read(str(tmp_path / "absent")) == {}
+
+
+def test_the_cni_plugin_reads_subnet_env_as_upstreams_plugin_does():
+    """upstream cni-plugin loadFlannelSubnetEnv: exact names, networks as comma lists (duplicates dropped), an
+    unsigned 32-bit MTU, masquerade only for `true`; anything else on a line of its own is ignored."""
+    env = subnetenv.parse(
+        "# written by hand\nFLANNEL_NETWORK=10.244.0.0/16,10.245.0.0/16,10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n"
+        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=1\nexport FLANNEL_MTU=9\nOTHER=x\n"
+    )
+    assert env.networks == (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("10.245.0.0/16"))
+    assert env.subnet == ipaddress.ip_interface("10.244.7.1/24") and env.mtu == 1450
+    assert env.ipmasq is False  # `1` is not `true` to upstream's plugin
+    assert env.missing() == [] and subnetenv.parse("FLANNEL_IPMASQ=true\n").ipmasq is True
+    dual = subnetenv.parse("FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n")
+    assert dual.missing() == [
+        "FLANNEL_NETWORK",
+        "FLANNEL_SUBNET",
+        "FLANNEL_MTU",
+        "FLANNEL_IPMASQ",
+        "FLANNEL_IPV6_NETWORK",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("FLANNEL_SUBNET=10.244.7.1\n", "invalid CIDR address: 10.244.7.1"),
+        ("FLANNEL_NETWORK=10.244.0.0/16,nope\n", "invalid CIDR address: nope"),
+        ("FLANNEL_SUBNET= 10.244.7.1/24\n", "invalid CIDR address:  10.244.7.1/24"),
+        ("FLANNEL_MTU=-1\n", "invalid FLANNEL_MTU '-1'"),
+        ("FLANNEL_MTU=4294967296\n", "invalid FLANNEL_MTU '4294967296'"),
+        ("FLANNEL_MTU=١٤٥٠\n", "invalid FLANNEL_MTU '١٤٥٠'"),
+    ],
+)
+def test_a_value_the_plugin_cannot_use_is_named(text, message):
+    with pytest.raises(subnetenv.SubnetEnvError) as info:
+        subnetenv.parse(text)
+    assert str(info.value) == message
