@@ -64,7 +64,11 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
     "v": ("int", 0, "log verbosity (>= 1: debug)"),
     # flannel-udp's own
     "lease-file": ("str", defaults.LEASE_FILE, "embedded lease store shared by the nodes of this machine"),
-    "lease-ttl": ("int", 86400, "seconds a lease lives without renewal (embedded store and etcd; upstream: 24 h)"),
+    "lease-ttl": (
+        "int",
+        defaults.LEASE_TTL,
+        "seconds a lease lives without renewal (embedded store and etcd; upstream: 24 h)",
+    ),
     "udp-source-check": (
         "bool",
         True,

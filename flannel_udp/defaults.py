@@ -6,3 +6,4 @@ LEASE_FILE = "/var/lib/flannel-udp/leases.db"  # the embedded lease store, share
 UDP_PORT = 8285  # the udp backend's port, as upstream (Backend.Port)
 VXLAN_PORT = 8472  # the kernel's vxlan port, which the vxlan backend keeps unless Backend.Port says otherwise
 CNI_DATA_DIR = "/var/lib/cni/flannel"  # the flannel CNI plugin's dataDir
+LEASE_TTL = 24 * 3600  # seconds a lease lives without renewal, as upstream's fixed 24 h (-lease-ttl)

@@ -19,6 +19,17 @@ class BackendError(RuntimeError):
     """A backend that cannot start: bad options, a busy port, a missing device."""
 
 
+def room_after(mtu_text: str, mtu: int, overhead: int, encapsulation: str, family: int, target: str) -> int:
+    """The MTU left for `target` after an encapsulation; BackendError when that is below the family's minimum."""
+    left, minimum = mtu - overhead, (IPV6_MIN_MTU if family == 6 else IPV4_MIN_MTU)
+    if left < minimum:
+        raise BackendError(
+            f"{mtu_text} leaves {left} bytes for {target} after the {overhead}-byte {encapsulation}, below "
+            f"IPv{family}'s minimum of {minimum}"
+        )
+    return left
+
+
 class Network(ABC):
     """What a backend hands back after acquiring the lease and setting up its devices."""
 

@@ -27,7 +27,7 @@ from ..net.udp_socket import accept_local_icmp, enable_gro, open_socket, socket_
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent
 from ..subnet.manager import Manager
-from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, Network, UdpFlags
+from . import BackendError, Network, UdpFlags, room_after
 from .options import int_option
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,9 @@ class UdpBackend:
         """The interface's MTU less the encapsulation of the larger outer header in use."""
         ipv6_underlay = self.config.enable_ipv6 and self.ext.iface_addr6 is not None
         overhead = ENCAP_OVERHEAD_V6 if ipv6_underlay else ENCAP_OVERHEAD
-        mtu = self.ext.mtu - overhead
-        family, minimum = ("IPv6", IPV6_MIN_MTU) if self.config.enable_ipv6 else ("IPv4", IPV4_MIN_MTU)
-        if mtu < minimum:
-            raise BackendError(
-                f"the MTU of {self.ext.name} ({self.ext.mtu}) leaves {mtu} bytes for flannel0 after the "
-                f"{overhead}-byte UDP encapsulation, below {family}'s minimum of {minimum}"
-            )
-        return mtu
+        mtu_text = f"the MTU of {self.ext.name} ({self.ext.mtu})"
+        family = 6 if self.config.enable_ipv6 else 4
+        return room_after(mtu_text, self.ext.mtu, overhead, "UDP encapsulation", family, "flannel0")
 
     def lease_attrs(self) -> LeaseAttrs:
         """Upstream's udp lease ({"PublicIP": ...}, no BackendType) for IPv4; in dual stack, beyond upstream, the

@@ -26,7 +26,7 @@ from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig, lookup_key
 from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ..subnet.manager import Manager
-from . import IPV4_MIN_MTU, IPV6_MIN_MTU, BackendError, BackendTypeFilter, Network, check_families
+from . import BackendError, BackendTypeFilter, Network, check_families, room_after
 from .options import bool_option, int_option
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,10 @@ class VxlanOptions:
 def parse_options(backend: dict, ext_mtu: int, ipv6: bool = False) -> VxlanOptions:
     name = "VXLAN"
     mtu = int_option(backend, name, "MTU", ext_mtu, -(1 << 31), 1 << 31)
-    if mtu - ENCAP_OVERHEAD < IPV4_MIN_MTU:
-        raise BackendError(
-            f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD} bytes for "
-            f"pods after the {ENCAP_OVERHEAD}-byte VXLAN overhead, below IPv4's minimum of {IPV4_MIN_MTU}"
-        )
-    if ipv6 and mtu - ENCAP_OVERHEAD_V6 < IPV6_MIN_MTU:
-        raise BackendError(
-            f"error decoding VXLAN backend config: MTU {mtu} leaves {mtu - ENCAP_OVERHEAD_V6} bytes for "
-            f"pods after the {ENCAP_OVERHEAD_V6}-byte VXLAN-over-IPv6 overhead, below IPv6's minimum "
-            f"of {IPV6_MIN_MTU}"
-        )
+    mtu_text = f"error decoding VXLAN backend config: MTU {mtu}"
+    room_after(mtu_text, mtu, ENCAP_OVERHEAD, "VXLAN overhead", 4, "pods")
+    if ipv6:
+        room_after(mtu_text, mtu, ENCAP_OVERHEAD_V6, "VXLAN-over-IPv6 overhead", 6, "pods")
     return VxlanOptions(
         vni=int_option(backend, name, "VNI", 1, 0, (1 << 24) - 1),
         port=int_option(backend, name, "Port", 0, 0, 65535),

@@ -28,11 +28,10 @@ from .lease import (
     Lease,
     LeaseAdded,
     LeaseAttrs,
-    LeaseError,
     LeaseEvent,
     LeaseRemoved,
     Snapshot,
-    lease_from_kv,
+    decode_or_warn,
     make_subnet_key,
     parse_subnet_key,
 )
@@ -99,11 +98,8 @@ class EtcdRegistry(Registry):
 
     @staticmethod
     def _decode(kv, when: float | None) -> Lease | None:
-        try:
-            return lease_from_kv(kv.key.decode("utf-8", "replace"), kv.value, when)
-        except LeaseError as e:
-            log.warning("Ignoring bad subnet node %s: %s", kv.key.decode("utf-8", "replace"), e)
-            return None
+        event = decode_or_warn(kv.key.decode("utf-8", "replace"), kv.value, when)
+        return event.lease if isinstance(event, LeaseAdded) else None
 
     @staticmethod
     def _unasked_expiration(kv) -> float | None:

@@ -18,13 +18,12 @@ from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Node
 
 from .kube_client import describe, is_unavailable, node_name
-from .kube_nodes import NodeInfo, NodeStreamError, list_nodes, watch_nodes
+from .kube_nodes import KUBE_FAILURES, NodeInfo, NodeStreamError, list_nodes, watch_nodes
 
 log = logging.getLogger(__name__)
 
 RETRY = 1.0  # seconds between tries while the API server is out of reach
 REFUSAL_GRACE = 5.0  # seconds a refusal (401/403) of the first list may last before it ends the start
-_FAILURES = (ApiError, httpx2.HTTPError, OSError, NodeStreamError)
 
 
 class AccessDenied(RuntimeError):
@@ -63,7 +62,7 @@ class NodeInformer:
                 await self._task
             except asyncio.CancelledError:
                 pass  # what cancel() asked for; a watch that had died of anything else says so below
-            except _FAILURES as e:
+            except KUBE_FAILURES as e:
                 log.error("The node watch had stopped: %s", describe(e))
 
     async def _retrying(self, step, refusal_is_fatal: bool = False) -> None:
@@ -73,7 +72,7 @@ class NodeInformer:
                 await step()
                 self._recovered()
                 return
-            except _FAILURES as e:
+            except KUBE_FAILURES as e:
                 if refusal_is_fatal and isinstance(e, ApiError) and e.status.code in (401, 403):
                     # A starting API server refuses for a moment, until its authorizer has loaded the roles;
                     # a refusal that lasts is the credentials' fault.

@@ -17,8 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import httpx2
-from lightkube import ApiError, AsyncClient
+from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
@@ -35,7 +34,7 @@ from .kube_client import (
     resolve_node_name,
 )
 from .kube_informer import AccessDenied, NodeInformer
-from .kube_nodes import NodeInfo, NodeStreamError, list_nodes
+from .kube_nodes import KUBE_FAILURES, NodeInfo, list_nodes
 from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from .registry import StoreError, StoreUnavailable
 
@@ -48,7 +47,6 @@ PATCH_WAIT = 30.0
 SYNC_TIMEOUT = 600.0  # upstream's nodeControllerSyncTimeout: the first list must succeed within 10 min
 # Upstream forces every other backend's lease to IPv4 only; "udp" is ours (the backend type of a dual-stack udp lease).
 DUAL_STACK_TYPES = ("vxlan", "host-gw", "wireguard", "udp")
-_FAILURES = (ApiError, httpx2.HTTPError, OSError, NodeStreamError)
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 
@@ -213,7 +211,7 @@ async def list_node_leases(opts: KubeOptions) -> list[tuple[str, Lease]]:
             except LeaseConversionError as e:
                 log.warning("Node %s: %s", node_name(node), e)
         return out
-    except _FAILURES as e:
+    except KUBE_FAILURES as e:
         raise as_store_error(e, "cannot list the nodes") from None
     finally:
         await client.close()
@@ -472,7 +470,7 @@ class KubeManager:
             try:
                 await self.client.patch(Node.Status, self.node_name, patch, patch_type=PatchType.STRATEGIC)
                 return
-            except _FAILURES as e:
+            except KUBE_FAILURES as e:
                 error = as_store_error(e, f"failed to patch {what} of node {self.node_name!r}")
                 if not isinstance(error, StoreUnavailable) or time.monotonic() + PATCH_RETRY > deadline:
                     raise error from None

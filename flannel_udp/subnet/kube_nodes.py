@@ -70,6 +70,10 @@ class NodeStreamError(ValueError):
     """The API server sent something that is not a Node list or watch event."""
 
 
+# What a request to the API server or its Node stream may fail with: an answer, the transport, the socket, the stream.
+KUBE_FAILURES = (ApiError, httpx2.HTTPError, OSError, NodeStreamError)
+
+
 _list_decoder = msgspec.json.Decoder(_NodeList)
 _event_decoder = msgspec.json.Decoder(_WatchEvent)
 

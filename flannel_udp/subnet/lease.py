@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from .config import lookup_key
+
+log = logging.getLogger(__name__)
 
 IPv4Net = ipaddress.IPv4Network
 IPv6Net = ipaddress.IPv6Network
@@ -188,6 +191,21 @@ class Events:
 
 
 @functools.lru_cache(maxsize=8192)
+def decode_or_warn(key: str, value: str | bytes | None, expires: float | None) -> LeaseEvent | None:
+    """A stored key as a lease event: its lease (LeaseAdded), or with value None its removal (LeaseRemoved); None,
+    with upstream's warning, for a key or value that does not parse: a hostile store never stops a watch."""
+    try:
+        if value is None:
+            subnets = parse_subnet_key(key)
+            if subnets is None:
+                raise LeaseError(f"bad subnet key {key!r}")
+            return LeaseRemoved(*subnets)
+        return LeaseAdded(lease_from_kv(key, value, expires))
+    except LeaseError as e:
+        log.warning("Ignoring bad subnet node %s: %s", key, e)
+        return None
+
+
 def lease_from_kv(key: str, value: str | bytes, expiration: float | None) -> Lease:
     """Decode one stored key/value; raises LeaseError for anything upstream would skip.
 

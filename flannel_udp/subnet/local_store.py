@@ -30,13 +30,10 @@ from .lease import (
     Lease,
     LeaseAdded,
     LeaseAttrs,
-    LeaseError,
     LeaseEvent,
-    LeaseRemoved,
     Snapshot,
-    lease_from_kv,
+    decode_or_warn,
     make_subnet_key,
-    parse_subnet_key,
 )
 from .registry import Registry, StoreError, SubnetExists
 
@@ -177,13 +174,8 @@ class LocalRegistry(Registry):
             revision = self._revision(db)
         finally:
             db.execute("COMMIT")
-        leases = []
-        for key, value, expires in rows:
-            try:
-                leases.append(lease_from_kv(key, value, expires))
-            except LeaseError as e:
-                log.warning("Ignoring bad subnet node %s: %s", key, e)
-        return Snapshot(leases, revision)
+        added = (decode_or_warn(key, value, expires) for key, value, expires in rows)
+        return Snapshot([event.lease for event in added if isinstance(event, LeaseAdded)], revision)
 
     @staticmethod
     def _events_since(db: sqlite3.Connection, revision: int) -> Events | None:
@@ -202,16 +194,9 @@ class LocalRegistry(Registry):
         events: list[LeaseEvent] = []
         for rev, key, value, expires in rows:
             revision = rev
-            try:
-                if value is None:
-                    subnets = parse_subnet_key(key)
-                    if subnets is None:
-                        raise LeaseError(f"bad subnet key {key!r}")
-                    events.append(LeaseRemoved(*subnets))
-                else:
-                    events.append(LeaseAdded(lease_from_kv(key, value, expires)))
-            except LeaseError as e:
-                log.warning("Ignoring bad subnet node %s: %s", key, e)
+            event = decode_or_warn(key, value, expires)
+            if event is not None:
+                events.append(event)
         return Events(events, revision)
 
     def _create(self, key: str, value: str, expires: float) -> None:

@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
+from ..defaults import LEASE_TTL
 from . import subnetenv
 from .allocation import decide
 from .config import NetworkConfig
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 RACE_RETRIES = 10
 STORE_RETRY = 1.0
 RACE_BACKOFF = 0.05  # seconds, times the attempt number: the upper bound of the pause after a lost race
-DEFAULT_LEASE_TTL = 24 * 3600.0
+DEFAULT_LEASE_TTL = float(LEASE_TTL)
 
 
 class AcquireError(RuntimeError):
