@@ -112,6 +112,15 @@ class Verdicts:
 
         return inbound_verdict(inner, "0.0.0.0", self.empty, "0.0.0.0/32", False, "::/128")
 
+    def next_hop(self, inner: bytes) -> str | None:
+        """The node a packet leaving through flannel0 is sent to (its route in the udp backend's table); None for a
+        packet delivered here or one without a route."""
+        addresses = inner_addresses(inner)
+        if addresses is None or self.own_subnet is None:
+            return None
+        found = self._table_without(self.own_subnet).lookup_peer(addresses[1])
+        return str(found[0]) if found is not None else None
+
     def on_tun(self, inner: bytes) -> str:
         """A packet on flannel0: delivered to this node, or leaving it (then it needs a route and a live TTL)."""
         from _fastpath.packet import outbound_verdict
@@ -210,7 +219,7 @@ def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: b
     if on_tun:
         inner = bytes(packet)
         summary, flow = describe_inner(inner)
-        return Record(when, None, None, "tun", inner, verdicts.on_tun(inner), summary, flow)
+        return Record(when, None, verdicts.next_hop(inner), "tun", inner, verdicts.on_tun(inner), summary, flow)
     outer = packet[IP] if IP in packet else packet[IPv6] if IPv6 in packet else None  # vxlan may run over IPv6
     if outer is None or UDP not in outer:
         return None
@@ -248,8 +257,9 @@ def matches(record: Record, args: argparse.Namespace) -> bool:
 def format_record(record: Record, verdicts: Verdicts) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(record.time)) + f".{int(record.time % 1 * 1e6):06d}"
     mark = "ok" if record.verdict == "ok" else f"DROP {record.verdict}"
-    if record.encapsulation == "tun":
-        return f"{stamp} flannel0 {record.summary} {mark}"
+    if record.encapsulation == "tun":  # a packet leaving names the node it is sent to
+        hop = f" > {record.outer_dst}{verdicts.subnet_of(record.outer_dst)}" if record.outer_dst else ""
+        return f"{stamp} flannel0{hop} {record.summary} {mark}"
     return (
         f"{stamp} {record.outer_src}{verdicts.subnet_of(record.outer_src)} > {record.outer_dst}"
         f"{verdicts.subnet_of(record.outer_dst)} {record.encapsulation}: {record.summary} {mark}"

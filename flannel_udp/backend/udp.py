@@ -338,7 +338,13 @@ class UdpNetwork(Network):
             calls.add_metric([kind], counters[kind])
         routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
         routes.add_metric([], len(self.routes))
-        return [packets, octets, drops, totals, calls, routes]
+        # The data plane's own table, as the pump looks it up: what an operator compares with the leases.
+        route_info = GaugeMetricFamily(
+            "flannel_udp_route", "A route of the fast path (value 1)", labels=["subnet", "peer", "port"]
+        )
+        for subnet, peer, port in sorted(self.routes.entries(), key=lambda entry: str(entry[0])):
+            route_info.add_metric([str(subnet), str(peer), str(port)], 1)
+        return [packets, octets, drops, totals, calls, routes, route_info]
 
     async def close(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

@@ -150,16 +150,8 @@ class EtcdRegistry(Registry):
         await self._call(self.client.put, key, attrs.to_json().encode(), lease=grant)
         return time.time() + grant.ttl
 
-    async def put_raw(self, key: str, value: str, ttl: float | None) -> None:
-        """Write any key/value under the subnets prefix as given (reservations, and tests of hostile store content)."""
-        lease = None if ttl is None else await self._grant(ttl)
-        await self._call(self.client.put, posixpath.join(self.subnets_key, key).encode(), value.encode(), lease=lease)
-
     async def delete_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> None:
         await self._call(self.client.delete, self.subnet_key(subnet, ipv6_subnet))
-
-    async def revision(self) -> int:
-        return (await self._call(self.client.get_prefix, self.subnets_key.encode())).header.revision
 
     # -- watch -------------------------------------------------------------------------------------------------------
     def _event(self, event) -> LeaseEvent | None:

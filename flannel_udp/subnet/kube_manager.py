@@ -139,7 +139,7 @@ def node_to_lease(node: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ip
     if public_ip is None or v4 is None:
         raise LeaseConversionError("IPv6-only nodes are not supported (a lease always has an IPv4 subnet)")
     attrs = LeaseAttrs(public_ip, public_ipv6, annotations.get(ann.backend_type, ""), backend_data, backend_v6_data)
-    return Lease(v4, attrs, ipv6_subnet, None, enable_ipv4, enable_ipv6)
+    return Lease(v4, attrs, ipv6_subnet, None)
 
 
 def lease_relevant_change(old: NodeInfo, new: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
@@ -334,7 +334,7 @@ class KubeManager:
             await self._patch_status({"metadata": {"annotations": changed}}, "annotations")
             log.info("Annotated node %s: %s", self.node_name, ", ".join(sorted(changed)))
         log.info("Lease from node %s: podCIDR %s%s", self.node_name, v4, f", {ipv6_subnet}" if ipv6_subnet else "")
-        return Lease(v4, attrs, ipv6_subnet, None, True, ipv6_subnet is not None)
+        return Lease(v4, attrs, ipv6_subnet, None)
 
     async def renew_lease(self, lease: Lease) -> Lease:
         return lease  # never asked: a kube lease has no expiration
@@ -360,9 +360,6 @@ class KubeManager:
             await self._patch_status({"status": {"conditions": [condition]}}, "the NetworkUnavailable condition")
         except StoreError as e:
             log.error("CompleteLease execute error err: %s", e)  # logged, not fatal, as upstream
-
-    async def list_leases(self) -> list[Lease]:
-        return [lease for _name, lease in self._cached_leases()]
 
     async def watch_leases(self) -> AsyncIterator[Snapshot | Events]:
         """The annotated nodes now, then their changes; a new Snapshot after the informer had to list again."""

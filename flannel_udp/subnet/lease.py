@@ -127,8 +127,6 @@ class Lease:
     attrs: LeaseAttrs
     ipv6_subnet: IPv6Net | None = None
     expiration: float | None = None  # epoch seconds; None = a reservation that never expires
-    enable_ipv4: bool = True
-    enable_ipv6: bool = False
 
     @property
     def key(self) -> str:
@@ -216,4 +214,4 @@ def lease_from_kv(key: str, value: str | bytes, expiration: float | None) -> Lea
     if subnets is None:
         raise LeaseError(f"bad subnet key {key!r}")
     subnet, ipv6_subnet = subnets
-    return Lease(subnet, LeaseAttrs.from_json(value), ipv6_subnet, expiration, True, ipv6_subnet is not None)
+    return Lease(subnet, LeaseAttrs.from_json(value), ipv6_subnet, expiration)

@@ -252,10 +252,6 @@ class LocalRegistry(Registry):
         await self._run(self._put, make_subnet_key(subnet, ipv6_subnet), attrs.to_json(), expires)
         return expires
 
-    async def put_raw(self, key: str, value: str, ttl: float | None) -> None:
-        """Write any key/value as given (operators' reservations, and tests of hostile store content)."""
-        await self._run(self._put, key, value, None if ttl is None else time.time() + ttl)
-
     async def delete_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> None:
         await self._run(self._delete, make_subnet_key(subnet, ipv6_subnet))
 

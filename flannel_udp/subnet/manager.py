@@ -104,9 +104,7 @@ class Manager:
                     f", {decision.ipv6_subnet}" if decision.ipv6_subnet else "",
                     attrs.public_ip,
                 )
-            lease = Lease(
-                decision.subnet, attrs, decision.ipv6_subnet, expiration, True, decision.ipv6_subnet is not None
-            )
+            lease = Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration)
             found_old = decision.reuse is not None and decision.reuse.key not in self._tried
             self.created = None if found_old else lease
             return lease
@@ -125,7 +123,7 @@ class Manager:
     async def renew_lease(self, lease: Lease) -> Lease:
         ttl = None if lease.expiration is None else self.lease_ttl
         expiration = await self.registry.update_subnet(lease.subnet, lease.ipv6_subnet, lease.attrs, ttl)
-        return Lease(lease.subnet, lease.attrs, lease.ipv6_subnet, expiration, lease.enable_ipv4, lease.enable_ipv6)
+        return Lease(lease.subnet, lease.attrs, lease.ipv6_subnet, expiration)
 
     async def complete_lease(self, lease: Lease) -> None:
         """Nothing to do after start-up for a lease store (the Kubernetes manager sets a node condition here)."""
@@ -133,10 +131,6 @@ class Manager:
     def stored_mac_addresses(self) -> tuple[str, str]:
         """A lease store keeps no VTEP MACs apart from the devices themselves, which are reused as they are."""
         return "", ""
-
-    async def list_leases(self) -> list[Lease]:
-        leases, _ = await self.registry.get_subnets()
-        return leases
 
     async def release_created_lease(self) -> Lease | None:
         """After a failed start: give back the lease this process allocated, so that a node that never ran leaves

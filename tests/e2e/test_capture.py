@@ -127,7 +127,9 @@ def test_capture_on_flannel0_and_from_a_pcap_file(udp_cluster, tmp_path):
     )
     assert bed.ping(h1.pods[0].ns, h2.pods[0].address)
     tun_out = finish(tun)
-    assert f"flannel0 ICMP {h1.pods[0].address} > {h2.pods[0].address} echo-request" in tun_out
+    h2_subnet = ipaddress.ip_interface(h2.subnet_env()["FLANNEL_SUBNET"]).network
+    leaving = f"flannel0 > {h2.address} [{h2_subnet}] ICMP {h1.pods[0].address} > {h2.pods[0].address} echo-request"
+    assert leaving in tun_out  # with the node it is sent to
     assert f"flannel0 ICMP {h2.pods[0].address} > {h1.pods[0].address} echo-reply" in tun_out
     finish(underlay)
     offline = subprocess.run(

@@ -153,9 +153,11 @@ def test_host_gw_route_follows_a_changed_public_ip(bed):
     h1 = bed.hosts[0]
     bed.start_node(h1)
     code = (
-        "import asyncio, sys\nfrom flannel_udp.subnet.local_store import LocalRegistry\n"
+        "import asyncio, ipaddress, sys\nfrom flannel_udp.subnet.local_store import LocalRegistry\n"
+        "from flannel_udp.subnet.lease import LeaseAttrs\n"
         "async def main():\n r = LocalRegistry.open_sync(sys.argv[1])\n"
-        ' await r.put_raw(\'10.244.200.0-24\', \'{"PublicIP":"%s","PublicIPv6":null,"BackendType":"host-gw"}\', 60)\n'
+        " attrs = LeaseAttrs(ipaddress.IPv4Address('%s'), backend_type='host-gw')\n"
+        " await r.update_subnet(ipaddress.ip_network('10.244.200.0/24'), None, attrs, 60)\n"
         " await r.close()\nasyncio.run(main())\n"
     )
     for gateway in ("198.18.0.2", "198.18.0.3"):

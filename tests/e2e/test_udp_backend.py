@@ -98,6 +98,10 @@ def test_health_endpoints(cluster):
     assert http_get(ns, "/readyz") == (200, "flanneld is ready\n")
     assert http_get(ns, "/nope")[0] == 404
     assert metric(ns, "flannel_udp_routes") == 2
+    # The fast path's own table: each peer's subnet to its public IP, as the leases say.
+    for peer in cluster.hosts[1:]:
+        subnet = ipaddress.ip_interface(peer.subnet_env()["FLANNEL_SUBNET"]).network
+        assert metric(ns, "flannel_udp_route", subnet=str(subnet), peer=str(peer.address), port="8285") == 1
     assert 86000 < metric(ns, "flannel_lease_expiry_seconds") <= 86400
 
 

@@ -18,6 +18,7 @@ from flannel_udp.subnet.manager import Manager
 from flannel_udp.subnet.registry import StoreError, StoreUnavailable
 from flannel_udp.subnet.watcher import LeaseWatcher
 from testbed.etcdserver import EtcdCluster
+from testbed.stores import etcd_revision, put_raw
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
@@ -66,7 +67,7 @@ async def test_registry_matches_upstream(registry):
     text = '{ "Network": "10.1.0.0/16", "Backend": { "Type": "host-gw" } }'
     await registry.put_network_config(text)
     assert await registry.get_network_config() == text.encode()
-    start = await registry.revision()
+    start = await etcd_revision(registry)
 
     expiration = await registry.create_subnet(net("10.1.5.0/24"), None, LeaseAttrs(ip("1.2.3.4")), DAY)
     assert expiration > time.time() + DAY - 5
@@ -169,13 +170,15 @@ async def test_renew_gives_a_fresh_ttl_and_keeps_the_attrs(registry):
 async def test_upstream_written_leases_are_read(registry):
     """Values as upstream flanneld writes them (pkg/subnet/etcd/registry.go, the LeaseAttrs JSON), including dual
     stack and vxlan BackendData."""
-    await registry.put_raw(
+    await put_raw(
+        registry,
         "10.5.52.0-24",
         '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
         '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}',
         60,
     )
-    await registry.put_raw(
+    await put_raw(
+        registry,
         "10.12.13.0-24&fd00:12:13::-56",
         '{"PublicIP":"10.0.0.5","PublicIPv6":"fc00::1",'
         '"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"},'
@@ -204,8 +207,8 @@ async def test_malformed_keys_and_values_are_skipped_with_a_warning(registry, ca
         ("255.255.255.255-32", "{}"),
         ("10.5.4.0-24", "[1,2]"),
     ]:
-        await registry.put_raw(key, value, 60)
-    await registry.put_raw("10.5.9.0-24", '{"PublicIP":"192.168.0.1"}', 60)
+        await put_raw(registry, key, value, 60)
+    await put_raw(registry, "10.5.9.0-24", '{"PublicIP":"192.168.0.1"}', 60)
     with caplog.at_level(logging.WARNING):
         events = await next_events(watch)
         assert [e.subnet for e in events.events] == [net("10.5.9.0/24")]
@@ -216,7 +219,7 @@ async def test_malformed_keys_and_values_are_skipped_with_a_warning(registry, ca
 
 
 async def test_reservation_without_ttl_stays_a_reservation(registry):
-    await registry.put_raw("10.3.7.0-24", '{"PublicIP":"1.2.3.4","PublicIPv6":null}', None)
+    await put_raw(registry, "10.3.7.0-24", '{"PublicIP":"1.2.3.4","PublicIPv6":null}', None)
     manager = Manager(registry, fixture_config())
     lease = await manager.acquire_lease(LeaseAttrs(ip("1.2.3.4")))
     assert lease.subnet == net("10.3.7.0/24") and lease.expiration is None
@@ -229,12 +232,12 @@ async def test_reservation_without_ttl_stays_a_reservation(registry):
 async def test_a_watch_catching_up_takes_events_in_batches_and_ends_with_the_stores_set(registry):
     """A watch that starts behind (a node that was busy, or resumes after an outage) is handed the missed changes as
     etcd sends them, many per result rather than one by one, and ends with exactly the store's leases."""
-    start = await registry.revision()
+    start = await etcd_revision(registry)
     for third in range(40):
         await registry.create_subnet(net(f"10.7.{third}.0/24"), None, LeaseAttrs(ip(f"1.1.1.{third + 1}")), DAY)
     for third in range(0, 40, 4):
         await registry.delete_subnet(net(f"10.7.{third}.0/24"), None)
-    end = await registry.revision()
+    end = await etcd_revision(registry)
     watcher = LeaseWatcher(net("10.7.255.0/24"))
     watch = registry.watch_subnets(since=start)
     sizes, seen = [], start
@@ -252,7 +255,7 @@ async def test_a_watch_catching_up_takes_events_in_batches_and_ends_with_the_sto
 async def compact_after_bumps(registry):
     for i in range(5):
         await registry.client.put(registry.config_key.encode() + b"-bump", str(i).encode())
-    revision = await registry.revision()
+    revision = await etcd_revision(registry)
     await registry.client.compact(revision)
     return revision
 

@@ -12,6 +12,7 @@ from flannel_udp.subnet.local_store import LocalRegistry
 from flannel_udp.subnet.manager import Manager
 from flannel_udp.subnet.registry import StoreUnavailable
 from flannel_udp.subnet.watcher import LeaseRevoked, LeaseStream, LeaseWatcher
+from testbed.stores import put_raw
 
 net = ipaddress.ip_network
 ip = ipaddress.IPv4Address
@@ -51,7 +52,7 @@ async def test_config_changed_deletes_the_old_lease(registry):
     old = await Manager(registry, CONFIG).acquire_lease(OURS)
     new = await Manager(registry, load_config('{ "Network": "10.4.0.0/16" }')).acquire_lease(OURS)
     assert new.subnet.subnet_of(net("10.4.0.0/16"))
-    keys = {lease.subnet for lease in await Manager(registry, CONFIG).list_leases()}
+    keys = {lease.subnet for lease in (await registry.get_subnets())[0]}
     assert old.subnet not in keys and new.subnet in keys
 
 
@@ -68,7 +69,7 @@ async def test_exhausted_network_says_out_of_subnets(tmp_path):
 
 
 async def test_reservation_without_ttl_is_honoured(registry):
-    await registry.put_raw("10.3.20.0-24", OURS.to_json(), ttl=None)
+    await registry.update_subnet(net("10.3.20.0/24"), None, OURS, None)  # a reservation: no expiry
     lease = await Manager(registry, CONFIG).acquire_lease(OURS)
     assert lease.subnet == net("10.3.20.0/24") and lease.expiration is None
     renewed = await Manager(registry, CONFIG).renew_lease(lease)
@@ -94,8 +95,8 @@ async def test_watch_reports_added_and_expired(registry):
 
 
 async def test_bad_keys_and_values_in_the_store_are_skipped(registry):
-    await registry.put_raw("10.3.40.0-24", '{"PublicIP":""}', None)
-    await registry.put_raw("garbage", "{}", None)
+    await put_raw(registry, "10.3.40.0-24", '{"PublicIP":""}', None)
+    await put_raw(registry, "garbage", "{}", None)
     leases, _ = await registry.get_subnets()
     assert len(leases) == 5
 

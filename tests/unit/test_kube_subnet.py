@@ -148,26 +148,33 @@ def test_node_to_lease_refusals(annotations, cidrs, message):
         node_to_lease(node(annotations=annotations, pod_cidrs=cidrs), ANN, True, False)
 
 
-# upstream fuzz_test.go seeds: (publicIP, publicIPv6, podCIDR, type, v4, v6); none may crash.
+# upstream fuzz_test.go seeds: (publicIP, publicIPv6, podCIDR, type, v4, v6), each with the outcome it must have: a
+# lease (its subnet, IPv6 subnet, backend type) or the conversion error's words.
 FUZZ_SEEDS = [
-    ("192.168.0.1", "fc00::1", "10.244.1.0/24", "vxlan", True, False),
-    ("", "", "fc00::/64", "host-gw", False, True),
-    ("not-an-ip", "not-an-ip", "not-a-cidr", "", True, True),
-    ("192.168.0.1", "fc00::1", "fc00::/64", "vxlan", True, False),
-    ("::1", "192.168.0.1", "10.244.1.0/24", "wireguard", False, True),
+    ("192.168.0.1", "fc00::1", "10.244.1.0/24", "vxlan", True, False, ("10.244.1.0/24", None, "vxlan")),
+    ("", "", "fc00::/64", "host-gw", False, True, "invalid flannel.alpha.coreos.com/public-ipv6: ''"),
+    ("not-an-ip", "not-an-ip", "not-a-cidr", "", True, True, "node 'n1' has an invalid pod CIDR 'not-a-cidr'"),
+    ("192.168.0.1", "fc00::1", "fc00::/64", "vxlan", True, False, "missing IPv4 address on n.Spec.PodCIDRs"),
+    ("::1", "192.168.0.1", "10.244.1.0/24", "wireguard", False, True, "invalid flannel.alpha.coreos.com/public-ipv6"),
 ]
 
 
-@pytest.mark.parametrize("public_ip, public_ipv6, cidr, kind, v4, v6", FUZZ_SEEDS)
-def test_node_to_lease_fuzz_seeds_give_a_lease_or_a_conversion_error(public_ip, public_ipv6, cidr, kind, v4, v6):
+@pytest.mark.parametrize("public_ip, public_ipv6, cidr, kind, v4, v6, expected", FUZZ_SEEDS)
+def test_node_to_lease_fuzz_seeds_give_a_lease_or_a_conversion_error(
+    public_ip, public_ipv6, cidr, kind, v4, v6, expected
+):
     n = node(
         annotations={ANN.public_ip: public_ip, ANN.public_ipv6: public_ipv6, ANN.backend_type: kind}, pod_cidr=cidr
     )
-    try:
-        lease = node_to_lease(n, ANN, v4, v6)
-    except LeaseConversionError:
+    if isinstance(expected, str):
+        with pytest.raises(LeaseConversionError) as info:
+            node_to_lease(n, ANN, v4, v6)
+        assert str(info.value).startswith(expected)
         return
-    assert (lease.subnet is not None) == v4 and (lease.ipv6_subnet is not None) == v6
+    lease = node_to_lease(n, ANN, v4, v6)
+    subnet, ipv6_subnet, backend_type = expected
+    assert str(lease.subnet) == subnet and lease.attrs.backend_type == backend_type
+    assert (str(lease.ipv6_subnet) if lease.ipv6_subnet else None) == ipv6_subnet
 
 
 @given(

@@ -74,18 +74,27 @@ def test_lease_value_rules():
 
 
 @pytest.mark.parametrize(
-    "key,value",
+    "key, value, expected",
     [
-        ("10.5.1.0-24", '{"PublicIP":"192.168.0.1","BackendType":"vxlan"}'),
-        ("10.5.1.0-24&fc00::-64", '{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}'),
-        ("10.5.1.0-24", '{"PublicIP":"2001:db8::1"}'),
-        ("not-a-subnet", "{}"),
-        ("", ""),
+        ("10.5.1.0-24", '{"PublicIP":"192.168.0.1","BackendType":"vxlan"}', ("10.5.1.0/24", None, "vxlan")),
+        (
+            "10.5.1.0-24&fc00::-64",
+            '{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}',
+            ("10.5.1.0/24", "fc00::/64", ""),
+        ),
+        ("10.5.1.0-24", '{"PublicIP":"2001:db8::1"}', 'lease PublicIP is not an IPv4 address: "2001:db8::1"'),
+        ("not-a-subnet", "{}", "bad subnet key 'not-a-subnet'"),
+        ("", "", "bad subnet key ''"),
     ],
 )
-def test_kv_fuzz_seeds_never_crash(key, value):
-    try:
-        lease = lease_from_kv(key, value, None)
-        assert lease.enable_ipv6 == ("&" in key)
-    except LeaseError:
-        pass
+def test_kv_fuzz_seeds_give_a_lease_or_name_the_fault(key, value, expected):
+    """upstream's fuzz seeds for the etcd key/value decoder, each with the outcome it must have."""
+    if isinstance(expected, str):
+        with pytest.raises(LeaseError) as info:
+            lease_from_kv(key, value, None)
+        assert str(info.value) == expected
+        return
+    lease = lease_from_kv(key, value, None)
+    subnet, ipv6_subnet, backend_type = expected
+    assert str(lease.subnet) == subnet and lease.attrs.backend_type == backend_type
+    assert (str(lease.ipv6_subnet) if lease.ipv6_subnet else None) == ipv6_subnet
