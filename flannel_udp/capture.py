@@ -401,7 +401,18 @@ def run_capture(args: argparse.Namespace, source) -> int:
 
     source = {"offline": args.read} if args.read else {"iface": args.iface}
     try:
-        sniff(prn=handle, store=False, filter=expression, timeout=args.duration, stop_filter=done, **source)
+        sniff(
+            prn=handle,
+            store=False,
+            filter=expression,
+            timeout=args.duration,
+            stop_filter=done,
+            # As tcpdump says it: from here on nothing that crosses the interface is missed.
+            started_callback=(lambda: print(f"listening on {args.iface}", file=sys.stderr, flush=True))
+            if args.iface
+            else None,
+            **source,
+        )
     except KeyboardInterrupt:
         pass
     except OSError as e:

@@ -124,6 +124,7 @@ async def read_etcd_network_config(registry) -> NetworkConfig:
             if cause is not last_cause:
                 log.error("Couldn't fetch network config: %s (trying again every second)", e)
                 last_cause = cause
+            log.debug("Network config not fetched yet: %s", e)
         except StoreError as e:  # refused credentials and the like: waiting will not help
             raise StartupError(str(e)) from None
         else:

@@ -68,6 +68,23 @@ def in_ns(ns: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
 SCRAPE = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())"
 
 
+def read_until(process: subprocess.Popen, needle: str, timeout: float = 20) -> str:
+    """What a process wrote on stderr (a text pipe) up to and with the first line that holds `needle`."""
+    import select
+
+    assert process.stderr is not None
+    seen, deadline = "", time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([process.stderr], [], [], left)[0]:
+            raise TestbedError(f"no {needle!r} from the process within {timeout} s: {seen}")
+        line = process.stderr.readline()
+        if not line:
+            raise TestbedError(f"the process ended before saying {needle!r}: {seen}")
+        seen += line
+    return seen
+
+
 def scrape_metrics(ns: str, port: int) -> dict[str, float]:
     """A node's /metrics inside its namespace, as {'name{label="v",...}': value} (labels sorted)."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -4,12 +4,11 @@ datagrams from the fast path's own checks, a pcap that tcpdump reads, and one-li
 import ipaddress
 import subprocess
 import sys
-import time
 
 import pytest
 from test_udp_backend import HOSTILE
 
-from testbed.cluster import in_ns, wait_for
+from testbed.cluster import in_ns, read_until, wait_for
 
 
 @pytest.fixture
@@ -42,13 +41,13 @@ def start_capture(bed, host, *args):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # scapy is listening
+    process.early_stderr = read_until(process, "listening on")  # from here on nothing is missed
     return process
 
 
 def finish(process, timeout=20) -> str:
     out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err
+    assert process.returncode == 0, getattr(process, "early_stderr", "") + err
     return out
 
 

@@ -85,8 +85,9 @@ def test_three_member_etcd_losing_a_member_does_not_disturb_the_nodes(bed):
 
 def test_an_unreachable_etcd_is_said_once_whatever_the_wording(bed):
     host = bed.hosts[0]
-    bed.start_node(host, "--etcd-endpoints", FIRST_ETCD, wait=False)
-    time.sleep(6)  # several tries; gRPC's reason text changes between them (timeouts, no route, handshaker shutdown)
+    bed.start_node(host, "--etcd-endpoints", FIRST_ETCD, "-v", "1", wait=False)
+    # Several tries (each said at debug level); gRPC's reason text changes between them (timeouts, no route, ...).
+    assert wait_for(lambda: bed.node_log(host).count("Network config not fetched yet") >= 4, 30), bed.node_log(host)
     assert host.process.poll() is None
     assert bed.node_log(host).count("Couldn't fetch network config") == 1, bed.node_log(host)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from testbed import kubeserver
-from testbed.cluster import in_ns, wait_for
+from testbed.cluster import in_ns, read_until, wait_for
 
 NETWORK = "10.244.0.0/16"
 PREFIX = "flannel.alpha.coreos.com/"
@@ -422,9 +422,10 @@ def test_capture_takes_the_peers_from_the_nodes(kube):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)  # scapy is listening
+    early = read_until(capture, "listening on")  # from here on nothing is missed
     assert bed.ping(a.pods[0].ns, b.pods[0].address, count=2, interval=0.2)
     out, err = capture.communicate(timeout=20)
+    err = early + err
     assert capture.returncode == 0 and "no leases" not in err, err
     request = next(line for line in out.splitlines() if "echo-request" in line)
     assert f"{a.address} [{subnet_of(a)}] > {b.address} [{subnet_of(b)}] udp: ICMP" in request and request.endswith(

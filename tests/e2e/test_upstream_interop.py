@@ -141,6 +141,20 @@ def rules(host) -> str:
     return "".join(out)
 
 
+def settled_rules(host, masq: bool, forward: bool, timeout: float = 10) -> str:
+    """The node's rules once the jumps its flags ask for exist and two reads 0.3 s apart agree (upstream installs its
+    chains from goroutines after subnet.env)."""
+    deadline, previous = time.monotonic() + timeout, None
+    while True:
+        current = rules(host)
+        complete = (not masq or "-j FLANNEL-POSTRTG" in current) and (not forward or "-j FLANNEL-FWD" in current)
+        if complete and current == previous:
+            return current
+        assert time.monotonic() < deadline, f"rules not settled within {timeout} s:\n{current}"
+        previous = current
+        time.sleep(0.3)
+
+
 def flush_rules(host) -> None:
     for table in ("filter", "nat"):
         in_ns(host.ns, "iptables", "-t", table, "-F")
@@ -155,9 +169,7 @@ def test_same_iptables_rules_as_upstream(mixed, flags):
     bed.write_config({"Network": NETWORK, "Backend": {"Type": "host-gw"}})
     host = bed.hosts[0]
     bed.start_node(host, *flags, upstream=True)
-    assert wait_for(lambda: "FLANNEL" in rules(host) or "--iptables-forward-rules=false" in flags, 5)
-    time.sleep(1)  # upstream installs its chains from goroutines after subnet.env
-    upstream_rules = rules(host)
+    upstream_rules = settled_rules(host, "--ip-masq" in flags, "--iptables-forward-rules=false" not in flags)
     bed.stop_node(host)
     flush_rules(host)
     bed.start_node(host, *flags)
@@ -290,8 +302,8 @@ def test_both_programs_accept_real_start_up_command_lines_and_end_in_the_same_st
     states = []
     for upstream in (True, False):
         bed.start_node(host, *args, env=env, iface=None, store=False, node_name=False, upstream=upstream)
-        time.sleep(1)  # the rules are installed right after subnet.env
-        states.append((open(host.subnet_file).read(), rules(host), vxlan_attributes(host)))
+        installed = settled_rules(host, masq=True, forward=True)  # every start-up here has -ip-masq
+        states.append((open(host.subnet_file).read(), installed, vxlan_attributes(host)))
         bed.stop_node(host)
         flush_rules(host)
     assert states[0] == states[1], bed.logs()

@@ -307,9 +307,7 @@ async def test_watch_survives_an_etcd_restart_and_reports_what_changed_meanwhile
                         break
                     except StoreUnavailable:
                         await asyncio.sleep(0.1)
-                written = time.monotonic()
-                result = await asyncio.wait_for(pending, 5)
-            assert time.monotonic() - written < 2.0
+                result = await asyncio.wait_for(pending, 2.0)  # the lease written after the return, within 2 s
             assert [e.subnet for e in result.events] == [net("10.1.6.0/24")]
             assert caplog.text.count("Lost the etcd watch") == 1 and "reachable again" in caplog.text
             await watch.aclose()

@@ -86,7 +86,10 @@ async def test_watch_reports_added_and_expired(registry):
                 return
 
     task = asyncio.create_task(watch())
-    await asyncio.sleep(0.1)
+    for _ in range(500):  # the watch has its snapshot before the change it must see
+        if seen:
+            break
+        await asyncio.sleep(0.01)
     await registry.create_subnet(net("10.3.30.0/24"), None, OTHER, ttl=0.5)
     await asyncio.wait_for(task, 5)
     assert isinstance(seen[0], Snapshot) and len(seen[0].leases) == 5
