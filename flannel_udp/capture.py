@@ -14,9 +14,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT
 from .subnet.registry import StoreError
+
+if TYPE_CHECKING:
+    from _fastpath.routes import RouteTable
 
 DLT_RAW = 101
 ICMP_TYPES = {0: "echo-reply", 3: "unreachable", 8: "echo-request", 11: "time-exceeded"}
@@ -65,7 +69,7 @@ class Verdicts:
         # Dual stack: a node's IPv6 underlay address names its IPv6 subnet.
         self.by_public_ipv6 = {str(lease.attrs.public_ipv6): lease for lease in leases if lease.attrs.public_ipv6}
         self.empty = RouteTable()
-        self.tables: dict[str, object] = {}
+        self.tables: dict[str, RouteTable] = {}
 
     def subnet_of(self, public_ip: str | None) -> str:
         lease = self.by_public_ip.get(public_ip or "")
@@ -74,7 +78,7 @@ class Verdicts:
         lease = self.by_public_ipv6.get(public_ip or "")
         return f" [{lease.ipv6_subnet}]" if lease is not None else ""
 
-    def _table_without(self, subnet) -> object:
+    def _table_without(self, subnet: ipaddress.IPv4Network) -> RouteTable:
         """The route table of the node that owns `subnet`: every other lease, IPv6 subnets too, each to the next hop
         that node's udp backend would choose (the peer's PublicIPv6 when both have one)."""
         from _fastpath.routes import RouteTable
@@ -343,20 +347,25 @@ def check_filter(expression: str | None, on_tun: bool) -> None:
         raise CaptureError(f"bad filter {expression!r}: {str(e).strip() or 'does not compile'}") from None
 
 
-def run_capture(args: argparse.Namespace, source) -> int:
+def check_arguments(args: argparse.Namespace) -> None:
+    """One source, readable; --pod and --peer as canonical addresses (IPv6 compressed), as the decoder shows them."""
     if bool(args.iface) == bool(args.read):
         raise CaptureError("give exactly one source: --iface NAME (underlay or flannel0) or --read FILE")
     if args.read and not os.access(args.read, os.R_OK):
         raise CaptureError(
             f"cannot read {args.read}: {'no such file' if not os.path.exists(args.read) else 'permission denied'}"
         )
-    for flag in ("pod", "peer"):  # canonical text (IPv6 compressed), compared with the decoded addresses
+    for flag in ("pod", "peer"):
         value = getattr(args, flag)
         if value:
             try:
                 setattr(args, flag, str(ipaddress.ip_address(value)))
             except ValueError:
                 raise CaptureError(f"--{flag} is not an IP address: {value}") from None
+
+
+def run_capture(args: argparse.Namespace, source) -> int:
+    check_arguments(args)
     on_tun = bool(args.iface) and is_tun(args.iface)
     expression = build_filter(args, on_tun)
     check_filter(expression, on_tun)

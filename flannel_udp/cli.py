@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+from typing import NoReturn
 
 from . import __version__, defaults
 from .gostrconv import parse_bool
@@ -24,7 +25,7 @@ class UsageError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 1, as every user error here
+    def error(self, message: str) -> NoReturn:  # one line and exit 1, as every user error here
         raise UsageError(f"{self.prog}: {message}")
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import defaults
-from .backend import BackendError, UdpFlags, backend_class, make_backend
+from .backend import Backend, BackendError, Network, UdpFlags, backend_class, make_backend
 from .bridge_guard import BridgeGuard
 from .health import HealthError, HealthServer, NodeState
 from .net import iface, netlink
@@ -23,7 +23,7 @@ from .subnet.config import ConfigError, NetworkConfig, load_config, parse_config
 from .subnet.etcd_client import EtcdConfigError, EtcdOptions
 from .subnet.kube_client import KubeOptions
 from .subnet.lease import Lease
-from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, previous_subnet_from
+from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, SubnetManager, previous_subnet_from
 from .subnet.registry import StoreError, StoreUnavailable
 from .subnet.source import LeaseSource
 from .subnet.watcher import LeaseRevoked, LeaseStream
@@ -137,9 +137,9 @@ async def read_etcd_network_config(registry) -> NetworkConfig:
         await asyncio.sleep(STORE_RETRY)
 
 
-async def open_store(opts: Options):
-    """The network config and what leases come from: the embedded file store, etcd (both Registries under a Manager),
-    or the Kubernetes API (a KubeManager, which is its own manager)."""
+async def open_manager(opts: Options, previous: tuple) -> tuple[SubnetManager, NetworkConfig]:
+    """Where leases come from, and the network config: the embedded file store or etcd (Registries under a Manager,
+    which knows the previous subnet from subnet.env), or the Kubernetes API (a KubeManager)."""
     if opts.kube is not None:
         from .subnet.kube_manager import KubeManager  # the Kubernetes client is loaded only in kube mode
 
@@ -148,13 +148,14 @@ async def open_store(opts: Options):
     source = LeaseSource(opts.lease_file, opts.etcd)  # the same way to a store as the tools take
     if opts.etcd is None:
         config = read_network_config(opts.net_config_path)  # checked before the lease file is created
-        return source.open_registry(create=True), config
+        return Manager(source.open_registry(create=True), config, previous, opts.lease_ttl), config
     registry = source.open_registry()
     try:
-        return registry, await read_etcd_network_config(registry)
+        config = await read_etcd_network_config(registry)
     except BaseException:
         await registry.close()
         raise
+    return Manager(registry, config, previous, opts.lease_ttl), config
 
 
 def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) -> list[FamilyNetworks]:
@@ -222,19 +223,18 @@ class Daemon:
 
         health = HealthServer(self.state, opts.healthz_ip, opts.healthz_port) if opts.healthz_port > 0 else None
         nl = netlink.Netlink()
-        store = None
-        network = None
+        manager: SubnetManager | None = None
+        network: Network | None = None
         try:
             if health is not None:
                 await health.start()
-            store, config = await open_store(opts)
-            backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
-            ext = await self._external_interface(nl, store, config, backend_cls)
-            udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll)
-            backend = make_backend(config, nl, ext, udp_flags)
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
-            manager = store if opts.kube is not None else Manager(store, config, previous, opts.lease_ttl)
+            manager, config = await open_manager(opts, previous)
+            backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
+            ext = await self._external_interface(nl, manager, config, backend_cls)
+            udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll)
+            backend = make_backend(config, nl, ext, udp_flags)
             rules = None
             try:
                 network = await backend.register_network(manager)
@@ -257,25 +257,23 @@ class Daemon:
         finally:
             if network is not None:
                 await network.close()
-            if store is not None:
-                await store.close()
+            if manager is not None:
+                await manager.close()
             if health is not None:
                 await health.stop()
             nl.close()
 
-    async def _external_interface(self, nl, store, config: NetworkConfig, backend_cls):
+    async def _external_interface(
+        self, nl: netlink.Netlink, manager: SubnetManager, config: NetworkConfig, backend_cls: type[Backend]
+    ) -> iface.ExternalInterface:
         """The interface for inter-node traffic (with its IPv6 side where the backend carries IPv6), logged."""
         opts = self.opts
-        public_ip, public_ipv6 = opts.public_ip, opts.public_ipv6
-        if opts.kube is not None:
-            # node-public-ip(v6) annotations set by the admin replace -public-ip(v6), as upstream.
-            annotated, annotated6 = store.stored_public_ips()
-            public_ip, public_ipv6 = annotated or public_ip, annotated6 or public_ipv6
+        # Addresses an administrator set in the store (Kubernetes: node-public-ip(v6)) replace -public-ip(v6).
+        stored, stored6 = manager.stored_public_ips()
+        public_ip, public_ipv6 = stored or opts.public_ip, stored6 or opts.public_ipv6
         # For udp an IPv6 underlay is optional: IPv6 pod traffic may cross the IPv4 one.
         dual_stack = config.enable_ipv6 and backend_cls.dual_stack
-        ext = await choose_interface(
-            nl, opts, public_ip, public_ipv6, dual_stack, getattr(backend_cls, "ipv6_underlay_optional", False)
-        )
+        ext = await choose_interface(nl, opts, public_ip, public_ipv6, dual_stack, backend_cls.ipv6_underlay_optional)
         log.info(
             "Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu
         )
@@ -342,7 +340,7 @@ class Daemon:
         if self._starting is not None:
             self._starting.cancel()
 
-    async def _serve(self, manager: Manager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
+    async def _serve(self, manager: SubnetManager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
         """The node's life after start-up. A fault no task handles ends it as a stop does (the lease and the kernel
         state stay), in one line and exit status 1, never in a traceback of the task group."""
         try:
@@ -352,7 +350,7 @@ class Daemon:
             log.error("Stopping on a fault while serving: %s", causes)
             raise ServingError(f"the node stopped on a fault while serving: {causes}") from None
 
-    async def _serve_tasks(self, manager: Manager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
+    async def _serve_tasks(self, manager: SubnetManager, network, rules: TrafficRules, nl: netlink.Netlink) -> None:
         async with asyncio.TaskGroup() as tasks:
             watch = tasks.create_task(self._follow_leases(manager, network))
             renew = tasks.create_task(self._renew(manager, network))
@@ -381,7 +379,7 @@ class Daemon:
             except (RulesError, OSError, netlink.NetlinkError) as e:
                 log.error("Resync of rules and routes failed (trying again): %s", e)
 
-    async def _follow_leases(self, manager: Manager, network) -> None:
+    async def _follow_leases(self, manager: SubnetManager, network) -> None:
         stream = LeaseStream(manager, network.lease)
         while True:
             try:
@@ -395,7 +393,7 @@ class Daemon:
                 log.error("Lease watch failed (%s); retrying, forwarding continues with the current routes", e)
                 await asyncio.sleep(STORE_RETRY)
 
-    async def _renew(self, manager: Manager, network) -> None:
+    async def _renew(self, manager: SubnetManager, network) -> None:
         margin = self.opts.subnet_lease_renew_margin * 60.0
         lease = network.lease
         while lease.expiration is not None:

@@ -6,10 +6,14 @@ import asyncio
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .backend import Network
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +23,7 @@ class NodeState:
 
     def __init__(self) -> None:
         self.ready = False
-        self.network = None  # backend.Network once registered
+        self.network: Network | None = None  # once registered
         self.lease_expiration: float | None = None
 
     def collect(self):

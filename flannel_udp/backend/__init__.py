@@ -6,8 +6,13 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
+from ..net import netlink
+from ..net.iface import ExternalInterface
+from ..subnet.config import NetworkConfig
 from ..subnet.lease import Lease, LeaseEvent, LeaseRemoved
+from ..subnet.manager import SubnetManager
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,24 @@ class UdpFlags:
     busy_poll_us: int = 0
 
 
+class Backend(ABC):
+    """A backend by name (upstream's backend.Backend): made from the network config, the external interface and the
+    node's data-plane flags, it acquires the lease and sets up its devices (register_network). Its class attributes
+    say what interface it needs before it is made."""
+
+    backend_type: ClassVar[str] = ""  # the lease's BackendType ("" for udp, as upstream writes it)
+    dual_stack: ClassVar[bool] = False  # carries IPv6 pods beside IPv4 ones
+    ipv6_underlay_optional: ClassVar[bool] = False  # its IPv6 pods may cross an IPv4 underlay
+
+    @abstractmethod
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, flags: UdpFlags) -> None:
+        """Checks the backend's options; raises BackendError for any it cannot use."""
+
+    @abstractmethod
+    async def register_network(self, manager: SubnetManager) -> Network:
+        """Acquire the lease through the manager and set up the devices; the Network then follows lease events."""
+
+
 class BackendTypeFilter:
     """Upstream's rule in the kernel backends: a lease of another backend type is ignored (said once per type).
     Removals always pass: they name only subnets, and a backend removes only what it set up."""
@@ -91,7 +114,7 @@ class BackendTypeFilter:
         return False
 
 
-def check_families(config, ext) -> None:
+def check_families(config: NetworkConfig, ext: ExternalInterface) -> None:
     """The kernel backends run IPv4 or dual stack; an IPv6 side needs an IPv6 address on the external interface."""
     if not config.enable_ipv4:
         raise BackendError(
@@ -102,23 +125,18 @@ def check_families(config, ext) -> None:
         raise BackendError(f"EnableIPv6 is set but no IPv6 address was chosen on {ext.name}")
 
 
-def make_backend(config, nl, ext, udp: UdpFlags):
-    """The backend the config names, given what it needs: the kernel backends their config, udp its flags too."""
-    from .udp import UdpBackend
-
-    cls = backend_class(config.backend_name)
-    if cls is UdpBackend:
-        return UdpBackend(nl, ext, config, udp)
-    return cls(nl, ext, config)
+def make_backend(config: NetworkConfig, nl: netlink.Netlink, ext: ExternalInterface, flags: UdpFlags) -> Backend:
+    """The backend the config names."""
+    return backend_class(config.backend_name)(nl, ext, config, flags)
 
 
-def backend_class(name: str):
+def backend_class(name: str) -> type[Backend]:
     """Upstream looks the type up lower-cased; `hostgw` without the dash is unknown there too."""
     from .hostgw import HostGwBackend
     from .udp import UdpBackend
     from .vxlan import VxlanBackend
 
-    registry = {"udp": UdpBackend, "vxlan": VxlanBackend, "host-gw": HostGwBackend}
+    registry: dict[str, type[Backend]] = {"udp": UdpBackend, "vxlan": VxlanBackend, "host-gw": HostGwBackend}
     name = name.lower()
     try:
         return registry[name]

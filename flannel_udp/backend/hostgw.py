@@ -13,19 +13,19 @@ from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
-from ..subnet.manager import Manager
-from . import BackendError, BackendTypeFilter, Network, check_families
+from ..subnet.manager import SubnetManager
+from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families
 
 log = logging.getLogger(__name__)
 
 ROUTE_CHECK_PERIOD = 10.0  # upstream's routeCheckRetries period: missing routes are put back this often
 
 
-class HostGwBackend:
+class HostGwBackend(Backend):
     backend_type = "host-gw"
     dual_stack = True
 
-    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig) -> None:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, flags: UdpFlags) -> None:
         if ext.ext_addr != ext.iface_addr:
             raise BackendError(
                 "your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
@@ -41,7 +41,7 @@ class HostGwBackend:
         self.ext = ext
         self.config = config
 
-    async def register_network(self, manager: Manager) -> RoutedNetwork:
+    async def register_network(self, manager: SubnetManager) -> RoutedNetwork:
         public_ipv6 = self.ext.ext_addr6 if self.config.enable_ipv6 else None
         lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr, public_ipv6, backend_type=self.backend_type))
         return RoutedNetwork(self.netlink, lease, self.ext.mtu, self.ext.index, self.backend_type)

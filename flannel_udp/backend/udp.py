@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _fastpath.pump import Pump
 from _fastpath.routes import RouteTable
@@ -26,9 +26,12 @@ from ..net.tun import open_tun
 from ..net.udp_socket import accept_local_icmp, enable_gro, open_socket, socket_drops, tun_queue_drops
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent
-from ..subnet.manager import Manager
-from . import BackendError, Network, UdpFlags, room_after
+from ..subnet.manager import SubnetManager
+from . import Backend, BackendError, Network, UdpFlags, room_after
 from .options import int_option
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def parse_options(backend: dict[str, Any]) -> int:
     return int_option(backend, "UDP", "Port", UDP_PORT, 1, 65535)
 
 
-class UdpBackend:
+class UdpBackend(Backend):
     dual_stack = True
     # IPv6 pod traffic may cross the IPv4 underlay: an interface without an IPv6 address is no error here.
     ipv6_underlay_optional = True
@@ -88,7 +91,7 @@ class UdpBackend:
             return LeaseAttrs(self.ext.ext_addr)
         return LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6, backend_type="udp")
 
-    async def register_network(self, manager: Manager) -> UdpNetwork:
+    async def register_network(self, manager: SubnetManager) -> UdpNetwork:
         mtu = self.tun_mtu()
         # The sockets first: a busy port must fail before anything is allocated or configured.
         socks = [open_socket(str(self.ext.iface_addr), self.port)]
@@ -149,7 +152,7 @@ def ipv6_next_hop(peer: Lease, own_ipv6_underlay: bool) -> ipaddress.IPv4Address
     return peer.attrs.public_ip
 
 
-def configure_tun(ipr, name: str, lease: Lease, mtu: int, network: str, network6: str | None = None) -> None:
+def configure_tun(ipr: IPRoute, name: str, lease: Lease, mtu: int, network: str, network6: str | None = None) -> None:
     """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network; in dual stack
     also <IPv6 subnet address>/128 and a route for the IPv6Network."""
     link = netlink.link_by_name(ipr, name)

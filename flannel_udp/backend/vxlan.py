@@ -18,6 +18,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -25,9 +26,12 @@ from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig, lookup_key
 from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
-from ..subnet.manager import Manager
-from . import BackendError, BackendTypeFilter, Network, check_families, room_after
+from ..subnet.manager import SubnetManager
+from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families, room_after
 from .options import bool_option, int_option
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +75,11 @@ def random_mac() -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
-class VxlanBackend:
+class VxlanBackend(Backend):
     backend_type = "vxlan"
     dual_stack = True
 
-    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig) -> None:
+    def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, flags: UdpFlags) -> None:
         check_families(config, ext)
         self.netlink = nl
         self.ext = ext
@@ -86,7 +90,7 @@ class VxlanBackend:
         if config.enable_ipv6:
             self.vteps.append(Vtep(6, f"flannel-v6.{vni}", str(ext.ext_addr6), self.options.mtu - ENCAP_OVERHEAD_V6))
 
-    async def register_network(self, manager: Manager) -> VxlanNetwork:
+    async def register_network(self, manager: SubnetManager) -> VxlanNetwork:
         # The devices come first: their MACs go into the lease.
         # In kube mode the node's backend-data annotations remember the MACs of the last run: a device that has to
         # be created anew (after a reboot) gets the same MAC, so peers' FDB entries stay right (upstream too).
@@ -155,7 +159,7 @@ class Vtep:
     subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None  # own lease's subnet of this family
 
 
-def ensure_device(ipr, vtep: Vtep, opts: VxlanOptions, link: int, mac: str | None = None) -> tuple[int, str]:
+def ensure_device(ipr: IPRoute, vtep: Vtep, opts: VxlanOptions, link: int, mac: str | None = None) -> tuple[int, str]:
     """Reuse a compatible device (keeping its MAC, so peers' FDB entries stay right); recreate one that is not."""
     existing = netlink.vxlan_info(ipr, vtep.name)
     if existing:
@@ -181,7 +185,7 @@ def ensure_device(ipr, vtep: Vtep, opts: VxlanOptions, link: int, mac: str | Non
     return index, mac
 
 
-def configure_device(ipr, vtep: Vtep) -> None:
+def configure_device(ipr: IPRoute, vtep: Vtep) -> None:
     """<subnet IP>/32 (/128), stale addresses removed, up, and the MAC the lease advertises."""
     assert vtep.subnet is not None  # set from the lease before the device is configured
     netlink.keep_only_address(
@@ -295,7 +299,7 @@ class VxlanNetwork(Network):
         await self._quietly(netlink.delete_fdb, vtep.index, peer.mac, peer.public_ip)
         log.info("Peer %s removed", subnet)
 
-    async def _retry(self, fn, *args) -> bool:
+    async def _retry(self, fn: Callable[..., Any], *args: Any) -> bool:
         delay = 0.05
         for attempt in range(STEP_RETRIES):
             try:
@@ -309,7 +313,7 @@ class VxlanNetwork(Network):
                 delay *= 2
         return False
 
-    async def _quietly(self, fn, *args) -> None:
+    async def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
             await self.netlink.call(fn, *args)
         except (netlink.NetlinkError, OSError) as e:
@@ -377,9 +381,9 @@ def peer_from(lease: Lease, version: int) -> PeerState | None:
     return PeerState(subnet, str(public_ip), mac.lower())
 
 
-def direct_route(ipr, subnet: str, public_ip: str) -> None:
+def direct_route(ipr: IPRoute, subnet: str, public_ip: str) -> None:
     netlink.replace_route(ipr, subnet, gateway=public_ip)
 
 
-def route_via_device(ipr, subnet: str, index: int, gateway: str) -> None:
+def route_via_device(ipr: IPRoute, subnet: str, index: int, gateway: str) -> None:
     netlink.replace_route(ipr, subnet, oif=index, gateway=gateway, onlink=True)

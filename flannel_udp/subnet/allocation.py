@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .config import NetworkConfig
 from .lease import IPv4Net, IPv6Net, Lease
@@ -112,7 +113,12 @@ class _Taken:
         return start in self.covering or any(first <= start <= last for first, last in self.wider)
 
 
-def _pick_free(taken: list, first: int, last: int, length: int, network_type, home: int, rng: random.Random):
+Net = TypeVar("Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _pick_free(
+    taken: list, first: int, last: int, length: int, network_type: type[Net], home: int, rng: random.Random
+) -> Net:
     """A free subnet of `length` in [first, last]: the one at ordinal `home` modulo their number if it is free, else
     uniformly at random: random draws first (the range may be far too large to list, e.g. IPv6), then, if they keep
     hitting taken ones, a pick among the first free candidates."""

@@ -14,6 +14,7 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
 import grpc
@@ -91,7 +92,7 @@ def parse_endpoints(text: str) -> list[Endpoint]:
 def channel_target(endpoints: list[Endpoint]) -> str:
     """One gRPC target for all endpoints: an address list when they are IP literals, else the first name."""
 
-    def literal(host: str):
+    def literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
             return ipaddress.ip_address(host)
         except ValueError:
@@ -199,7 +200,7 @@ class EtcdClient(aetcd.Client):
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._connected.set()
 
-    async def list_prefix(self, prefix: bytes):
+    async def list_prefix(self, prefix: bytes) -> Any:
         """Every key under `prefix` (an etcd RangeResponse: kvs and header), with LIST_TIMEOUT as its deadline."""
         await self.connect()
         request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix))

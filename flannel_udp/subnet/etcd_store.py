@@ -14,7 +14,8 @@ import logging
 import math
 import posixpath
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 from aetcd import exceptions as etcd_errors
@@ -97,12 +98,12 @@ class EtcdRegistry(Registry):
         return time.time() + max(info.TTL, 0)
 
     @staticmethod
-    def _decode(kv, when: float | None) -> Lease | None:
+    def _decode(kv: Any, when: float | None) -> Lease | None:
         event = decode_or_warn(kv.key.decode("utf-8", "replace"), kv.value, when)
         return event.lease if isinstance(event, LeaseAdded) else None
 
     @staticmethod
-    def _unasked_expiration(kv) -> float | None:
+    def _unasked_expiration(kv: Any) -> float | None:
         """None for a reservation; inf for a key with an etcd lease, whose TTL was not asked."""
         return None if kv.lease == 0 else math.inf
 
@@ -120,7 +121,7 @@ class EtcdRegistry(Registry):
         leases = [self._decode(kv, when) for kv, when in zip(result.kvs, whens, strict=True)]
         return [lease for lease in leases if lease is not None], result.header.revision
 
-    async def _grant(self, ttl: float):
+    async def _grant(self, ttl: float) -> Any:
         return await self._call(self.client.lease, max(1, round(ttl)))
 
     async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:
@@ -154,7 +155,7 @@ class EtcdRegistry(Registry):
         await self._call(self.client.delete, self.subnet_key(subnet, ipv6_subnet))
 
     # -- watch -------------------------------------------------------------------------------------------------------
-    def _event(self, event) -> LeaseEvent | None:
+    def _event(self, event: Any) -> LeaseEvent | None:
         if event.type == rpc.Event.DELETE:  # a delete, or the expiry of the key's etcd lease
             subnets = parse_subnet_key(event.kv.key.decode("utf-8", "replace"))
             return None if subnets is None else LeaseRemoved(*subnets)
@@ -220,7 +221,7 @@ class EtcdRegistry(Registry):
 CLOSE_TIMEOUT = 2.0
 
 
-async def _bounded(awaitable, what: str) -> bool:
+async def _bounded(awaitable: Awaitable[Any], what: str) -> bool:
     """Await a clean-up step for at most CLOSE_TIMEOUT; False if it failed or hung (logged, never raised): a dead
     stream behind aetcd's bounded request queue can make such steps wait forever."""
     try:

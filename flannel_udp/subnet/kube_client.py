@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 import msgspec
@@ -148,10 +149,10 @@ async def resolve_node_name(client: AsyncClient) -> str:
     return pod.spec.nodeName
 
 
-def node_name(node) -> str:
+def node_name(node: Any) -> str:
     """A Node's name ("" if the object has none: lightkube types every field as optional)."""
     return (node.metadata.name if node.metadata is not None else None) or ""
 
 
-def node_annotations(node) -> dict[str, str]:
+def node_annotations(node: Any) -> dict[str, str]:
     return (node.metadata.annotations if node.metadata is not None else None) or {}

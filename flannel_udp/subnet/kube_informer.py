@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx2
 from lightkube import ApiError, AsyncClient
@@ -65,7 +65,7 @@ class NodeInformer:
             except KUBE_FAILURES as e:
                 log.error("The node watch had stopped: %s", describe(e))
 
-    async def _retrying(self, step, refusal_is_fatal: bool = False) -> None:
+    async def _retrying(self, step: Callable[[], Awaitable[None]], refusal_is_fatal: bool = False) -> None:
         refused_since = None
         while True:
             try:

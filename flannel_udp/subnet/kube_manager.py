@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Node
@@ -102,7 +103,7 @@ def pod_cidrs(node: NodeInfo) -> tuple[IPv4Net | None, IPv6Net | None]:
     return v4, v6
 
 
-def _backend_json(text: str | None, name: str):
+def _backend_json(text: str | None, name: str) -> Any:
     if text is None or text == "":
         return None
     try:
@@ -154,7 +155,7 @@ def lease_relevant_change(old: NodeInfo, new: NodeInfo, ann: Annotations, enable
     return not compared or any(a.get(key) != b.get(key) for key in compared)
 
 
-def _json(value) -> str:
+def _json(value: Any) -> str:
     """Go's json.Marshal of the backend data as the annotation holds it (`null` when there is none)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 

@@ -1,4 +1,5 @@
-"""The subnet Manager: lease acquisition, renewal and watching on top of any Registry (embedded file or etcd)."""
+"""The subnet manager's interface (upstream's subnet.Manager), and the Manager that implements it on top of any Registry
+(embedded file or etcd); the Kubernetes subnet manager (kube_manager.py) implements it on the Nodes."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import ipaddress
 import logging
 import random
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from ..defaults import LEASE_TTL
 from . import subnetenv
-from .allocation import decide
+from .allocation import Decision, decide
 from .config import NetworkConfig
 from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAttrs, Snapshot, make_subnet_key
 from .registry import Registry, StoreUnavailable, SubnetExists
@@ -25,6 +27,32 @@ DEFAULT_LEASE_TTL = float(LEASE_TTL)
 
 class AcquireError(RuntimeError):
     pass
+
+
+class SubnetManager(Protocol):
+    """Where a node's lease and its peers' come from: all the daemon and the backends ask of a store."""
+
+    watches_own_lease: bool  # whether the own lease vanishing from the watch means it was revoked
+
+    async def acquire_lease(self, attrs: LeaseAttrs) -> Lease: ...
+
+    async def renew_lease(self, lease: Lease) -> Lease: ...
+
+    async def complete_lease(self, lease: Lease) -> None:
+        """After start-up (the Kubernetes manager sets the Node's NetworkUnavailable condition)."""
+
+    async def release_created_lease(self) -> Lease | None:
+        """After a failed start: give back a lease this start allocated; what was released, if anything."""
+
+    def watch_leases(self) -> AsyncIterator[Snapshot | Events]: ...
+
+    def stored_public_ips(self) -> tuple[str, str]:
+        """Public IPv4 and IPv6 addresses an administrator set for this node in the store ("" for none)."""
+
+    def stored_mac_addresses(self) -> tuple[str, str]:
+        """The VTEP MACs the store remembers for this node, IPv4 then IPv6 ("" for none)."""
+
+    async def close(self) -> None: ...
 
 
 class Manager:
@@ -112,7 +140,7 @@ class Manager:
             f"failed to acquire lease: max retries reached trying to acquire a subnet ({RACE_RETRIES} lost races)"
         )
 
-    async def _shares_a_subnet(self, decision) -> bool:
+    async def _shares_a_subnet(self, decision: Decision) -> bool:
         leases, _ = await self.registry.get_subnets(expirations=False)
         return any(
             (lease.subnet == decision.subnet or lease.ipv6_subnet == decision.ipv6_subnet)
@@ -127,6 +155,10 @@ class Manager:
 
     async def complete_lease(self, lease: Lease) -> None:
         """Nothing to do after start-up for a lease store (the Kubernetes manager sets a node condition here)."""
+
+    def stored_public_ips(self) -> tuple[str, str]:
+        """A lease store has no administrator's addresses for a node (Kubernetes has them as Node annotations)."""
+        return "", ""
 
     def stored_mac_addresses(self) -> tuple[str, str]:
         """A lease store keeps no VTEP MACs apart from the devices themselves, which are reused as they are."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .lease import Lease
-from .registry import StoreError
+from .registry import Registry, StoreError
 
 if TYPE_CHECKING:
     from .etcd_client import EtcdOptions
@@ -25,7 +25,7 @@ class LeaseSource:
     etcd: EtcdOptions | None = None  # etcd instead of the lease file
     kube: KubeOptions | None = None  # the Nodes of the Kubernetes API instead of either
 
-    def open_registry(self, create: bool = False):
+    def open_registry(self, create: bool = False) -> Registry:
         """The registry of leases: etcd when given (gRPC is loaded only then), else the embedded file, which only the
         node agent creates (create=True): a tool that reads leases must not leave an empty store behind."""
         if self.etcd is not None:

@@ -9,8 +9,12 @@ peer that changed its public IP would keep a stale route until restart).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from .lease import Events, EventType, IPv4Net, Lease, LeaseAdded, LeaseEvent, LeaseRemoved, Snapshot
+
+if TYPE_CHECKING:
+    from .manager import SubnetManager
 
 
 class LeaseRevoked(Exception):
@@ -66,7 +70,7 @@ class LeaseStream:
     """Batches of peer lease changes for the node holding `own`. The peers seen so far survive a broken watch: a new
     call of batches() after a StoreError reports only what changed meanwhile."""
 
-    def __init__(self, manager, own: Lease) -> None:
+    def __init__(self, manager: SubnetManager, own: Lease) -> None:
         self.manager = manager
         self.own = own
         self.watcher = LeaseWatcher(own.subnet)
