@@ -80,8 +80,8 @@ async def open_node(store: str, target: dict, i: int):
     """(manager, close) for node i: a client of its own, as a node process has."""
     if store == "kube":
         from flannel_udp.subnet.config import parse_config
-        from flannel_udp.subnet.kube_client import KubeOptions
-        from flannel_udp.subnet.kube_manager import KubeManager
+        from flannel_udp.subnet.kube.client import KubeOptions
+        from flannel_udp.subnet.kube.manager import KubeManager
 
         manager = await KubeManager.open(
             KubeOptions(kubeconfig_file=target["kubeconfig"]),
@@ -92,12 +92,12 @@ async def open_node(store: str, target: dict, i: int):
     from flannel_udp.subnet.manager import Manager
 
     if store == "embedded":
-        from flannel_udp.subnet.local_store import LocalRegistry
+        from flannel_udp.subnet.local.registry import LocalRegistry
 
         registry = LocalRegistry.open_sync(target["lease_file"])
     else:
-        from flannel_udp.subnet.etcd_client import EtcdOptions
-        from flannel_udp.subnet.etcd_store import EtcdRegistry
+        from flannel_udp.subnet.etcd.client import EtcdOptions
+        from flannel_udp.subnet.etcd.registry import EtcdRegistry
 
         registry = EtcdRegistry(EtcdOptions(endpoints=target["endpoints"], prefix=target["prefix"]))
     return Manager(registry, load_config(CONFIG)), registry.close

@@ -23,8 +23,8 @@ import sys
 
 import uvloop
 
-from flannel_udp.subnet.etcd_client import EtcdClient, EtcdOptions
-from flannel_udp.subnet.etcd_store import EtcdRegistry
+from flannel_udp.subnet.etcd.client import EtcdClient, EtcdOptions
+from flannel_udp.subnet.etcd.registry import EtcdRegistry
 from flannel_udp.subnet.lease import LeaseAttrs
 from flannel_udp.subnet.watcher import LeaseWatcher
 from testbed.etcdserver import EtcdCluster

@@ -243,7 +243,7 @@ def etcd_options(args: argparse.Namespace):
     """Giving -etcd-endpoints (or FLANNELD_ETCD_ENDPOINTS) selects etcd; otherwise the embedded store is used."""
     if not args.etcd_endpoints:
         return None
-    from .subnet.etcd_client import EtcdOptions
+    from .subnet.etcd.client import EtcdOptions
 
     return EtcdOptions(
         endpoints=args.etcd_endpoints,
@@ -260,7 +260,7 @@ def kube_options(args: argparse.Namespace):
     """-kube-subnet-mgr selects the Kubernetes API (the etcd flags are then ignored, as upstream)."""
     if not args.kube_subnet_mgr:
         return None
-    from .subnet.kube_client import KubeOptions
+    from .subnet.kube.client import KubeOptions
 
     return KubeOptions(
         api_url=args.kube_api_url,

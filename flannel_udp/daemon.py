@@ -20,8 +20,8 @@ from .net.udp_socket import SocketError
 from .subnet import subnetenv
 from .subnet.allocation import OutOfSubnets
 from .subnet.config import ConfigError, NetworkConfig, load_config, parse_config
-from .subnet.etcd_client import EtcdConfigError, EtcdOptions
-from .subnet.kube_client import KubeOptions
+from .subnet.etcd.client import EtcdConfigError, EtcdOptions
+from .subnet.kube.client import KubeOptions
 from .subnet.lease import Lease
 from .subnet.manager import DEFAULT_LEASE_TTL, AcquireError, Manager, SubnetManager, previous_subnet_from
 from .subnet.registry import StoreError, StoreUnavailable
@@ -113,7 +113,7 @@ def read_network_config(path: str, kube: bool = False) -> NetworkConfig:
 
 async def read_etcd_network_config(registry) -> NetworkConfig:
     """<prefix>/config, tried once a second while it is missing or etcd is out of reach, as upstream's getConfig."""
-    from .subnet.etcd_store import ConfigNotFound
+    from .subnet.etcd.registry import ConfigNotFound
 
     last_cause = None  # said once per cause (etcd away, config missing), whatever wording gRPC rotates through
     while True:
@@ -141,7 +141,7 @@ async def open_manager(opts: Options, previous: tuple) -> tuple[SubnetManager, N
     """Where leases come from, and the network config: the embedded file store or etcd (Registries under a Manager,
     which knows the previous subnet from subnet.env), or the Kubernetes API (a KubeManager)."""
     if opts.kube is not None:
-        from .subnet.kube_manager import KubeManager  # the Kubernetes client is loaded only in kube mode
+        from .subnet.kube.manager import KubeManager  # the Kubernetes client is loaded only in kube mode
 
         config = read_network_config(opts.net_config_path, kube=True)
         return await KubeManager.open(opts.kube, config), config

@@ -8,7 +8,7 @@ import ipaddress
 import time
 
 from .subnet.config import ConfigError, NetworkConfig, load_config
-from .subnet.etcd_client import EtcdConfigError, EtcdOptions
+from .subnet.etcd.client import EtcdConfigError, EtcdOptions
 from .subnet.registry import StoreError
 from .subnet.source import LeaseSource
 
@@ -55,7 +55,7 @@ def show_config(path: str) -> None:
 
 def put_config(path: str, etcd: EtcdOptions) -> None:
     """Store a checked net-conf.json as <prefix>/config, where every etcd-mode node reads it."""
-    from .subnet.etcd_store import EtcdRegistry
+    from .subnet.etcd.registry import EtcdRegistry
 
     text, _ = read_config(path)
 

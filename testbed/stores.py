@@ -9,7 +9,7 @@ import time
 
 async def put_raw(registry, key: str, value: str, ttl: float | None) -> None:
     """Write `value` under the subnet key `key` as given; ttl None: no expiry (a reservation)."""
-    from flannel_udp.subnet.etcd_store import EtcdRegistry
+    from flannel_udp.subnet.etcd.registry import EtcdRegistry
 
     if isinstance(registry, EtcdRegistry):
         lease = None if ttl is None else await registry._grant(ttl)

@@ -1,5 +1,5 @@
 """The subnet manager's interface (upstream's subnet.Manager), and the Manager that implements it on top of any Registry
-(embedded file or etcd); the Kubernetes subnet manager (kube_manager.py) implements it on the Nodes."""
+(embedded file or etcd); the Kubernetes subnet manager (kube/manager.py) implements it on the Nodes."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from .lease import Lease
 from .registry import Registry, StoreError
 
 if TYPE_CHECKING:
-    from .etcd_client import EtcdOptions
-    from .kube_client import KubeOptions
+    from .etcd.client import EtcdOptions
+    from .kube.client import KubeOptions
 
 
 class NoLeaseFile(StoreError):
@@ -29,10 +29,10 @@ class LeaseSource:
         """The registry of leases: etcd when given (gRPC is loaded only then), else the embedded file, which only the
         node agent creates (create=True): a tool that reads leases must not leave an empty store behind."""
         if self.etcd is not None:
-            from .etcd_store import EtcdRegistry
+            from .etcd.registry import EtcdRegistry
 
             return EtcdRegistry(self.etcd)
-        from .local_store import LocalRegistry
+        from .local.registry import LocalRegistry
 
         if not create and not os.path.exists(self.lease_file):
             raise NoLeaseFile(f"no lease file at {self.lease_file} (give -etcd-endpoints to read leases from etcd)")
@@ -41,7 +41,7 @@ class LeaseSource:
     async def read(self) -> list[tuple[str, Lease]]:
         """(node name, lease) for every lease; the node name is "" outside kube mode."""
         if self.kube is not None:
-            from .kube_manager import list_node_leases
+            from .kube.manager import list_node_leases
 
             return await list_node_leases(self.kube)
         registry = self.open_registry()

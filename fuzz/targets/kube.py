@@ -11,9 +11,9 @@ import json
 
 from lightkube import ApiError
 
-from flannel_udp.subnet.kube_annotations import Annotations, mac_from_backend_data
-from flannel_udp.subnet.kube_manager import LeaseConversionError, node_to_lease, wanted_annotations
-from flannel_udp.subnet.kube_nodes import NodeStreamError, decode_watch_event
+from flannel_udp.subnet.kube.annotations import Annotations, mac_from_backend_data
+from flannel_udp.subnet.kube.manager import LeaseConversionError, node_to_lease, wanted_annotations
+from flannel_udp.subnet.kube.nodes import NodeStreamError, decode_watch_event
 
 PREFIX = "flannel.alpha.coreos.com/"
 ANN = Annotations.from_prefix()

@@ -14,7 +14,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from flannel_udp.backend import vxlan
 from flannel_udp.net import iface, netlink
 from flannel_udp.subnet.config import load_config
-from flannel_udp.subnet.local_store import LocalRegistry
+from flannel_udp.subnet.local.registry import LocalRegistry
 from flannel_udp.subnet.manager import Manager
 
 

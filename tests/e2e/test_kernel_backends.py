@@ -153,7 +153,7 @@ def test_host_gw_route_follows_a_changed_public_ip(bed):
     h1 = bed.hosts[0]
     bed.start_node(h1)
     code = (
-        "import asyncio, ipaddress, sys\nfrom flannel_udp.subnet.local_store import LocalRegistry\n"
+        "import asyncio, ipaddress, sys\nfrom flannel_udp.subnet.local.registry import LocalRegistry\n"
         "from flannel_udp.subnet.lease import LeaseAttrs\n"
         "async def main():\n r = LocalRegistry.open_sync(sys.argv[1])\n"
         " attrs = LeaseAttrs(ipaddress.IPv4Address('%s'), backend_type='host-gw')\n"

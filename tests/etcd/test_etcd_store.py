@@ -11,8 +11,8 @@ import time
 import pytest
 
 from flannel_udp.subnet.config import load_config
-from flannel_udp.subnet.etcd_client import EtcdOptions
-from flannel_udp.subnet.etcd_store import CONFIG_NOT_FOUND, ConfigNotFound, EtcdRegistry
+from flannel_udp.subnet.etcd.client import EtcdOptions
+from flannel_udp.subnet.etcd.registry import CONFIG_NOT_FOUND, ConfigNotFound, EtcdRegistry
 from flannel_udp.subnet.lease import Events, EventType, LeaseAttrs, LeaseRemoved, Snapshot
 from flannel_udp.subnet.manager import Manager
 from flannel_udp.subnet.registry import StoreError, StoreUnavailable
@@ -387,8 +387,8 @@ def test_config_not_found_text_is_upstreams():
 ACQUIRE = """
 import asyncio, ipaddress, sys, time
 from flannel_udp.subnet.config import load_config
-from flannel_udp.subnet.etcd_client import EtcdOptions
-from flannel_udp.subnet.etcd_store import EtcdRegistry
+from flannel_udp.subnet.etcd.client import EtcdOptions
+from flannel_udp.subnet.etcd.registry import EtcdRegistry
 from flannel_udp.subnet.lease import LeaseAttrs
 from flannel_udp.subnet.manager import Manager
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flannel_udp.subnet.etcd_client import EtcdConfigError, channel_target, parse_endpoints
+from flannel_udp.subnet.etcd.client import EtcdConfigError, channel_target, parse_endpoints
 from testbed.etcdserver import EtcdCluster
 
 

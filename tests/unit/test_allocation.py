@@ -8,7 +8,7 @@ import pytest
 
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import EventType, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
-from flannel_udp.subnet.local_store import LocalRegistry
+from flannel_udp.subnet.local.registry import LocalRegistry
 from flannel_udp.subnet.manager import Manager
 from flannel_udp.subnet.registry import StoreUnavailable
 from flannel_udp.subnet.watcher import LeaseRevoked, LeaseStream, LeaseWatcher

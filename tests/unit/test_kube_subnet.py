@@ -10,8 +10,8 @@ from lightkube.models.core_v1 import NodeSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Node
 
-from flannel_udp.subnet.kube_annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
-from flannel_udp.subnet.kube_manager import (
+from flannel_udp.subnet.kube.annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
+from flannel_udp.subnet.kube.manager import (
     LeaseConversionError,
     contains_cidr,
     lease_relevant_change,
@@ -259,7 +259,7 @@ def test_stored_mac_parsing_as_upstream(value, mac):
 
 
 def test_client_configuration_in_a_pod_from_the_service_account(tmp_path, monkeypatch):
-    from flannel_udp.subnet import kube_client
+    from flannel_udp.subnet.kube import client as kube_client
 
     (tmp_path / "token").write_text("pod-token")
     (tmp_path / "namespace").write_text("kube-flannel")
@@ -272,7 +272,7 @@ def test_client_configuration_in_a_pod_from_the_service_account(tmp_path, monkey
 
 
 def test_client_configuration_kubeconfig_server_replaced_by_api_url(tmp_path):
-    from flannel_udp.subnet import kube_client
+    from flannel_udp.subnet.kube import client as kube_client
 
     path = tmp_path / "kubeconfig"
     path.write_text(
@@ -302,7 +302,7 @@ def test_client_configuration_kubeconfig_server_replaced_by_api_url(tmp_path):
     ],
 )
 def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
-    from flannel_udp.subnet import kube_client
+    from flannel_udp.subnet.kube import client as kube_client
 
     path = tmp_path / "kubeconfig"
     path.write_text(text)
@@ -314,7 +314,7 @@ def test_bad_kubeconfig_is_one_line(tmp_path, text, message):
 def test_api_url_alone_is_a_configuration_without_credentials(monkeypatch):
     """client-go's BuildConfigFromFlags(url, ""): the server and no credentials, so that requests go out
     unauthenticated (to an API server or a `kubectl proxy` that allows it) instead of failing inside the client."""
-    from flannel_udp.subnet import kube_client
+    from flannel_udp.subnet.kube import client as kube_client
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     config = kube_client.load_config(kube_client.KubeOptions(api_url="http://127.0.0.1:8001"))
@@ -325,7 +325,7 @@ def test_api_url_alone_is_a_configuration_without_credentials(monkeypatch):
 
 
 def test_no_configuration_at_all_is_upstreams_message(monkeypatch):
-    from flannel_udp.subnet import kube_client
+    from flannel_udp.subnet.kube import client as kube_client
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(kube_client.KubeConfigError, match="no configuration has been provided"):
@@ -337,7 +337,7 @@ def test_too_many_requests_is_waited_out_whatever_shape_it_comes_in():
     not a refusal that ends the node (1,000 nodes starting together got the bare one)."""
     import httpx2 as httpx
 
-    from flannel_udp.subnet.kube_client import is_unavailable
+    from flannel_udp.subnet.kube.client import is_unavailable
 
     request = httpx.Request("PATCH", "https://127.0.0.1:6443/api/v1/nodes/n1/status")
     for code, busy in ((429, True), (503, True), (403, False), (422, False)):
@@ -370,7 +370,7 @@ API_NODE = {
 def test_an_api_servers_node_decodes_to_the_same_lease_as_the_full_model():
     import json
 
-    from flannel_udp.subnet.kube_nodes import decode_node_list, decode_watch_event
+    from flannel_udp.subnet.kube.nodes import decode_node_list, decode_watch_event
 
     line = json.dumps({"type": "MODIFIED", "object": API_NODE}).encode()
     kind, lean = decode_watch_event(line)
@@ -387,7 +387,7 @@ def test_watch_errors_and_bookmarks():
     version; anything else from the server is a NodeStreamError, never a crash of the watch task."""
     from lightkube import ApiError
 
-    from flannel_udp.subnet.kube_nodes import NodeStreamError, decode_watch_event
+    from flannel_udp.subnet.kube.nodes import NodeStreamError, decode_watch_event
 
     gone = b'{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",'
     gone += b'"message":"too old resource version: 1 (4242)","reason":"Expired","code":410}}'
@@ -406,7 +406,7 @@ def test_watch_errors_and_bookmarks():
 
 
 def test_watch_lines_cut_anywhere_by_the_stream_come_out_whole():
-    from flannel_udp.subnet.kube_nodes import LineSplitter
+    from flannel_udp.subnet.kube.nodes import LineSplitter
 
     stream = b'{"a":1}\n{"b":2}\n\n{"c":3}\n'
     for cut in range(1, len(stream)):

@@ -8,7 +8,7 @@ ACQUIRE = """
 import asyncio, ipaddress, sys, time
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import LeaseAttrs
-from flannel_udp.subnet.local_store import LocalRegistry
+from flannel_udp.subnet.local.registry import LocalRegistry
 from flannel_udp.subnet.manager import Manager
 
 async def main():
@@ -45,7 +45,7 @@ def test_eight_processes_acquiring_at_once_get_distinct_subnets(tmp_path):
 
 OPEN = """
 import sys, time
-from flannel_udp.subnet.local_store import LocalRegistry
+from flannel_udp.subnet.local.registry import LocalRegistry
 while time.time() < float(sys.argv[2]):
     pass
 LocalRegistry.open_sync(sys.argv[1])
@@ -86,7 +86,7 @@ def test_a_trim_between_a_polls_reads_never_skips_events_unseen(tmp_path, monkey
     import ipaddress
     import sqlite3
 
-    from flannel_udp.subnet import local_store
+    from flannel_udp.subnet.local import registry as local_store
 
     monkeypatch.setattr(local_store, "EVENTS_KEPT", 2)
     path = str(tmp_path / "leases.db")

@@ -22,8 +22,8 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 
-from ..defaults import LEASE_FILE as DEFAULT_LEASE_FILE
-from .lease import (
+from ...defaults import LEASE_FILE as DEFAULT_LEASE_FILE
+from ..lease import (
     Events,
     IPv4Net,
     IPv6Net,
@@ -35,7 +35,7 @@ from .lease import (
     decode_or_warn,
     make_subnet_key,
 )
-from .registry import Registry, StoreError, SubnetExists
+from ..registry import Registry, StoreError, SubnetExists
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,11 @@ from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
-from .config import NetworkConfig
-from .kube_annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
-from .kube_client import (
+from ..config import NetworkConfig
+from ..lease import Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
+from ..registry import StoreError, StoreUnavailable
+from .annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
+from .client import (
     KubeConfigError,
     KubeOptions,
     as_store_error,
@@ -34,10 +36,8 @@ from .kube_client import (
     node_name,
     resolve_node_name,
 )
-from .kube_informer import AccessDenied, NodeInformer
-from .kube_nodes import KUBE_FAILURES, NodeInfo, list_nodes
-from .lease import Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
-from .registry import StoreError, StoreUnavailable
+from .informer import AccessDenied, NodeInformer
+from .nodes import KUBE_FAILURES, NodeInfo, list_nodes
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc
 
-from .etcd_client import EtcdClient, EtcdOptions
-from .lease import (
+from ..lease import (
     Events,
     IPv4Net,
     IPv6Net,
@@ -36,7 +35,8 @@ from .lease import (
     make_subnet_key,
     parse_subnet_key,
 )
-from .registry import Registry, StoreError, StoreUnavailable, SubnetExists
+from ..registry import Registry, StoreError, StoreUnavailable, SubnetExists
+from .client import EtcdClient, EtcdOptions
 
 log = logging.getLogger(__name__)
 

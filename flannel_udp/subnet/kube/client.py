@@ -20,7 +20,7 @@ from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube import ConfigError as LightkubeConfigError
 from lightkube.config.models import Cluster, User
 
-from .registry import StoreError, StoreUnavailable
+from ..registry import StoreError, StoreUnavailable
 
 # Where the kubelet mounts a pod's service-account token, CA and namespace.
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -101,7 +101,7 @@ def yaml_problem(error: Exception) -> str:
 def make_client(config: KubeConfig) -> AsyncClient:
     # trust_env=False: no proxy or ~/.kube/config from the environment; exactly the configuration chosen above.
     # lazy: what still goes through lightkube's models (a patch's answer: the whole Node; the informer's probe) is
-    # decoded only as far as it is read. The Node list and watch have a leaner decoder of their own (kube_nodes.py).
+    # decoded only as far as it is read. The Node list and watch have a leaner decoder of their own (kube/nodes.py).
     return AsyncClient(
         config, timeout=httpx2.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT), trust_env=False, lazy=True
     )

@@ -17,8 +17,8 @@ import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Node
 
-from .kube_client import describe, is_unavailable, node_name
-from .kube_nodes import KUBE_FAILURES, NodeInfo, NodeStreamError, list_nodes, watch_nodes
+from .client import describe, is_unavailable, node_name
+from .nodes import KUBE_FAILURES, NodeInfo, NodeStreamError, list_nodes, watch_nodes
 
 log = logging.getLogger(__name__)
 
