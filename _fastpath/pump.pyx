@@ -12,7 +12,8 @@ EAGAIN or until DEFAULT_BURST datagrams (so one direction cannot starve the othe
 rest comes next round): a TUN read of a TSO super-packet counts as the segments it becomes and a GRO receive as the
 datagrams it holds, so a round is bounded in work (tens of microseconds), not in reads. on_tun_readable and
 on_socket_readable drain one side in such rounds for callers that drive the pump themselves (tests).
-Lease events change the route table under its mutex, which the pump holds for one round at a time.
+Lease events change the route table under its mutex, which the pump holds for one round at a time and lets go of while
+a full socket buffer makes a send wait.
 
 TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, queue on the UDP side, send per
 batch. With TUN offloads a read may be a 64 KB TCP or UDP super-packet: it is routed and checked once, then cut into

@@ -43,9 +43,11 @@ cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
 
 
 cdef class RouteTable:
-    # The pump's thread holds it for a whole batch (lookups and sends use peer slots); lease events take it for each
-    # change. The packet path never needs the GIL, so a lease event can never stall it for longer than one change.
+    # The pump's thread holds it for a round (lookups and sends use peer slots), but lets go while a full socket makes
+    # it wait; lease events take it for each change. The packet path never needs the GIL, so a lease event never
+    # waits for more than the work of one round.
     cdef pthread_mutex_t mutex
+    cdef uint64_t generation  # counts changes: a holder that let go of the mutex knows whether peers may have moved
     cdef HashMap route_map  # prefix key -> peer index
     cdef HashMap peer_by_ip  # address key -> peer index
     cdef Peer* peers

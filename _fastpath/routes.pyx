@@ -305,6 +305,7 @@ cdef class RouteTable:
             return 0
         cdef int32_t index = self._peer_ref(ip, family, port)
         hm_put(&self.route_map, key, index)
+        self.generation += 1
         if old >= 0:
             self._peer_unref(old)
         else:
@@ -329,6 +330,7 @@ cdef class RouteTable:
                 return False
             hm_del(&self.route_map, &key)
             self._peer_unref(old)
+            self.generation += 1
             self.route_count -= 1
             if key.tag >> 8 == 4:
                 self.per_length4[plen] -= 1

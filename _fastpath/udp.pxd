@@ -49,6 +49,7 @@ cdef class UdpSide:
     cdef mmsghdr gso_msgs[BATCH]  # one per run of datagrams for one peer
     cdef int gso_first[BATCH + 1]  # per message: its first slot
     cdef int gso_family[BATCH]  # per message: 4 or 6, the socket it leaves by
+    cdef sockaddr_in6 gso_addr[BATCH]  # per message: its peer's address, copied (the send may let go of the table)
     cdef uint64_t gso_ctrl[BATCH][CTRL_WORDS]
     # The batch received.
     cdef uint8_t* rx_bufs

@@ -12,7 +12,7 @@ Receiving: recvmmsg a batch; with UDP_GRO a message may hold a run of datagrams 
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from posix.unistd cimport write
 
@@ -55,11 +55,12 @@ cdef class UdpSide:
         cdef Peer* p = &routes.peers[self.tx_peer[first]]
         self.gso_family[m] = p.family
         if p.family == 4:
-            h.msg_name = &p.addr4
+            memcpy(&self.gso_addr[m], &p.addr4, sizeof(sockaddr_in))
             h.msg_namelen = sizeof(sockaddr_in)
         else:
-            h.msg_name = &p.addr6
+            memcpy(&self.gso_addr[m], &p.addr6, sizeof(sockaddr_in6))
             h.msg_namelen = sizeof(sockaddr_in6)
+        h.msg_name = &self.gso_addr[m]
         h.msg_iov = &self.tx_iov[2 * first]
         h.msg_iovlen = 2 * (end - first)  # the kernel cuts the run at the segment size whatever the iovec boundaries
         if end - first > 1:
@@ -77,10 +78,13 @@ cdef class UdpSide:
         return end
 
     cdef void send(self, int n, RouteTable routes) noexcept nogil:
-        """Send slots 0..n-1 (the caller holds the route table's lock: messages point at its peers)."""
-        cdef int msgs = 0, first = 0, sent = 0, r, i, k, end, fd
+        """Send slots 0..n-1. The caller holds the route table's lock; a full socket buffer's wait lets go of it, so
+        that a lease event is never held up by the underlay (each message carries a copy of its peer's address)."""
+        cdef int msgs = 0, first = 0, sent = 0, r, i, k, end, fd, ready
         cdef pollfd waiter
         cdef Peer* p
+        cdef uint64_t generation
+        cdef bint counting = True  # per-peer counters, while the peers are the ones the slots name
         while first < n:
             first = self._message(first, n, msgs, routes)
             msgs += 1
@@ -101,7 +105,13 @@ cdef class UdpSide:
                     waiter.fd = fd
                     waiter.events = POLLOUT
                     waiter.revents = 0
-                    if poll(&waiter, 1, SEND_WAIT_MS) > 0:
+                    generation = routes.generation
+                    routes.unlock()
+                    ready = poll(&waiter, 1, SEND_WAIT_MS)
+                    routes.lock()
+                    if routes.generation != generation:
+                        counting = False  # a lease event changed peers meanwhile: the slots' indices may be stale
+                    if ready > 0:
                         continue
                     self.send_failed += n - self.gso_first[sent]
                     return
@@ -126,9 +136,10 @@ cdef class UdpSide:
                 if self.gso_first[k + 1] - self.gso_first[k] > 1:
                     self.gso_sends += 1
                 for i in range(self.gso_first[k], self.gso_first[k + 1]):
-                    p = &routes.peers[self.tx_peer[i]]
-                    p.tx_packets += 1
-                    p.tx_bytes += self.tx_len[i]
+                    if counting:
+                        p = &routes.peers[self.tx_peer[i]]
+                        p.tx_packets += 1
+                        p.tx_bytes += self.tx_len[i]
                     self.sent_packets += 1
                     self.sent_bytes += self.tx_len[i]
             sent += r

@@ -46,7 +46,7 @@ time.sleep(0.5)  # the bucket's burst is spent and the sends wait
 slow, changes = 0, 200
 for i in range(changes):
     started = time.perf_counter()
-    routes.set_route(f"10.6.{i}.0/24", "127.0.0.1", 9)
+    routes.set_route(f"10.6.{i}.0/24", "127.0.0.1", peer.getsockname()[1])
     slow += time.perf_counter() - started > 0.010
     time.sleep(0.002)
 running = False
@@ -60,7 +60,7 @@ print(json.dumps({"slow": slow, "changes": changes, "send_failed": failed}))
 def test_lease_events_are_not_held_up_by_a_full_socket(bed):
     ns = bed.hosts[0].ns
     in_ns(ns, "ip", "link", "set", "lo", "up")
-    in_ns(ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "2mbit", "burst", "3000", "limit", "100000")
+    in_ns(ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100kbit", "burst", "3000", "limit", "100000")
     result = json.loads(in_ns(ns, sys.executable, "-c", SATURATED, timeout=60).stdout)
     assert result["send_failed"] > 0, result  # the socket was full: sends waited, then gave up on the rest
     # A change waits at most for the rest of a round's work; held up by a send's wait it would take up to 20 ms.
