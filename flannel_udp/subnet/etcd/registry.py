@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 WATCH_BACKOFF_FIRST = 0.1
 WATCH_BACKOFF_MAX = 5.0
 CONFIG_NOT_FOUND = "flannel config not found in etcd store. Did you create your config using etcdv3 API?"
-# A removal event carries only the key; the stored lease (with attrs) is reported by the LeaseWatcher.
+# A removal event carries only the subnets of its key; the LeaseWatcher adds an IPv6 subnet it had seen with the lease.
 
 
 class ConfigNotFound(StoreError):
