@@ -10,9 +10,9 @@ sysfs, with the machine's cgroup hierarchies bound back under it. Every process 
 containerd and its shims, kubelet, kube-proxy, and the pods kubelet starts under its cgroupRoot) lives in one cgroup
 named after the node in every hierarchy, so close() finds and kills exactly them, by PID, and removes the cgroups.
 
-What this machine needs, found by trying: containerd's CRI plugin with restrict_oom_score_adj (writing a negative
-oom_score_adj is refused here, and every sandbox failed in runc), the native snapshotter, kubelet with cgroupfs and
-failCgroupV1 false (the machine has cgroup v1).
+What this kind of machine needs: containerd's CRI plugin with restrict_oom_score_adj (writing a negative
+oom_score_adj is refused here: without it every sandbox fails in runc), the native snapshotter, kubelet with cgroupfs
+and failCgroupV1 false (the machine has cgroup v1).
 """
 
 from __future__ import annotations
