@@ -11,7 +11,7 @@ VXLAN_REFUSED = r"""
 import asyncio, json, sys
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from flannel_udp.backend import vxlan
+from flannel_udp.backend import UdpFlags, vxlan
 from flannel_udp.net import iface, netlink
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.local.registry import LocalRegistry
@@ -30,7 +30,7 @@ async def register(ext):
     registry = LocalRegistry.open_sync(sys.argv[1])
     nl = KernelRefusesConfiguration()
     try:
-        await vxlan.VxlanBackend(nl, ext, config).register_network(Manager(registry, config))
+        await vxlan.VxlanBackend(nl, ext, config, UdpFlags()).register_network(Manager(registry, config))
         return "registered"
     except NetlinkError as e:
         return f"refused: {e}"
