@@ -154,8 +154,8 @@ class Testbed:
 
     # -- building ------------------------------------------------------------------------------------------------
     def _add_ns(self, ns: str) -> None:
+        self.namespaces.append(ns)  # first: an interrupt right after the add must not leak it (close() tolerates absence)
         sh("ip", "netns", "add", ns)
-        self.namespaces.append(ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
 
     def add_host(self) -> Host:
