@@ -154,7 +154,7 @@ class Testbed:
 
     # -- building ------------------------------------------------------------------------------------------------
     def _add_ns(self, ns: str) -> None:
-        self.namespaces.append(ns)  # first: an interrupt right after the add must not leak it (close() tolerates absence)
+        self.namespaces.append(ns)  # first: an interrupt right after the add cannot leak it
         sh("ip", "netns", "add", ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
 
