@@ -23,7 +23,8 @@ cdef enum:
     V_TUN_WRITE_FAILED = 13
     V_BAD_OFFLOAD = 14     # a TUN super-packet whose virtio header does not fit its contents
     V_NOT_UNICAST = 15     # IPv6 to a multicast or link-local address (the kernel's own MLD and RS on flannel0)
-    V_COUNT = 16
+    V_NOT_IPV6 = 16        # anything but IPv6 on a node of an IPv6-only network
+    V_COUNT = 17
 
 # IPv6 extension headers walked by check_ipv6 (RFC 8200): hop-by-hop, routing, fragment, destination options, AH.
 cdef enum:
@@ -33,6 +34,7 @@ cdef enum:
 
 cdef struct OwnSubnets:
     # This node's subnets: where an inbound packet may go, and the TUN's addresses as ICMP sources.
+    bint has4  # false in an IPv6-only network: then every packet must be IPv6
     uint32_t net4
     uint32_t mask4
     uint32_t addr4
@@ -157,6 +159,8 @@ cdef inline int classify_outbound(const uint8_t* p, Py_ssize_t n, RouteTable rou
     checksum is not checked: every segment cut from it gets a fresh one."""
     cdef int verdict
     peer[0] = -1
+    if not own.has4 and (n < 1 or (p[0] >> 4) != 6):
+        return V_SHORT if n < 1 else V_NOT_IPV6
     if n >= 1 and (p[0] >> 4) == 6 and own.has6:
         verdict = check_ipv6(p, n)
         if verdict != V_OK:
@@ -184,6 +188,8 @@ cdef inline int classify_inbound(const uint8_t* p, Py_ssize_t n, int32_t peer, R
     With protect, the inner source must be routed to that same peer and the inner destination be in our subnet."""
     cdef int verdict
     cdef bint v6 = n >= 1 and (p[0] >> 4) == 6 and own.has6
+    if not own.has4 and not v6:
+        return V_SHORT if n < 1 else V_NOT_IPV6
     verdict = check_ipv6(p, n) if v6 else check_ipv4(p, n)
     if verdict != V_OK:
         return verdict

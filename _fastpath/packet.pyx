@@ -9,19 +9,25 @@ from _fastpath.routes cimport RouteTable
 VERDICT_NAMES = (
     "ok", "short", "not_ipv4", "bad_header", "bad_length", "bad_checksum", "ttl_expired", "no_route", "unknown_peer",
     "spoofed_source", "not_local", "truncated", "send_failed", "tun_write_failed", "bad_offload", "not_unicast",
+    "not_ipv6",
 )
 assert len(VERDICT_NAMES) == V_COUNT
 
 
 cdef OwnSubnets own_subnets(own_subnet, own_subnet6=None) except *:
-    """The pump's view of this node's subnets (and TUN addresses: each subnet's network address, as upstream)."""
+    """The pump's view of this node's subnets (and TUN addresses: each subnet's network address, as upstream).
+    own_subnet None: an IPv6-only node, which carries nothing but IPv6."""
     cdef OwnSubnets own
     cdef int i
-    net = ipaddress.IPv4Network(str(own_subnet))
     memset(&own, 0, sizeof(own))
-    own.net4 = int(net.network_address)
-    own.mask4 = int(net.netmask)
-    own.addr4 = own.net4
+    if own_subnet is None and own_subnet6 is None:
+        raise ValueError("a node needs a subnet of at least one family")
+    if own_subnet is not None:
+        net = ipaddress.IPv4Network(str(own_subnet))
+        own.has4 = True
+        own.net4 = int(net.network_address)
+        own.mask4 = int(net.netmask)
+        own.addr4 = own.net4
     if own_subnet6 is not None:
         net6 = ipaddress.IPv6Network(str(own_subnet6))
         own.has6 = True
@@ -51,9 +57,10 @@ def inbound_verdict(const unsigned char[:] packet, sender, RouteTable routes, ow
     return VERDICT_NAMES[classify_inbound(p, packet.shape[0], peer, routes, &own, protect)]
 
 
-def outbound_verdict(const unsigned char[:] packet, RouteTable routes, bint ipv6=False):
-    """What the pump does with this packet read from the TUN: "ok" or the drop reason. ipv6: the node carries IPv6."""
-    cdef OwnSubnets own = own_subnets("0.0.0.0/32", "::/128" if ipv6 else None)
+def outbound_verdict(const unsigned char[:] packet, RouteTable routes, bint ipv6=False, bint ipv4=True):
+    """What the pump does with this packet read from the TUN: "ok" or the drop reason. ipv6: the node carries IPv6;
+    ipv4 false: only IPv6 (an IPv6-only network)."""
+    cdef OwnSubnets own = own_subnets("0.0.0.0/32" if ipv4 else None, "::/128" if ipv6 or not ipv4 else None)
     cdef const unsigned char* p = &packet[0] if packet.shape[0] else <const unsigned char*>b""
     cdef int32_t peer
     return VERDICT_NAMES[classify_outbound(p, packet.shape[0], routes, &own, False, &peer)]

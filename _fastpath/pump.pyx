@@ -98,7 +98,8 @@ cdef class Pump:
         with nogil:
             while True:
                 before = self.udp_received_packets
-                self._socket_round(self.udp.sock_fd, False)
+                if self.udp.sock_fd >= 0:
+                    self._socket_round(self.udp.sock_fd, False)
                 if self.udp.sock6_fd >= 0:
                     self._socket_round(self.udp.sock6_fd, True)
                 if self.udp_received_packets == before:

@@ -126,20 +126,27 @@ def latency(bed: Testbed, client, server, count: int, ipv6: bool = False) -> dic
 
 
 @contextlib.contextmanager
-def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False):
+def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False, ipv6_only: bool = False):
     """A fresh 2-host cluster running the real daemon with this backend (ours, or upstream's flanneld on etcd for an
     `upstream-` backend; `NAME@FLAG@FLAG` adds node flags) and a pod on each host that reaches the other (over IPv6
-    too with ipv6: a dual-stack network on the dual-stack underlay); yields (testbed, pod a, pod b)."""
+    too with ipv6: a dual-stack network on the dual-stack underlay; with ipv6_only an IPv6-only network on an IPv6-only
+    underlay, where upstream runs with the Kubernetes subnet manager, its one IPv6-only store); yields (testbed, pod
+    a, pod b)."""
     backend, *flags = backend.split("@")  # "udp@-udp-priority=10@-udp-offload=false": a variant of ours
     upstream = backend.startswith(UPSTREAM)
-    with Testbed(hosts=2) as bed:
+    ipv6 = ipv6 or ipv6_only
+    with Testbed(hosts=2, ipv6_only=ipv6_only) as bed:
         bed.set_underlay_offloads(offloads)
-        if upstream:
+        if upstream and not ipv6_only:
             bed.start_etcd()
-        config = {"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}}
+        config: dict = {"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}}
+        if ipv6_only:
+            config = {"EnableIPv4": False, "Backend": config["Backend"]}
         if ipv6:
             config.update(EnableIPv6=True, IPv6Network=IPV6_NETWORK)
         bed.write_config(config)
+        if upstream and ipv6_only:
+            bed.start_kube()
         for host in bed.hosts:
             bed.start_node(host, *flags, upstream=upstream)
         a, b = (bed.add_pod(h) for h in bed.hosts)
@@ -148,9 +155,13 @@ def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False):
         yield bed, a, b
 
 
-def measure(backend: str, offloads: bool, seconds: float, ping_count: int, ipv6: bool = False) -> dict:
-    """Every figure of FIGURES for one backend on a fresh cluster (between the pods' IPv6 addresses with ipv6)."""
-    with two_pod_cluster(backend, offloads, ipv6) as (bed, a, b):
+def measure(
+    backend: str, offloads: bool, seconds: float, ping_count: int, ipv6: bool = False, ipv6_only: bool = False
+) -> dict:
+    """Every figure of FIGURES for one backend on a fresh cluster (between the pods' IPv6 addresses with ipv6 or, on
+    an IPv6-only network and underlay, ipv6_only)."""
+    with two_pod_cluster(backend, offloads, ipv6, ipv6_only) as (bed, a, b):
+        ipv6 = ipv6 or ipv6_only
         daemons = [h.process.pid for h in bed.hosts]
         figures: dict = {}
         moved = 0
@@ -308,6 +319,12 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[st
         help="dual-stack network; every figure between the pods' IPv6 "
         "addresses (upstream's udp backend is IPv4-only and is left out)",
     )
+    parser.add_argument(
+        "--ipv6-only",
+        action="store_true",
+        help="IPv6-only network on an IPv6-only underlay (upstream runs it with its Kubernetes subnet manager; its "
+        "udp backend is IPv4-only and is left out)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON (schema in docs/performance.md)")
     parser.add_argument("--plot", metavar="FILE.png", help="bar charts of the main figures")
     args = parser.parse_args(argv)
@@ -322,9 +339,9 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[st
         if chosen:
             parser.error(f"upstream flanneld is not built ({upstreamflannel.flanneld_path()}): run scripts/setup.sh")
         backends = [b for b in backends if not b.startswith(UPSTREAM)]
-    if args.ipv6 and "upstream-udp" in backends:
+    if (args.ipv6 or args.ipv6_only) and "upstream-udp" in backends:
         if chosen:
-            parser.error("--ipv6: upstream's udp backend is IPv4-only")
+            parser.error(f"{'--ipv6-only' if args.ipv6_only else '--ipv6'}: upstream's udp backend is IPv4-only")
         backends.remove("upstream-udp")
     if args.quick:
         args.repeat, args.seconds, args.underlay = 1, 1, "defaults"
@@ -350,7 +367,7 @@ def measure_all(args: argparse.Namespace, backends: list[str], settings: list[st
             for backend in backends:
                 progress(f"underlay {setting}, repetition {repetition + 1}/{args.repeat}: {backend}")
                 runs[setting][backend].append(
-                    measure(backend, setting == "defaults", args.seconds, ping_count, args.ipv6)
+                    measure(backend, setting == "defaults", args.seconds, ping_count, args.ipv6, args.ipv6_only)
                 )
     return runs
 
@@ -359,7 +376,13 @@ def build_report(machine: dict, args: argparse.Namespace, backends: list[str], r
     """The JSON report (schema in docs/performance.md); prints each setting's table on the way."""
     report = {
         "machine": machine,
-        "parameters": {"repeat": args.repeat, "seconds": args.seconds, "backends": backends, "ipv6": args.ipv6},
+        "parameters": {
+            "repeat": args.repeat,
+            "seconds": args.seconds,
+            "backends": backends,
+            "ipv6": args.ipv6,
+            "ipv6_only": args.ipv6_only,
+        },
         "settings": {},
     }
     for setting, setting_runs in runs.items():
@@ -370,6 +393,12 @@ def build_report(machine: dict, args: argparse.Namespace, backends: list[str], r
     return report
 
 
+def family_note(args: argparse.Namespace) -> str:
+    if args.ipv6_only:
+        return "; IPv6-only network and underlay"
+    return "; IPv6 pods" if args.ipv6 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args, backends = parse_arguments(argv)
     settings = ["defaults", "offloads-off"] if args.underlay == "both" else [args.underlay]
@@ -378,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_facts()
     print(
         f"# {machine['date']}, kernel {machine['kernel']}, {machine['cores']} cores; backends {', '.join(backends)}; "
-        f"{args.repeat} x {args.seconds:g}s per TCP test{'; IPv6 pods' if args.ipv6 else ''}",
+        f"{args.repeat} x {args.seconds:g}s per TCP test{family_note(args)}",
         flush=True,
     )
     started = time.monotonic()

@@ -57,15 +57,19 @@ class Record:
 class Verdicts:
     """What a node would do with a packet, given the leases; without leases, the structural checks only."""
 
-    def __init__(self, leases: list, port: int, own_subnet: ipaddress.IPv4Network | None = None) -> None:
+    def __init__(
+        self, leases: list, port: int, own_subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    ):
+        """own_subnet: the capturing node's primary subnet (IPv4, or IPv6 in an IPv6-only network), if known."""
         from _fastpath.routes import RouteTable
 
         self.leases = leases
         self.port = port
-        self.own_subnet = own_subnet
-        own = next((lease for lease in leases if lease.subnet == own_subnet), None) if own_subnet else None
+        own = next((lease for lease in leases if lease.primary == own_subnet), None) if own_subnet else None
+        self.own_subnet = own.subnet if own is not None else None
         self.own_subnet6 = own.ipv6_subnet if own is not None else None
-        self.by_public_ip = {str(lease.attrs.public_ip): lease for lease in leases}
+        self.own = own
+        self.by_public_ip = {str(lease.attrs.public_ip): lease for lease in leases if lease.subnet is not None}
         # Dual stack: a node's IPv6 underlay address names its IPv6 subnet.
         self.by_public_ipv6 = {str(lease.attrs.public_ipv6): lease for lease in leases if lease.attrs.public_ipv6}
         self.empty = RouteTable()
@@ -78,23 +82,23 @@ class Verdicts:
         lease = self.by_public_ipv6.get(public_ip or "")
         return f" [{lease.ipv6_subnet}]" if lease is not None else ""
 
-    def _table_without(self, subnet: ipaddress.IPv4Network) -> RouteTable:
-        """The route table of the node that owns `subnet`: every other lease, IPv6 subnets too, each to the next hop
-        that node's udp backend would choose (the peer's PublicIPv6 when both have one)."""
+    def _table_without(self, owner) -> RouteTable:
+        """The route table of the node that holds the lease `owner`: every other lease, of each family both carry,
+        to the next hop that node's udp backend would choose (the peer's PublicIPv6 when both have one)."""
         from _fastpath.routes import RouteTable
 
         from .backend.udp import ipv6_next_hop
 
-        key = str(subnet)
+        key = owner.key
         if key not in self.tables:
-            owner = next((lease for lease in self.leases if lease.subnet == subnet), None)
-            owner_has_ipv6 = owner is not None and owner.attrs.public_ipv6 is not None
+            owner_has_ipv6 = owner.attrs.public_ipv6 is not None
             table = RouteTable()
             for lease in self.leases:
-                if lease.subnet == subnet:
+                if lease.primary == owner.primary:
                     continue
-                table.set_route(lease.subnet, lease.attrs.public_ip, self.port)
-                if lease.ipv6_subnet is not None and owner is not None and owner.ipv6_subnet is not None:
+                if lease.subnet is not None and owner.subnet is not None:
+                    table.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+                if lease.ipv6_subnet is not None and owner.ipv6_subnet is not None:
                     table.set_route(lease.ipv6_subnet, ipv6_next_hop(lease, owner_has_ipv6), self.port)
             self.tables[key] = table
         return self.tables[key]
@@ -107,8 +111,9 @@ class Verdicts:
         receiver = self.by_public_ip.get(receiver_ip) or self.by_public_ipv6.get(receiver_ip)
         if receiver is None:  # not sent to a known node: only the structural checks apply
             return self.structural(inner)
+        own4 = str(receiver.subnet) if receiver.subnet is not None else None
         own6 = str(receiver.ipv6_subnet) if receiver.ipv6_subnet is not None else None
-        return inbound_verdict(inner, sender, self._table_without(receiver.subnet), str(receiver.subnet), True, own6)
+        return inbound_verdict(inner, sender, self._table_without(receiver), own4, True, own6)
 
     def structural(self, inner: bytes) -> str:
         """The checks that need no leases, for either family."""
@@ -120,9 +125,9 @@ class Verdicts:
         """The node a packet leaving through flannel0 is sent to (its route in the udp backend's table); None for a
         packet delivered here or one without a route."""
         addresses = inner_addresses(inner)
-        if addresses is None or self.own_subnet is None:
+        if addresses is None or self.own is None:
             return None
-        found = self._table_without(self.own_subnet).lookup_peer(addresses[1])
+        found = self._table_without(self.own).lookup_peer(addresses[1])
         return str(found[0]) if found is not None else None
 
     def on_tun(self, inner: bytes) -> str:
@@ -130,12 +135,13 @@ class Verdicts:
         from _fastpath.packet import outbound_verdict
 
         addresses = inner_addresses(inner)
-        if addresses is not None and self.own_subnet is not None:
+        if addresses is not None and self.own is not None:
             destination = ipaddress.ip_address(addresses[1])
-            if destination in self.own_subnet or (self.own_subnet6 is not None and destination in self.own_subnet6):
+            if any(subnet is not None and destination in subnet for subnet in (self.own_subnet, self.own_subnet6)):
                 return self.structural(inner)
-        table = self._table_without(self.own_subnet) if self.own_subnet else self.empty
-        return outbound_verdict(inner, table, ipv6=self.own_subnet6 is not None)
+        table = self._table_without(self.own) if self.own is not None else self.empty
+        ipv4 = self.own is None or self.own_subnet is not None
+        return outbound_verdict(inner, table, ipv6=self.own_subnet6 is not None, ipv4=ipv4)
 
 
 # -- decoding ------------------------------------------------------------------------------------------------------
@@ -302,16 +308,20 @@ def is_tun(iface: str) -> bool:
         raise CaptureError(f"no interface named {iface}") from None
 
 
-def tun_address(iface: str) -> ipaddress.IPv4Address | None:
-    """flannel0's /32 address is its node's subnet IP: the lease with that subnet IP is the node's own."""
+def tun_address(iface: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """flannel0's /32 address is its node's subnet IP (in an IPv6-only network its /128 address the IPv6 subnet's):
+    the lease with that subnet IP is the node's own."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=iface)
         if not index:
             return None
-        for msg in ipr.get_addr(index=index[0], family=2):
-            return ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS"))
+        for family in (2, 10):
+            for msg in ipr.get_addr(index=index[0], family=family):
+                address = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+                if not address.is_link_local:
+                    return address
     return None
 
 
@@ -383,7 +393,7 @@ def run_capture(args: argparse.Namespace, source) -> int:
     own = None
     if on_tun:
         own_ip = tun_address(args.iface)
-        own = next((lease.subnet for lease in leases if lease.subnet.network_address == own_ip), None)
+        own = next((lease.primary for lease in leases if lease.primary.network_address == own_ip), None)
     verdicts = Verdicts(leases, args.port, own)
     summary = Summary()
     writer = None

@@ -152,6 +152,12 @@ async def open_manager(opts: Options, previous: tuple) -> tuple[SubnetManager, N
     registry = source.open_registry()
     try:
         config = await read_etcd_network_config(registry)
+        if not config.enable_ipv4:
+            raise StartupError(
+                "IPv6-only networks are not supported with etcd (its network config has EnableIPv4 false): "
+                "upstream's subnet keys always carry an IPv4 subnet; use the Kubernetes subnet "
+                "manager or the embedded store, or set EnableIPv4 (dual stack)"
+            )
     except BaseException:
         await registry.close()
         raise
@@ -159,9 +165,13 @@ async def open_manager(opts: Options, previous: tuple) -> tuple[SubnetManager, N
 
 
 def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) -> list[FamilyNetworks]:
-    assert config.network is not None  # checked at start: an IPv4 network is required
-    # The networks of an old subnet.env: their masquerade rules may be stale.
-    families = [FamilyNetworks(config.network, lease.subnet, subnetenv.single(old_env, "FLANNEL_NETWORK"), previous[0])]
+    """The networks each family's rules are about; the networks of an old subnet.env, whose masquerade rules may be
+    stale. A family the network does not carry gets no rules at all."""
+    families = []
+    if config.enable_ipv4 and lease.subnet is not None and config.network is not None:
+        families.append(
+            FamilyNetworks(config.network, lease.subnet, subnetenv.single(old_env, "FLANNEL_NETWORK"), previous[0])
+        )
     if config.enable_ipv6 and lease.ipv6_subnet is not None and config.ipv6_network is not None:
         families.append(
             FamilyNetworks(
@@ -175,11 +185,20 @@ def rule_families(config: NetworkConfig, lease: Lease, old_env: dict, previous) 
 
 
 async def choose_interface(
-    nl: netlink.Netlink, opts: Options, public_ip: str, public_ipv6: str, ipv6: bool, ipv6_optional: bool
+    nl: netlink.Netlink,
+    opts: Options,
+    public_ip: str,
+    public_ipv6: str,
+    ipv6: bool,
+    ipv6_optional: bool,
+    ipv4: bool = True,
 ) -> iface.ExternalInterface:
-    """The external interface (and with ipv6 its IPv6 side). Where the backend can carry IPv6 pod traffic over the IPv4
-    underlay, an interface without an IPv6 address is not an error unless an IPv6 underlay was asked for by name."""
+    """The external interface (and with ipv6 its IPv6 side; without ipv4 only that side). Where the backend can carry
+    IPv6 pod traffic over the IPv4 underlay, an interface without an IPv6 address is not an error unless an IPv6
+    underlay was asked for by name."""
     args = (opts.iface, opts.iface_regex, opts.iface_can_reach, public_ip, public_ipv6)
+    if not ipv4:
+        return await nl.call(iface.choose, *args, True, False)
     asked_for_ipv6 = bool(public_ipv6) or any(":" in value for value in opts.iface)
     if ipv6 and ipv6_optional and not asked_for_ipv6:
         try:
@@ -231,6 +250,8 @@ class Daemon:
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
             manager, config = await open_manager(opts, previous)
+            if not config.enable_ipv4 and not config.enable_ipv6:
+                raise StartupError("none defined stack: the network config turns off both EnableIPv4 and EnableIPv6")
             backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
             ext = await self._external_interface(nl, manager, config, backend_cls)
             udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll)
@@ -273,12 +294,10 @@ class Daemon:
         public_ip, public_ipv6 = stored or opts.public_ip, stored6 or opts.public_ipv6
         # For udp an IPv6 underlay is optional: IPv6 pod traffic may cross the IPv4 one.
         dual_stack = config.enable_ipv6 and backend_cls.dual_stack
-        ext = await choose_interface(nl, opts, public_ip, public_ipv6, dual_stack, backend_cls.ipv6_underlay_optional)
-        log.info(
-            "Using interface %s with address %s, public IP %s, MTU %d", ext.name, ext.iface_addr, ext.ext_addr, ext.mtu
+        ext = await choose_interface(
+            nl, opts, public_ip, public_ipv6, dual_stack, backend_cls.ipv6_underlay_optional, config.enable_ipv4
         )
-        if ext.iface_addr6 is not None:
-            log.info("IPv6: interface address %s, public IPv6 %s", ext.iface_addr6, ext.ext_addr6)
+        log.info("Using interface %s with %s, MTU %d", ext.name, ext.describe(), ext.mtu)
         return ext
 
     def _traffic_rules(self, config: NetworkConfig, lease, old_env: dict, previous) -> TrafficRules:
@@ -302,12 +321,8 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"cannot write the subnet file {opts.subnet_file}: {e.strerror}") from None
         self.state.ready = True
-        log.info(
-            "Wrote subnet file %s (subnet %s%s); ready",
-            opts.subnet_file,
-            network.lease.subnet,
-            f", {network.lease.ipv6_subnet}" if network.lease.ipv6_subnet else "",
-        )
+        subnets = ", ".join(str(s) for s in (network.lease.subnet, network.lease.ipv6_subnet) if s is not None)
+        log.info("Wrote subnet file %s (subnet %s); ready", opts.subnet_file, subnets)
 
     async def _undo_start(self, manager, network, rules: TrafficRules | None) -> bool:
         """A start that failed after allocating a new lease leaves nothing behind: the lease is released, the rules
@@ -324,9 +339,7 @@ class Daemon:
             await asyncio.to_thread(rules.undo)
         if network is not None:
             await network.undo()
-        log.info(
-            "Start-up failed: released lease %s and removed the rules and devices this start set up", released.subnet
-        )
+        log.info("Start-up failed: released lease %s and removed the rules and devices this start set up", released.key)
         return True
 
     def _on_signal(self, sig: int) -> None:

@@ -27,12 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nodes", type=int, default=3, help="number of hosts (default 3)")
     parser.add_argument("--pods", type=int, default=2, help="pods per host (default 2)")
-    parser.add_argument("--network", default="10.244.0.0/16", help="overlay network (default 10.244.0.0/16)")
+    parser.add_argument(
+        "--network",
+        default="10.244.0.0/16",
+        help="overlay network (default 10.244.0.0/16); an IPv6 network here means --ipv6-only with it",
+    )
     parser.add_argument(
         "--ipv6-network",
         default="",
         metavar="CIDR",
         help="dual stack: also this IPv6 network, e.g. fd00:10:244::/56 (every backend)",
+    )
+    parser.add_argument(
+        "--ipv6-only",
+        action="store_true",
+        help="an IPv6-only cluster: hosts whose links carry no IPv4 at all, EnableIPv4 false, pods with IPv6 "
+        "addresses alone (network: --ipv6-network, default fd00:10:244::/56)",
     )
     parser.add_argument("--iperf-seconds", type=float, default=3, help="length of the throughput sample (0: skip)")
     parser.add_argument(

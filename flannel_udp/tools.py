@@ -57,7 +57,12 @@ def put_config(path: str, etcd: EtcdOptions) -> None:
     """Store a checked net-conf.json as <prefix>/config, where every etcd-mode node reads it."""
     from .subnet.etcd.registry import EtcdRegistry
 
-    text, _ = read_config(path)
+    text, cfg = read_config(path)
+    if not cfg.enable_ipv4:
+        raise ToolError(
+            f"{path}: IPv6-only networks are not supported with etcd (EnableIPv4 false): upstream's subnet keys "
+            "always carry an IPv4 subnet"
+        )
 
     async def work() -> None:
         registry = EtcdRegistry(etcd)
@@ -94,7 +99,7 @@ def delete_lease(source: LeaseSource, subnet: str) -> None:
         registry = source.open_registry()
         try:
             leases, _ = await registry.get_subnets()
-            # The IPv4 subnet names a lease; a dual-stack lease's key also holds its IPv6 subnet.
+            # Either subnet names a lease (an IPv6-only lease has only the IPv6 one).
             match = next((lease for lease in leases if wanted in (lease.subnet, lease.ipv6_subnet)), None)
             if match is None:
                 raise ToolError(f"no lease for subnet {subnet}")
@@ -110,21 +115,23 @@ def delete_lease(source: LeaseSource, subnet: str) -> None:
 
 
 def print_leases(rows: list, with_node: bool) -> None:
-    """One line per lease: [node,] subnet, public IP, [IPv6 subnet and public IPv6,] backend, time left."""
+    """One line per lease: [node,] [subnet, public IP,] [IPv6 subnet and public IPv6,] backend, time left; the
+    columns of a family no lease has are left out (an IPv6-only network has no IPv4 ones)."""
     now = time.time()
-    dual = any(lease.ipv6_subnet is not None for _node, lease in rows)
+    has4 = not rows or any(lease.subnet is not None for _node, lease in rows)
+    has6 = any(lease.ipv6_subnet is not None for _node, lease in rows)
     node_header = f"{'NODE':24} " if with_node else ""
-    v6_header = f" {'IPV6 SUBNET':24} {'PUBLIC IPV6':24}" if dual else ""
-    print(f"{node_header}{'SUBNET':20} {'PUBLIC IP':16}{v6_header} {'BACKEND':9} EXPIRES IN")
+    v4_header = f"{'SUBNET':20} {'PUBLIC IP':16} " if has4 else ""
+    v6_header = f"{'IPV6 SUBNET':24} {'PUBLIC IPV6':24} " if has6 else ""
+    print(f"{node_header}{v4_header}{v6_header}{'BACKEND':9} EXPIRES IN")
     for node, lease in rows:
         left = lease.seconds_left(now)
         if left is None:
             expires = "never (podCIDR)" if with_node else "never (reservation)"
         else:
             expires = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m{int(left % 60):02d}s"
-        v6 = f" {str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24}" if dual else ""
+        public_ip = str(lease.attrs.public_ip) if lease.subnet is not None else "-"
+        v4 = f"{str(lease.subnet or '-'):20} {public_ip:16} " if has4 else ""
+        v6 = f"{str(lease.ipv6_subnet or '-'):24} {str(lease.attrs.public_ipv6 or '-'):24} " if has6 else ""
         name = f"{node:24} " if with_node else ""
-        print(
-            f"{name}{str(lease.subnet):20} {str(lease.attrs.public_ip):16}{v6} {lease.attrs.backend_type or 'udp':9} "
-            f"{expires}"
-        )
+        print(f"{name}{v4}{v6}{lease.attrs.backend_type or 'udp':9} {expires}")

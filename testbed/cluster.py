@@ -102,15 +102,15 @@ def scrape_metrics(ns: str, port: int) -> dict[str, float]:
 class Pod:
     name: str
     ns: str
-    address: ipaddress.IPv4Address
-    address6: ipaddress.IPv6Address | None = None  # dual stack only
+    address: ipaddress.IPv4Address | None  # None in an IPv6-only network
+    address6: ipaddress.IPv6Address | None = None  # dual stack and IPv6-only
 
 
 @dataclass
 class Host:
     name: str
     ns: str
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | None  # None on an IPv6-only underlay
     address6: ipaddress.IPv6Address
     subnet_file: str
     process: subprocess.Popen | None = None
@@ -125,7 +125,9 @@ class Host:
 
 
 class Testbed:
-    def __init__(self, hosts: int = 3, prefix: str | None = None, mtu: int = 1500) -> None:
+    def __init__(self, hosts: int = 3, prefix: str | None = None, mtu: int = 1500, ipv6_only: bool = False) -> None:
+        """ipv6_only: the hosts' links carry IPv6 alone (no IPv4 address outside loopback), the API server too."""
+        self.ipv6_only = ipv6_only
         self.prefix = prefix or f"fu{secrets.token_hex(3)}"
         self.workdir = tempfile.mkdtemp(prefix=f"flannel-udp-{self.prefix}-")
         self.lease_file = os.path.join(self.workdir, "leases.db")
@@ -186,7 +188,8 @@ class Testbed:
         in_ns(self.underlay_ns, "ip", "link", "set", peer, "master", "br0", "up")
         address = UNDERLAY.network_address + index
         address6 = UNDERLAY6.network_address + index
-        in_ns(ns, "ip", "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        if not self.ipv6_only:
+            in_ns(ns, "ip", "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
         # nodad: usable at once, instead of after a second of duplicate detection on a link we built ourselves.
         in_ns(ns, "ip", "-6", "addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
         in_ns(ns, "ip", "link", "set", "eth0", "up")
@@ -194,7 +197,7 @@ class Testbed:
         host = Host(
             name,
             ns,
-            address,
+            None if self.ipv6_only else address,
             address6,
             os.path.join(self.workdir, f"{name}-subnet.env"),
             node_name=f"{self.prefix}-{name}",
@@ -226,7 +229,7 @@ class Testbed:
         in_ns(self.underlay_ns, "ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
         in_ns(self.underlay_ns, "ip", "link", "set", link, "master", "br0", "up")
         for address in addresses:
-            in_ns(ns, "ip", "addr", "add", address, "dev", "eth0")
+            in_ns(ns, "ip", "addr", "add", address, "dev", "eth0", *(["nodad"] if ":" in address else []))
         in_ns(ns, "ip", "link", "set", "eth0", "up")
 
     def start_kube(self, cluster_cidrs: list[str] | None = None, kubelets: bool = False):
@@ -239,9 +242,11 @@ class Testbed:
         if cluster_cidrs is None:
             with open(self.config_file) as f:
                 config = json.load(f)
-            cluster_cidrs = [config["Network"]] + ([config["IPv6Network"]] if config.get("EnableIPv6") else [])
-        address = str(UNDERLAY.network_address + KUBE_ADDRESS)
-        addresses = [f"{address}/{UNDERLAY.prefixlen}"]
+            cluster_cidrs = [config["Network"]] if config.get("EnableIPv4", True) else []
+            cluster_cidrs += [config["IPv6Network"]] if config.get("EnableIPv6") else []
+        underlay = UNDERLAY6 if self.ipv6_only else UNDERLAY
+        address = str(underlay.network_address + KUBE_ADDRESS)
+        addresses = [f"{address}/{underlay.prefixlen}"]
         self._join_underlay(self.kube_ns, f"{self.prefix}kb", addresses)
         self.kube = KubeControlPlane(self.kube_ns, address, cluster_cidrs, kubelets=kubelets)
         self.kube.write_kubeconfig(self.kubeconfig, self.kube.flannel_token())
@@ -409,7 +414,10 @@ class Testbed:
         result = json.loads(self.cni(host, "ADD", name, ns).stdout)
         addresses = [ipaddress.ip_interface(ip["address"]).ip for ip in result["ips"]]
         pod = Pod(
-            name, ns, next(a for a in addresses if a.version == 4), next((a for a in addresses if a.version == 6), None)
+            name,
+            ns,
+            next((a for a in addresses if a.version == 4), None),
+            next((a for a in addresses if a.version == 6), None),
         )
         if pod.address6 is not None:
             # The bridge's new IPv6 gateway address answers neighbour solicitations only after duplicate address

@@ -9,13 +9,14 @@ import signal
 import sys
 import time
 
-from .cluster import Testbed, TestbedError, teardown_saved
+from .cluster import KUBE_ADDRESS, UNDERLAY, UNDERLAY6, Testbed, TestbedError, teardown_saved
 from .images import ImageError
 from .kubenode import KubeNodeError
 from .kubeserver import KubeServerError
 from .podcluster import PodCluster, PodClusterError, image_archive
 
 STATE_FILE = "/run/flannel-udp-demo.json"  # what `demo --keep` left running, for `demo down`
+DEFAULT_IPV6_NETWORK = "fd00:10:244::/56"
 
 
 def step(message: str) -> None:
@@ -31,6 +32,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if not 2 <= args.nodes <= 50 or not 1 <= args.pods <= 20:
         print("error: --nodes must be 2..50 and --pods 1..20", file=sys.stderr)
         return 1
+    if ":" in args.network:  # an IPv6 overlay network alone: an IPv6-only cluster
+        args.ipv6_only, args.ipv6_network = True, args.ipv6_network or args.network
+    if args.ipv6_only and not args.ipv6_network:
+        args.ipv6_network = DEFAULT_IPV6_NETWORK
     if args.kubelet and (args.ipv6_network or args.kube or args.nodes > 5):
         print("error: --kubelet runs IPv4 clusters of 2..5 nodes (it implies --kube)", file=sys.stderr)
         return 1
@@ -38,8 +43,9 @@ def run_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     bed = None
     try:
-        step(f"Building {args.nodes} hosts on an underlay bridge (198.18.0.0/24) in network namespaces")
-        bed = Testbed(hosts=args.nodes)
+        underlay = f"{UNDERLAY6}, IPv6 only" if args.ipv6_only else str(UNDERLAY)
+        step(f"Building {args.nodes} hosts on an underlay bridge ({underlay}) in network namespaces")
+        bed = Testbed(hosts=args.nodes, ipv6_only=args.ipv6_only)
         failures = kubelet_demo(bed, args) if args.kubelet else agents_demo(bed, args)
         outcome = "" if not failures else f" ({failures} checks failed)"
         if args.keep:
@@ -105,13 +111,16 @@ def kubelet_demo(bed: Testbed, args: argparse.Namespace) -> int:
 
 def start_nodes(bed: Testbed, args: argparse.Namespace) -> None:
     """The network config, the store (embedded, or a Kubernetes control plane), and a ready node on every host."""
-    config = {"Network": args.network, "Backend": {"Type": args.backend}}
+    config: dict = {"Network": args.network, "Backend": {"Type": args.backend}}
+    if args.ipv6_only:
+        config = {"EnableIPv4": False, "Backend": {"Type": args.backend}}
     if args.ipv6_network:
         config.update(EnableIPv6=True, IPv6Network=args.ipv6_network)
     bed.write_config(config)
     if args.kube:
+        api = (UNDERLAY6 if args.ipv6_only else UNDERLAY).network_address + KUBE_ADDRESS
         step(
-            "Starting a Kubernetes control plane on the underlay (198.18.0.200): etcd, kube-apiserver with RBAC, "
+            f"Starting a Kubernetes control plane on the underlay ({api}): etcd, kube-apiserver with RBAC, "
             "kube-controller-manager --allocate-node-cidrs"
         )
         bed.start_kube()
@@ -124,11 +133,8 @@ def start_nodes(bed: Testbed, args: argparse.Namespace) -> None:
     for host in bed.hosts:
         bed.wait_ready(host)
         env = host.subnet_env()
-        v6 = f" FLANNEL_IPV6_SUBNET={env['FLANNEL_IPV6_SUBNET']}" if "FLANNEL_IPV6_SUBNET" in env else ""
-        print(
-            f"    {host.name} ({host.address}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']}{v6} "
-            f"FLANNEL_MTU={env['FLANNEL_MTU']}"
-        )
+        shown = " ".join(f"{k}={env[k]}" for k in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET", "FLANNEL_MTU") if k in env)
+        print(f"    {host.name} ({host.address or host.address6}): {shown}")
 
 
 def show_traffic(bed: Testbed, args: argparse.Namespace) -> int:
@@ -141,13 +147,14 @@ def show_traffic(bed: Testbed, args: argparse.Namespace) -> int:
     def reach(attribute: str):
         return lambda src, dst: bed.ping(by_name[src].ns, getattr(by_name[dst], attribute), count=1, timeout=2)
 
-    failures = ping_matrix(names, reach("address"), "IPv4")
+    failures = 0 if args.ipv6_only else ping_matrix(names, reach("address"), "IPv4")
     if args.ipv6_network:
         failures += ping_matrix(names, reach("address6"), "IPv6")
     if args.iperf_seconds > 0:
         a, b = bed.hosts[0].pods[0], bed.hosts[1].pods[0]
-        step(f"iperf3 TCP {a.name} -> {b.name} for {args.iperf_seconds:g}s through the {args.backend} backend")
-        report = bed.iperf3(a, b, args.iperf_seconds)
+        family = "over IPv6 " if args.ipv6_only else ""
+        step(f"iperf3 TCP {a.name} -> {b.name} {family}for {args.iperf_seconds:g}s through the {args.backend} backend")
+        report = bed.iperf3(a, b, args.iperf_seconds, ipv6=args.ipv6_only)
         try:
             print(f"    {report['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s")
         except KeyError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import ipaddress
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ CACHE = os.environ.get("FLANNEL_UDP_CACHE", "/var/cache/flannel-udp")
 API_PORT = 6443
 ADMIN_TOKEN_USER = "flannel-udp-admin"
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR6 = "fd00:10:96::/112"  # an IPv6-only cluster's Services (the API server on an IPv6 address)
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 FLANNEL_NAMESPACE, FLANNEL_ACCOUNT = "kube-flannel", "flannel"
 CLONE_NEWNET = 0x40000000
@@ -114,7 +116,9 @@ class KubeControlPlane:
         self.cluster_cidrs = cluster_cidrs
         self.node_masks = (node_mask_v4, node_mask_v6)
         self.workdir = tempfile.mkdtemp(prefix="flannel-udp-kube-")
-        self.url = f"https://{address}:{API_PORT}"
+        ipv6 = ":" in address
+        self.url = f"https://[{address}]:{API_PORT}" if ipv6 else f"https://{address}:{API_PORT}"
+        self.service_cidr = SERVICE_CIDR6 if ipv6 else SERVICE_CIDR
         self.admin_token = os.urandom(16).hex()
         self.etcd: EtcdCluster | None = None
         self.apiserver: subprocess.Popen | None = None
@@ -172,7 +176,7 @@ class KubeControlPlane:
         )
         with open(self.path("san.cnf"), "w") as f:
             f.write(
-                f"subjectAltName=IP:{self.address},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,"
+                f"subjectAltName=IP:{self.address},IP:127.0.0.1,IP:{self.service_ip},DNS:kubernetes,"
                 "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
             )
         _openssl(
@@ -244,7 +248,7 @@ current-context: flannel
             "kube-apiserver",
             [
                 f"--etcd-servers={self.etcd.endpoints}",
-                "--bind-address=0.0.0.0",
+                "--bind-address=::",  # both families
                 f"--secure-port={API_PORT}",
                 f"--advertise-address={self.address}",
                 f"--tls-cert-file={p('apiserver.crt')}",
@@ -257,7 +261,7 @@ current-context: flannel
                 f"--api-audiences={ISSUER}",
                 f"--service-account-key-file={p('sa.pub')}",
                 f"--service-account-signing-key-file={p('sa.key')}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 # API Priority and Fairness on, as in every cluster (it is the default): with it off, requests past
                 # max-in-flight are refused at once (429), and 1,000 nodes starting together failed their patches.
                 "--enable-priority-and-fairness=true",
@@ -298,6 +302,11 @@ current-context: flannel
             time.sleep(0.2)
         raise KubeServerError(f"kube-apiserver not ready after {timeout}s: {self.log('kube-apiserver')[-3000:]}")
 
+    @property
+    def service_ip(self) -> str:
+        """The `kubernetes` Service's ClusterIP: the first address of the Service range."""
+        return str(ipaddress.ip_network(self.service_cidr)[1])
+
     def start_controller_manager(self) -> None:
         dual = len(self.cluster_cidrs) > 1
         masks = (
@@ -318,7 +327,7 @@ current-context: flannel
                 "--allocate-node-cidrs=true",
                 f"--cluster-cidr={','.join(self.cluster_cidrs)}",
                 *masks,
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--leader-elect=false",
                 "--secure-port=0",
                 "--use-service-account-credentials=false",

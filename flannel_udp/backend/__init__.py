@@ -109,18 +109,13 @@ class BackendTypeFilter:
                 "Ignoring leases of backend type %r (this node runs %s), e.g. %s",
                 kind or "udp",
                 self.backend_type,
-                event.subnet,
+                event.primary,
             )
         return False
 
 
 def check_families(config: NetworkConfig, ext: ExternalInterface) -> None:
-    """The kernel backends run IPv4 or dual stack; an IPv6 side needs an IPv6 address on the external interface."""
-    if not config.enable_ipv4:
-        raise BackendError(
-            "IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 "
-            "subnet): set EnableIPv4 too (dual stack)"
-        )
+    """IPv4, dual stack or IPv6-only; an IPv6 side needs an IPv6 address on the external interface."""
     if config.enable_ipv6 and ext.ext_addr6 is None:
         raise BackendError(f"EnableIPv6 is set but no IPv6 address was chosen on {ext.name}")
 

@@ -1,6 +1,6 @@
 """The host-gw backend (upstream pkg/backend/hostgw + route_network.go): a route per remote host-gw lease via its
 public IP on the external interface. No device, no encapsulation; the nodes must share a layer-2 segment. In dual stack,
-also a route per remote IPv6 subnet via the peer's PublicIPv6."""
+also a route per remote IPv6 subnet via the peer's PublicIPv6; in an IPv6-only network only those."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig
-from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
+from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ..subnet.manager import SubnetManager
 from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families
 
@@ -43,7 +43,8 @@ class HostGwBackend(Backend):
 
     async def register_network(self, manager: SubnetManager) -> RoutedNetwork:
         public_ipv6 = self.ext.ext_addr6 if self.config.enable_ipv6 else None
-        lease = await manager.acquire_lease(LeaseAttrs(self.ext.ext_addr, public_ipv6, backend_type=self.backend_type))
+        attrs = LeaseAttrs(self.ext.ext_addr or NO_PUBLIC_IP, public_ipv6, backend_type=self.backend_type)
+        lease = await manager.acquire_lease(attrs)
         return RoutedNetwork(self.netlink, lease, self.ext.mtu, self.ext.index, self.backend_type)
 
 
@@ -73,10 +74,13 @@ class RoutedNetwork(Network):
                 (lease.subnet, lease.attrs.public_ip),
                 (lease.ipv6_subnet, lease.attrs.public_ipv6),
             ):
-                if subnet is None or (subnet.version == 6 and not self.lease.ipv6_subnet):
-                    continue  # an IPv4-only peer, or an IPv4-only node
+                if subnet is None or self._family_off(subnet.version):
+                    continue  # a peer without this family, or a node without it
                 if gateway is not None:
                     await self._add_route(str(subnet), str(gateway))
+
+    def _family_off(self, version: int) -> bool:
+        return (self.lease.ipv6_subnet if version == 6 else self.lease.subnet) is None
 
     async def _add_route(self, subnet: str, gateway: str) -> None:
         self.routes[subnet] = gateway

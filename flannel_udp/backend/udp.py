@@ -3,7 +3,8 @@
 Beyond upstream (whose udp is IPv4 only): with EnableIPv6 the lease gets an IPv6 subnet too and flannel0 carries both
 families. IPv6 pod packets go to a peer's PublicIPv6 over an IPv6 underlay socket when both nodes have one, else over
 the IPv4 underlay; either way the UDP payload stays the raw inner packet, so IPv4 traffic with an upstream peer is
-unchanged."""
+unchanged. In an IPv6-only network (EnableIPv4 false) there is no IPv4 anywhere: no IPv4 socket, address or route,
+flannel0 carries IPv6 alone, over the IPv6 underlay."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from ..net.iface import ExternalInterface
 from ..net.tun import open_tun
 from ..net.udp_socket import accept_local_icmp, enable_gro, open_socket, socket_drops, tun_queue_drops
 from ..subnet.config import NetworkConfig
-from ..subnet.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent
+from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAdded, LeaseAttrs, LeaseEvent
 from ..subnet.manager import SubnetManager
-from . import Backend, BackendError, Network, UdpFlags, room_after
+from . import Backend, BackendError, Network, UdpFlags, check_families, room_after
 from .options import int_option
 
 if TYPE_CHECKING:
@@ -53,10 +54,7 @@ class UdpBackend(Backend):
 
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, flags: UdpFlags) -> None:
         if not config.enable_ipv4:
-            raise BackendError(
-                "the udp backend needs EnableIPv4: IPv6-only networks are not supported (IPv6 runs "
-                "beside IPv4 with EnableIPv6)"
-            )
+            check_families(config, ext)  # IPv6 alone needs the IPv6 underlay; beside IPv4 it is optional
         if config.ipv6_network is not None and not config.enable_ipv6:
             raise BackendError(
                 "IPv6Network is set but EnableIPv6 is not: the udp backend would give pods no IPv6 "
@@ -78,42 +76,57 @@ class UdpBackend(Backend):
 
     def tun_mtu(self) -> int:
         """The interface's MTU less the encapsulation of the larger outer header in use."""
-        ipv6_underlay = self.config.enable_ipv6 and self.ext.iface_addr6 is not None
-        overhead = ENCAP_OVERHEAD_V6 if ipv6_underlay else ENCAP_OVERHEAD
+        overhead = ENCAP_OVERHEAD_V6 if self.ipv6_underlay else ENCAP_OVERHEAD
         mtu_text = f"the MTU of {self.ext.name} ({self.ext.mtu})"
         family = 6 if self.config.enable_ipv6 else 4
         return room_after(mtu_text, self.ext.mtu, overhead, "UDP encapsulation", family, "flannel0")
 
+    @property
+    def ipv6_underlay(self) -> bool:
+        return self.config.enable_ipv6 and self.ext.iface_addr6 is not None
+
     def lease_attrs(self) -> LeaseAttrs:
-        """Upstream's udp lease ({"PublicIP": ...}, no BackendType) for IPv4; in dual stack, beyond upstream, the
-        schema of the other dual-stack backends: BackendType "udp" and PublicIPv6 (null without an IPv6 underlay)."""
+        """Upstream's udp lease ({"PublicIP": ...}, no BackendType) for IPv4; in dual stack and IPv6-only, beyond
+        upstream, the schema of the other dual-stack backends: BackendType "udp" and PublicIPv6 (null without an IPv6
+        underlay; with IPv6 alone, PublicIP is upstream's zero 0.0.0.0)."""
         if not self.config.enable_ipv6:
-            return LeaseAttrs(self.ext.ext_addr)
-        return LeaseAttrs(self.ext.ext_addr, self.ext.ext_addr6, backend_type="udp")
+            return LeaseAttrs(self.ext.ext_addr or NO_PUBLIC_IP)
+        return LeaseAttrs(self.ext.ext_addr or NO_PUBLIC_IP, self.ext.ext_addr6, backend_type="udp")
+
+    def _open_sockets(self) -> list[socket.socket]:
+        """The underlay sockets: IPv4 unless the network is IPv6-only, IPv6 where there is an IPv6 underlay."""
+        addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
+        addresses += [self.ext.iface_addr] if self.config.enable_ipv4 else []
+        addresses += [self.ext.iface_addr6] if self.ipv6_underlay else []
+        socks: list[socket.socket] = []
+        try:
+            for address in addresses:
+                socks.append(open_socket(str(address), self.port))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
 
     async def register_network(self, manager: SubnetManager) -> UdpNetwork:
         mtu = self.tun_mtu()
         # The sockets first: a busy port must fail before anything is allocated or configured.
-        socks = [open_socket(str(self.ext.iface_addr), self.port)]
+        socks = self._open_sockets()
         tun_fd = -1
         try:
-            ipv6_underlay = self.config.enable_ipv6 and self.ext.iface_addr6 is not None
-            if ipv6_underlay:
-                socks.append(open_socket(str(self.ext.iface_addr6), self.port))
             lease = await manager.acquire_lease(self.lease_attrs())
             tun_fd, tun_name, tun_offloads = open_tun(offloads=self.offload)
+            network4 = str(self.config.network) if lease.subnet is not None else None
             network6 = str(self.config.ipv6_network) if lease.ipv6_subnet is not None else None
-            await self.netlink.call(configure_tun, tun_name, lease, mtu, str(self.config.network), network6)
-            subnet6 = lease.ipv6_subnet
+            await self.netlink.call(configure_tun, tun_name, lease, mtu, network4, network6)
             accept_local_icmp(tun_name)
+            own = [(lease.subnet, 32, network4), (lease.ipv6_subnet, 128, network6)]
             log.info(
-                "%s is up: address %s/32%s, MTU %d, route %s%s; UDP on %s",
+                "%s is up: address %s, MTU %d, route %s; UDP on %s",
                 tun_name,
-                lease.subnet.network_address,
-                f" and {subnet6.network_address}/128" if subnet6 is not None else "",
+                " and ".join(f"{subnet.network_address}/{bits}" for subnet, bits, _ in own if subnet is not None),
                 mtu,
-                self.config.network,
-                f" and {network6}" if network6 else "",
+                " and ".join(network for _, _, network in own if network is not None),
                 " and ".join(
                     f"[{s.getsockname()[0]}]:{self.port}"
                     if s.family == socket.AF_INET6
@@ -126,13 +139,13 @@ class UdpBackend(Backend):
                 mtu,
                 tun_fd,
                 tun_name,
-                socks[0],
+                next((s for s in socks if s.family == socket.AF_INET), None),
                 self.port,
                 self.source_check,
                 self.offload,
                 tun_offloads,
                 self.priority,
-                sock6=socks[1] if len(socks) > 1 else None,
+                sock6=next((s for s in socks if s.family == socket.AF_INET6), None),
                 busy_poll_us=self.busy_poll_us,
             )
         except BaseException:
@@ -152,19 +165,22 @@ def ipv6_next_hop(peer: Lease, own_ipv6_underlay: bool) -> ipaddress.IPv4Address
     return peer.attrs.public_ip
 
 
-def configure_tun(ipr: IPRoute, name: str, lease: Lease, mtu: int, network: str, network6: str | None = None) -> None:
+def configure_tun(
+    ipr: IPRoute, name: str, lease: Lease, mtu: int, network: str | None, network6: str | None = None
+) -> None:
     """Upstream's configureIface: <subnet IP>/32, MTU = ext - 28, up, a route for the whole Network; in dual stack
-    also <IPv6 subnet address>/128 and a route for the IPv6Network."""
+    also <IPv6 subnet address>/128 and a route for the IPv6Network; in an IPv6-only network only those."""
     link = netlink.link_by_name(ipr, name)
     if link is None:
         raise BackendError(f"{name} vanished while it was being configured")
-    netlink.replace_address(ipr, link.index, str(lease.subnet.network_address), 32)
+    if network is not None and lease.subnet is not None:
+        netlink.replace_address(ipr, link.index, str(lease.subnet.network_address), 32)
     if network6 is not None and lease.ipv6_subnet is not None:
         netlink.replace_address(ipr, link.index, str(lease.ipv6_subnet.network_address), 128)
     netlink.set_link(ipr, link.index, mtu=mtu, up=True, txqlen=TUN_TXQUEUELEN)
-    netlink.replace_route(ipr, network, oif=link.index)
-    if network6 is not None:
-        netlink.replace_route(ipr, network6, oif=link.index)
+    for route in (network, network6):
+        if route is not None:
+            netlink.replace_route(ipr, route, oif=link.index)
 
 
 class UdpNetwork(Network):
@@ -174,7 +190,7 @@ class UdpNetwork(Network):
         mtu: int,
         tun_fd: int,
         tun_name: str,
-        sock: socket.socket,
+        sock: socket.socket | None,
         port: int,
         source_check: bool,
         offload: bool,
@@ -192,10 +208,8 @@ class UdpNetwork(Network):
         self.sockets = [s for s in (sock, sock6) if s is not None]
         self.port = port
         self.routes = RouteTable()
-        self._ipv6_subnets: dict = {}  # a peer's IPv4 subnet -> its IPv6 subnet, to remove both routes together
-        gro = offload and enable_gro(sock)
-        if sock6 is not None:
-            gro = gro and enable_gro(sock6)
+        self._ipv6_subnets: dict = {}  # a peer's primary subnet -> its IPv6 subnet, to remove both routes together
+        gro = offload and all(enable_gro(s) for s in self.sockets)
         # The pump thread tells the event loop through this eventfd when it had to turn GSO off: logged at once.
         self._notice_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         loop = asyncio.get_running_loop()
@@ -203,9 +217,9 @@ class UdpNetwork(Network):
         try:
             self.pump = Pump(
                 tun_fd,
-                sock.fileno(),
+                sock.fileno() if sock is not None else -1,
                 self.routes,
-                str(lease.subnet),
+                str(lease.subnet) if lease.subnet is not None else None,
                 source_check,
                 gso=offload,
                 gro=gro,
@@ -265,28 +279,31 @@ class UdpNetwork(Network):
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
             if isinstance(event, LeaseAdded):
-                lease = event.lease
-                # Every lease gets a route whatever its BackendType, as upstream.
-                self.routes.set_route(lease.subnet, lease.attrs.public_ip, self.port)
-                log.info("Route %s via %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
-                old6 = self._ipv6_subnets.pop(lease.subnet, None)
-                if old6 is not None and old6 != lease.ipv6_subnet:
-                    self.routes.delete_route(old6)
-                if self.lease.ipv6_subnet is not None and lease.ipv6_subnet is not None:
-                    hop = ipv6_next_hop(lease, self.sock6 is not None)
-                    self.routes.set_route(lease.ipv6_subnet, hop, self.port)
-                    self._ipv6_subnets[lease.subnet] = lease.ipv6_subnet
-                    log.info(
-                        "Route %s via %s",
-                        lease.ipv6_subnet,
-                        f"[{hop}]:{self.port}" if hop.version == 6 else f"{hop}:{self.port}",
-                    )
-            else:
-                if self.routes.delete_route(event.subnet):
-                    log.info("Route %s removed", event.subnet)
-                subnet6 = self._ipv6_subnets.pop(event.subnet, None) or event.ipv6_subnet
-                if subnet6 is not None and self.routes.delete_route(subnet6):
-                    log.info("Route %s removed", subnet6)
+                self._add_peer(event.lease)
+                continue
+            if event.subnet is not None and self.routes.delete_route(event.subnet):
+                log.info("Route %s removed", event.subnet)
+            subnet6 = self._ipv6_subnets.pop(event.primary, None) or event.ipv6_subnet
+            if subnet6 is not None and self.routes.delete_route(subnet6):
+                log.info("Route %s removed", subnet6)
+
+    def _add_peer(self, lease: Lease) -> None:
+        """A route for each family both nodes carry. Every lease gets one whatever its BackendType, as upstream."""
+        if self.lease.subnet is not None and lease.subnet is not None:
+            self.routes.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+            log.info("Route %s via %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
+        old6 = self._ipv6_subnets.pop(lease.primary, None)
+        if old6 is not None and old6 != lease.ipv6_subnet:
+            self.routes.delete_route(old6)
+        if self.lease.ipv6_subnet is not None and lease.ipv6_subnet is not None:
+            hop = ipv6_next_hop(lease, self.sock6 is not None)
+            self.routes.set_route(lease.ipv6_subnet, hop, self.port)
+            self._ipv6_subnets[lease.primary] = lease.ipv6_subnet
+            log.info(
+                "Route %s via %s",
+                lease.ipv6_subnet,
+                f"[{hop}]:{self.port}" if hop.version == 6 else f"{hop}:{self.port}",
+            )
 
     def collect_metrics(self):
         counters = self.pump.counters()
@@ -356,6 +373,5 @@ class UdpNetwork(Network):
         asyncio.get_running_loop().remove_reader(self._notice_fd)
         os.close(self._notice_fd)
         os.close(self.tun_fd)
-        self.sock.close()
-        if self.sock6 is not None:
-            self.sock6.close()
+        for sock in self.sockets:
+            sock.close()

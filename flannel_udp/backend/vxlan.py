@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..subnet.config import NetworkConfig, lookup_key
-from ..subnet.lease import Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
+from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ..subnet.manager import SubnetManager
 from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families, room_after
 from .options import bool_option, int_option
@@ -51,11 +51,12 @@ class VxlanOptions:
     direct_routing: bool
 
 
-def parse_options(backend: dict, ext_mtu: int, ipv6: bool = False) -> VxlanOptions:
+def parse_options(backend: dict, ext_mtu: int, ipv6: bool = False, ipv4: bool = True) -> VxlanOptions:
     name = "VXLAN"
     mtu = int_option(backend, name, "MTU", ext_mtu, -(1 << 31), 1 << 31)
     mtu_text = f"error decoding VXLAN backend config: MTU {mtu}"
-    room_after(mtu_text, mtu, ENCAP_OVERHEAD, "VXLAN overhead", 4, "pods")
+    if ipv4:
+        room_after(mtu_text, mtu, ENCAP_OVERHEAD, "VXLAN overhead", 4, "pods")
     if ipv6:
         room_after(mtu_text, mtu, ENCAP_OVERHEAD_V6, "VXLAN-over-IPv6 overhead", 6, "pods")
     return VxlanOptions(
@@ -84,9 +85,12 @@ class VxlanBackend(Backend):
         self.netlink = nl
         self.ext = ext
         self.config = config
-        self.options = parse_options(config.backend, ext.mtu, config.enable_ipv6)
+        self.options = parse_options(config.backend, ext.mtu, config.enable_ipv6, config.enable_ipv4)
         vni = self.options.vni
-        self.vteps = [Vtep(4, f"flannel.{vni}", str(ext.ext_addr), self.options.mtu - ENCAP_OVERHEAD, config.network)]
+        self.vteps = []  # flannel.<VNI> for IPv4, flannel-v6.<VNI> for IPv6: one device per family the network has
+        if config.enable_ipv4:
+            mtu = self.options.mtu - ENCAP_OVERHEAD
+            self.vteps.append(Vtep(4, f"flannel.{vni}", str(ext.ext_addr), mtu, config.network))
         if config.enable_ipv6:
             self.vteps.append(Vtep(6, f"flannel-v6.{vni}", str(ext.ext_addr6), self.options.mtu - ENCAP_OVERHEAD_V6))
 
@@ -104,13 +108,13 @@ class VxlanBackend(Backend):
             )
             if not existed:
                 created.append(vtep)
-        v4 = self.vteps[0]
-        v6 = self.vteps[1] if len(self.vteps) > 1 else None
+        v4 = next((vtep for vtep in self.vteps if vtep.version == 4), None)
+        v6 = next((vtep for vtep in self.vteps if vtep.version == 6), None)
         attrs = LeaseAttrs(
-            self.ext.ext_addr,
+            self.ext.ext_addr or NO_PUBLIC_IP,
             self.ext.ext_addr6 if v6 else None,
             backend_type=self.backend_type,
-            backend_data={"VNI": self.options.vni, "VtepMAC": v4.mac},
+            backend_data={"VNI": self.options.vni, "VtepMAC": v4.mac} if v4 else None,
             backend_v6_data={"VNI": self.options.vni, "VtepMAC": v6.mac} if v6 else None,
         )
         try:
@@ -372,11 +376,11 @@ def peer_from(lease: Lease, version: int) -> PeerState | None:
             "BackendV6Data",
         )
     if public_ip is None or subnet is None:
-        log.error("Ignoring vxlan lease %s: no PublicIPv6 for its IPv6 subnet %s", lease.subnet, subnet)
+        log.error("Ignoring vxlan lease %s: no PublicIPv6 for its IPv6 subnet %s", lease.primary, subnet)
         return None
     mac = lookup_key(data if isinstance(data, dict) else {}, "VtepMAC")  # case-insensitive, as Go decodes it upstream
     if not isinstance(mac, str) or len(mac.split(":")) != 6:
-        log.error("Ignoring vxlan lease %s: %s has no valid VtepMAC (%r)", lease.subnet, field_name, data)
+        log.error("Ignoring vxlan lease %s: %s has no valid VtepMAC (%r)", lease.primary, field_name, data)
         return None
     return PeerState(subnet, str(public_ip), mac.lower())
 

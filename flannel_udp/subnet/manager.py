@@ -96,41 +96,48 @@ class Manager:
         """Upstream's tryAcquireLease, except that a create that loses a race is retried (upstream gives up at once)."""
         for attempt in range(RACE_RETRIES):
             leases, _rev = await self.registry.get_subnets(expirations=False)  # a reservation is told apart anyway
-            decision = decide(self.config, leases, attrs.public_ip, self.previous, self.rng)
+            decision = decide(self.config, leases, node_address(self.config, attrs), self.previous, self.rng)
             for stale in decision.delete:
                 log.warning(
                     "Found lease (%s) for current IP (%s) but not compatible with current config, deleting",
                     stale.key,
-                    attrs.public_ip,
+                    node_address(self.config, attrs),
                 )
                 await self.registry.delete_subnet(stale.subnet, stale.ipv6_subnet)
             if decision.reuse is not None:
                 # A reservation (no expiry) stays one; upstream re-attaches a TTL to it (flannel issue #1329).
                 ttl = None if decision.reuse.expiration is None else self.lease_ttl
                 expiration = await self.registry.update_subnet(decision.subnet, decision.ipv6_subnet, attrs, ttl)
-                log.info("Found lease (%s) for current IP (%s), reusing", decision.reuse.key, attrs.public_ip)
+                log.info(
+                    "Found lease (%s) for current IP (%s), reusing",
+                    decision.reuse.key,
+                    node_address(self.config, attrs),
+                )
             else:
                 self._tried.add(make_subnet_key(decision.subnet, decision.ipv6_subnet))
                 try:
                     expiration = await self.registry.create_subnet(
                         decision.subnet, decision.ipv6_subnet, attrs, self.lease_ttl
                     )
-                    if decision.ipv6_subnet is not None and await self._shares_a_subnet(decision):
+                    dual = decision.subnet is not None and decision.ipv6_subnet is not None
+                    if dual and await self._shares_a_subnet(decision):
                         # A dual-stack key names both subnets, so the store's create-if-absent cannot see another node
                         # that took the same IPv4 (or IPv6) subnet with a different partner at the same moment.
                         await self.registry.delete_subnet(decision.subnet, decision.ipv6_subnet)
                         raise SubnetExists(f"{decision.subnet} or {decision.ipv6_subnet} is in another lease too")
                 except SubnetExists:
-                    log.info("Subnet %s was taken by another node meanwhile, trying again", decision.subnet)
+                    log.info(
+                        "Subnet %s was taken by another node meanwhile, trying again",
+                        decision.subnet or decision.ipv6_subnet,
+                    )
                     # A short random pause spreads a crowd of nodes starting together, so that the next listing
                     # already shows what the winners took.
                     await asyncio.sleep(self.rng.uniform(0, RACE_BACKOFF * (attempt + 1)))
                     continue
                 log.info(
-                    "Allocated lease (%s%s) to current node (%s)",
-                    decision.subnet,
-                    f", {decision.ipv6_subnet}" if decision.ipv6_subnet else "",
-                    attrs.public_ip,
+                    "Allocated lease (%s) to current node (%s)",
+                    ", ".join(str(s) for s in (decision.subnet, decision.ipv6_subnet) if s is not None),
+                    node_address(self.config, attrs),
                 )
             lease = Lease(decision.subnet, attrs, decision.ipv6_subnet, expiration)
             found_old = decision.reuse is not None and decision.reuse.key not in self._tried
@@ -177,6 +184,13 @@ class Manager:
 
     async def close(self) -> None:
         await self.registry.close()
+
+
+def node_address(config: NetworkConfig, attrs: LeaseAttrs) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """What identifies a node's lease in the store: its PublicIP, or in an IPv6-only network its PublicIPv6."""
+    if config.enable_ipv4 or attrs.public_ipv6 is None:
+        return attrs.public_ip
+    return attrs.public_ipv6
 
 
 def previous_subnet_from(values: dict[str, list]) -> tuple[IPv4Net | None, IPv6Net | None]:

@@ -28,17 +28,19 @@ class Registry(ABC):
         reservation None, as always."""
 
     @abstractmethod
-    async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:
+    async def create_subnet(
+        self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float
+    ) -> float:
         """Create the key only if absent; returns the expiration. Raises SubnetExists."""
 
     @abstractmethod
     async def update_subnet(
-        self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
+        self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
     ) -> float | None:
         """Write the key; ttl None keeps it without expiry (a reservation). Returns the expiration."""
 
     @abstractmethod
-    async def delete_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> None: ...
+    async def delete_subnet(self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None) -> None: ...
 
     @abstractmethod
     def watch_subnets(self) -> AsyncIterator[Snapshot | Events]:

@@ -25,7 +25,7 @@ def gateway(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.
 
 def render(cfg: NetworkConfig, lease: Lease, mtu: int, ip_masq: bool) -> str:
     lines = []
-    if cfg.enable_ipv4:
+    if cfg.enable_ipv4 and lease.subnet is not None:
         lines.append(f"FLANNEL_NETWORK={cfg.network}")
         lines.append(f"FLANNEL_SUBNET={gateway(lease.subnet)}")
     if cfg.enable_ipv6 and lease.ipv6_subnet is not None:
@@ -122,16 +122,22 @@ class SubnetEnv:
     ipmasq: bool | None = None
 
     def missing(self) -> list[str]:
-        """What the plugin needs and the file lacks (an IPv6 subnet needs its network too)."""
-        wanted = {
-            "FLANNEL_NETWORK": self.networks,
-            "FLANNEL_SUBNET": self.subnet,
-            "FLANNEL_MTU": self.mtu,
-            "FLANNEL_IPMASQ": self.ipmasq,
-        }
-        if self.ipv6_subnet is not None:
-            wanted["FLANNEL_IPV6_NETWORK"] = self.ipv6_networks
-        return [name for name, value in wanted.items() if value is None or value == ()]
+        """What the plugin needs and the file lacks, as upstream's plugin says it: a network and a subnet of either
+        family (an IPv6-only node writes only the IPv6 pair), the MTU and IPMASQ; and here also the network of each
+        subnet given (an IPv6 subnet without FLANNEL_IPV6_NETWORK would give pods no route to the other nodes)."""
+        out = []
+        if not self.networks and not self.ipv6_networks:
+            out += ["FLANNEL_NETWORK", "FLANNEL_IPV6_NETWORK"]
+        if self.subnet is None and self.ipv6_subnet is None:
+            out += ["FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET"]
+        out += [name for name, value in (("FLANNEL_MTU", self.mtu), ("FLANNEL_IPMASQ", self.ipmasq)) if value is None]
+        for name, subnet, networks in (
+            ("FLANNEL_NETWORK", self.subnet, self.networks),
+            ("FLANNEL_IPV6_NETWORK", self.ipv6_subnet, self.ipv6_networks),
+        ):
+            if subnet is not None and not networks and name not in out:
+                out.append(name)
+        return out
 
 
 def _cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from .lease import Events, EventType, IPv4Net, Lease, LeaseAdded, LeaseEvent, LeaseRemoved, Snapshot
+from .lease import Events, EventType, Lease, LeaseAdded, LeaseEvent, LeaseRemoved, Snapshot, Subnet
 
 if TYPE_CHECKING:
     from .manager import SubnetManager
@@ -22,11 +22,12 @@ class LeaseRevoked(Exception):
 
 
 class LeaseWatcher:
-    """The peers' leases as last seen; turns each store result into the batch of changes a backend applies."""
+    """The peers' leases as last seen, by their primary subnet (IPv4, or IPv6 in an IPv6-only network); turns each
+    store result into the batch of changes a backend applies."""
 
-    def __init__(self, own_subnet: IPv4Net) -> None:
+    def __init__(self, own_subnet: Subnet) -> None:
         self.own_subnet = own_subnet
-        self.leases: dict[IPv4Net, Lease] = {}
+        self.leases: dict[Subnet, Lease] = {}
 
     def apply(self, result: Snapshot | Events) -> list[LeaseEvent]:
         if isinstance(result, Snapshot):
@@ -34,7 +35,7 @@ class LeaseWatcher:
         return self.update(result.events)
 
     def reset(self, leases: list[Lease]) -> list[LeaseEvent]:
-        fresh = {lease.subnet: lease for lease in leases if lease.subnet != self.own_subnet}
+        fresh = {lease.primary: lease for lease in leases if lease.primary != self.own_subnet}
         batch: list[LeaseEvent] = [
             LeaseRemoved(old.subnet, old.ipv6_subnet) for subnet, old in self.leases.items() if subnet not in fresh
         ]
@@ -48,13 +49,13 @@ class LeaseWatcher:
     def update(self, events: list[LeaseEvent]) -> list[LeaseEvent]:
         batch: list[LeaseEvent] = []
         for event in events:
-            if event.subnet == self.own_subnet:
+            if event.primary == self.own_subnet:
                 continue
             if isinstance(event, LeaseAdded):
-                self.leases[event.subnet] = event.lease
+                self.leases[event.primary] = event.lease
                 batch.append(event)
             else:
-                known = self.leases.pop(event.subnet, None)
+                known = self.leases.pop(event.primary, None)
                 ipv6_subnet = event.ipv6_subnet or (known.ipv6_subnet if known is not None else None)
                 batch.append(LeaseRemoved(event.subnet, ipv6_subnet))
         return batch
@@ -62,8 +63,8 @@ class LeaseWatcher:
 
 def own_lease_gone(result: Snapshot | Events, own: Lease) -> bool:
     if isinstance(result, Snapshot):
-        return all(lease.subnet != own.subnet for lease in result.leases)
-    return any(e.type is EventType.REMOVED and e.subnet == own.subnet for e in result.events)
+        return all(lease.primary != own.primary for lease in result.leases)
+    return any(e.type is EventType.REMOVED and e.primary == own.primary for e in result.events)
 
 
 class LeaseStream:
@@ -73,14 +74,14 @@ class LeaseStream:
     def __init__(self, manager: SubnetManager, own: Lease) -> None:
         self.manager = manager
         self.own = own
-        self.watcher = LeaseWatcher(own.subnet)
+        self.watcher = LeaseWatcher(own.primary)
 
     async def batches(self) -> AsyncIterator[list[LeaseEvent]]:
         """Raises LeaseRevoked when the store no longer has the own lease (where the store can tell: a Kubernetes
         Node is not revoked that way), StoreError when the store fails."""
         async for result in self.manager.watch_leases():
             if self.manager.watches_own_lease and own_lease_gone(result, self.own):
-                raise LeaseRevoked(f"lease {self.own.subnet} has been revoked")
+                raise LeaseRevoked(f"lease {self.own.primary} has been revoked")
             batch = self.watcher.apply(result)
             if batch:
                 yield batch

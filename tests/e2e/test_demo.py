@@ -47,6 +47,18 @@ def test_kube_demo_runs_the_nodes_on_a_real_control_plane(backend="vxlan"):
     assert not (namespaces() - before)  # nothing of its own left
 
 
+@pytest.mark.skipif(not kubeserver.available(), reason="Kubernetes binaries not built (scripts/setup.sh)")
+def test_ipv6_only_demo_on_the_kubernetes_api_shows_ipv6_alone():
+    before = namespaces()
+    result = demo("--network", "fd00:10:244::/56", "--kube", "--nodes", "2", "--pods", "1", "--iperf-seconds", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "IPv6 only" in out and "IPv6 ping matrix" in out and "IPv4 ping matrix" not in out
+    assert "FAIL" not in out and out.count(" ok") >= 2 and "over IPv6" in out and "Gbit/s" in out
+    assert "FLANNEL_IPV6_SUBNET=fd00:10:244:" in out and "FLANNEL_SUBNET" not in out
+    assert not (namespaces() - before)
+
+
 def node_cgroups() -> set[str]:
     return {path for path in glob.glob("/sys/fs/cgroup/*/fu*") if os.path.isdir(path)}
 

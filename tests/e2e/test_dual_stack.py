@@ -159,16 +159,9 @@ def test_ip6tables_and_nftables_rules_cover_the_ipv6_network(bed):
     "config, flags, message",
     [
         (
-            {
-                "Network": NETWORK,
-                "EnableIPv4": False,
-                "EnableIPv6": True,
-                "IPv6Network": IPV6_NETWORK,
-                "Backend": {"Type": "vxlan"},
-            },
+            dict(dual_config({"Type": "vxlan"}), EnableIPv4=False, EnableIPv6=False),
             [],
-            "error: IPv6-only networks are not supported with a lease store (its keys always carry an IPv4 subnet): "
-            "set EnableIPv4 too (dual stack)",
+            "error: none defined stack: the network config turns off both EnableIPv4 and EnableIPv6",
         ),
         (
             dual_config({"Type": "vxlan", "MTU": 1340}),

@@ -162,8 +162,10 @@ def test_bad_ipv6_configurations_are_one_line(bed):
     )
     bed.write_config(dict(CONFIG, IPv6SubnetLen=127))
     assert bed.run_node_expecting_failure(host).endswith("SubnetLen must be less than /127")
-    bed.write_config(dict(CONFIG, EnableIPv4=False))
-    assert "IPv6-only networks are not supported" in bed.run_node_expecting_failure(host)
+    bed.write_config(dict(CONFIG, EnableIPv4=False, EnableIPv6=False))
+    assert bed.run_node_expecting_failure(host) == (
+        "error: none defined stack: the network config turns off both EnableIPv4 and EnableIPv6"
+    )
     bed.write_config(CONFIG)
     line = bed.run_node_expecting_failure(host, "--public-ipv6=fd00:198:18::99")
     assert line == (

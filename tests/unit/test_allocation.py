@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from flannel_udp.subnet.allocation import decide
 from flannel_udp.subnet.config import load_config
 from flannel_udp.subnet.lease import EventType, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from flannel_udp.subnet.local.registry import LocalRegistry
@@ -134,8 +135,6 @@ def test_simultaneous_starts_spread_over_the_whole_range():
     same home for all: public IPs 1,023 apart), is uniform over every free subnet."""
     import random
 
-    from flannel_udp.subnet.allocation import decide
-
     cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')  # 1,023 subnets, the first 10.100.0.64/26
     taken = [Lease(net(f"10.100.{i}.0/26"), OTHER) for i in range(1, 200)]  # some already leased
     base = int(ip("198.18.0.0"))
@@ -153,8 +152,6 @@ def test_nodes_numbered_consecutively_start_together_without_colliding_and_retur
     distinct subnets); a node deciding again once its lease is gone gets the same subnet back."""
     import random
 
-    from flannel_udp.subnet.allocation import decide
-
     cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')
     first = int(ip("198.18.0.1"))
     picks = [decide(cfg, [], ip(first + i), rng=random.Random(i)).subnet for i in range(1000)]
@@ -165,8 +162,6 @@ def test_nodes_numbered_consecutively_start_together_without_colliding_and_retur
 
 def test_a_nearly_full_range_still_finds_its_last_free_subnet():
     import random
-
-    from flannel_udp.subnet.allocation import decide
 
     cfg = load_config('{"Network": "10.100.0.0/16", "SubnetLen": 26}')
     last_free = net("10.100.77.128/26")
@@ -252,3 +247,42 @@ async def test_lease_stream_gives_peer_batches_and_ends_when_the_own_lease_is_re
                 await registry.delete_subnet(own.subnet, None)
     assert len(batches[0]) == 5 and own.subnet not in [e.subnet for e in batches[0]]
     assert batches[1] == [LeaseAdded(Lease(net("10.3.30.0/24"), OTHER, None, batches[1][0].lease.expiration))]
+
+
+IPV6_ONLY = load_config('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/60"}')
+HOST6 = ipaddress.IPv6Address("fd00:198:18::3")
+
+
+def lease6(subnet: str, public6: str) -> Lease:
+    return Lease(None, LeaseAttrs(ipaddress.IPv4Address(0), ipaddress.IPv6Address(public6), "udp"), net(subnet))
+
+
+def test_ipv6_only_allocation_takes_the_home_subnet_then_finds_its_own_again():
+    decision = decide(IPV6_ONLY, [], HOST6)
+    # 15 subnets from fd00:10:244:1::/64; the home's ordinal is the PublicIPv6 modulo 15 (13).
+    assert decision.subnet is None and decision.ipv6_subnet == net("fd00:10:244:e::/64")
+    mine = lease6("fd00:10:244:9::/64", str(HOST6))
+    again = decide(IPV6_ONLY, [lease6("fd00:10:244:e::/64", "fd00:198:18::8"), mine], HOST6)
+    assert again.reuse is mine and again.ipv6_subnet == mine.ipv6_subnet
+    taken = decide(IPV6_ONLY, [lease6("fd00:10:244:e::/64", "fd00:198:18::8")], HOST6)
+    assert taken.ipv6_subnet not in (None, net("fd00:10:244:e::/64"))
+
+
+def test_ipv6_only_allocation_prefers_the_previous_subnet_and_never_takes_a_dual_stack_lease_as_its_own():
+    previous = (None, net("fd00:10:244:c::/64"))
+    assert decide(IPV6_ONLY, [], HOST6, previous).ipv6_subnet == net("fd00:10:244:c::/64")
+    dual = Lease(net("10.3.1.0/24"), LeaseAttrs(ip("1.1.1.1"), HOST6, "udp"), net("fd00:10:244:e::/64"))
+    decision = decide(IPV6_ONLY, [dual], HOST6)
+    assert decision.reuse is None and decision.ipv6_subnet != net("fd00:10:244:e::/64")
+
+
+async def test_ipv6_only_leases_in_the_embedded_store_and_the_watcher(registry):
+    ours = LeaseAttrs(ipaddress.IPv4Address(0), HOST6, "udp")
+    lease = await Manager(registry, IPV6_ONLY).acquire_lease(ours)
+    assert lease.subnet is None and lease.key == f"{lease.ipv6_subnet.network_address}-64"
+    other = await Manager(registry, IPV6_ONLY).acquire_lease(LeaseAttrs(ipaddress.IPv4Address(0), HOST6 + 1, "udp"))
+    watcher = LeaseWatcher(lease.primary)
+    snapshot, _ = await registry.get_subnets()
+    added = [e for e in watcher.reset(snapshot) if e.primary.version == 6]
+    assert [e.lease for e in added] == [other]  # keyed by the IPv6 subnet; its own lease is never reported
+    assert watcher.update([LeaseRemoved(None, other.ipv6_subnet)]) == [LeaseRemoved(None, other.ipv6_subnet)]

@@ -8,6 +8,7 @@ import pytest
 from _fastpath.offload import GSO_TCPV6, GSO_UDP_L4, NEEDS_CSUM, VNET_HEADER_LENGTH, split
 from _fastpath.routes import RouteTable
 from scapy.all import (
+    IP,
     TCP,
     UDP,
     ICMPv6DestUnreach,
@@ -117,6 +118,17 @@ def test_a_chain_running_past_the_end_is_a_bad_header(table):
 def test_ipv6_is_not_ipv4_on_a_node_without_an_ipv6_subnet(table):
     assert packet.inbound_verdict(v6(), PEER6, table, OWN4) == "not_ipv4"
     assert packet.outbound_verdict(v6(SRC, DST), table) == "not_ipv4"
+
+
+def test_an_ipv6_only_node_carries_nothing_but_ipv6(table):
+    v4 = raw(IP(src="10.5.1.7", dst="10.5.72.9") / TCP(dport=80))
+    assert packet.outbound_verdict(v4, table, ipv4=False) == "not_ipv6"
+    assert packet.outbound_verdict(v6(SRC, DST), table, ipv4=False) == "ok"
+    assert packet.inbound_verdict(v4, PEER4, table, None, own_subnet6=OWN6) == "not_ipv6"
+    assert packet.inbound_verdict(b"", PEER6, table, None, own_subnet6=OWN6) == "short"
+    assert packet.inbound_verdict(v6(), PEER6, table, None, own_subnet6=OWN6) == "ok"
+    with pytest.raises(ValueError):
+        packet.inbound_verdict(v6(), PEER6, table, None)
 
 
 def test_outbound_ipv6_verdicts(table):

@@ -217,6 +217,27 @@ def test_acquire_writes_upstreams_annotations_for_vxlan_udp_and_host_gw():
     assert wanted_annotations({}, hostgw6, ANN)[ANN.backend_v6_data] == "null"
 
 
+def test_ipv6_only_leases_and_annotations_as_upstream_writes_them():
+    """IPv6-only (upstream's kube.go): vxlan writes no IPv4 annotation (its BackendData is null); host-gw and udp
+    write BackendData null and the zero PublicIP; the peer's lease has the IPv6 side alone."""
+    zero, v6 = ipaddress.IPv4Address(0), ipaddress.IPv6Address("fd00:198:18::2")
+    vxlan = LeaseAttrs(zero, v6, "vxlan", None, {"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"})
+    assert wanted_annotations({}, vxlan, ANN) == {
+        ANN.backend_type: "vxlan",
+        ANN.backend_v6_data: '{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}',
+        ANN.public_ipv6: "fd00:198:18::2",
+        ANN.kube_managed: "true",
+    }
+    hostgw = wanted_annotations({}, LeaseAttrs(zero, v6, "host-gw"), ANN)
+    assert (hostgw[ANN.public_ip], hostgw[ANN.backend_data], hostgw[ANN.backend_v6_data]) == ("0.0.0.0", "null", "null")
+    annotations = {k: v for k, v in hostgw.items()}
+    lease = node_to_lease(node(annotations=annotations, pod_cidrs=["fd00:10:244:3::/64"]), ANN, False, True)
+    assert lease.subnet is None and lease.ipv6_subnet == net("fd00:10:244:3::/64")
+    assert lease.attrs.public_ipv6 == v6 and lease.primary == lease.ipv6_subnet
+    with pytest.raises(LeaseConversionError, match="missing IPv6 address"):
+        node_to_lease(node(annotations=annotations, pod_cidrs=["10.244.3.0/24"]), ANN, False, True)
+
+
 def test_public_ip_overwrite_is_published_instead_of_the_detected_address():
     udp = LeaseAttrs(ipaddress.IPv4Address("198.18.0.1"))
     assert wanted_annotations({ANN.public_ip_overwrite: "203.0.113.9"}, udp, ANN)[ANN.public_ip] == "203.0.113.9"

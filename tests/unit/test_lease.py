@@ -98,3 +98,22 @@ def test_kv_fuzz_seeds_give_a_lease_or_name_the_fault(key, value, expected):
     subnet, ipv6_subnet, backend_type = expected
     assert str(lease.subnet) == subnet and lease.attrs.backend_type == backend_type
     assert (str(lease.ipv6_subnet) if lease.ipv6_subnet else None) == ipv6_subnet
+
+
+def test_ipv6_only_keys_are_the_embedded_stores_and_never_etcds():
+    key = "fd00:10:244:7::-64"
+    assert make_subnet_key(None, ipaddress.ip_network("fd00:10:244:7::/64")) == key
+    assert parse_subnet_key(key, True) == (None, ipaddress.ip_network("fd00:10:244:7::/64"))
+    assert parse_subnet_key("/coreos.com/network/subnets/" + key, True)[1] == ipaddress.ip_network("fd00:10:244:7::/64")
+    assert parse_subnet_key(key) is None  # upstream's schema (etcd) has no IPv6-only key
+    for bad in ("fd00::-128", "fd00::1-64", "fd00::-", "10.1.0.0", "fd00:::-64", "x:y::-64"):
+        assert parse_subnet_key(bad, True) is None, bad
+
+
+def test_ipv6_only_lease_value_needs_a_public_ipv6():
+    value = '{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::1","BackendType":"udp"}'
+    lease = lease_from_kv("fd00:10:244:7::-64", value, None, True)
+    assert lease.subnet is None and lease.primary == ipaddress.ip_network("fd00:10:244:7::/64")
+    assert lease.attrs.to_json() == value
+    with pytest.raises(LeaseError, match="no PublicIPv6"):
+        lease_from_kv("fd00:10:244:7::-64", '{"PublicIP":"0.0.0.0","PublicIPv6":null}', None, True)

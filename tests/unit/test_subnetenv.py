@@ -73,14 +73,18 @@ def test_the_cni_plugin_reads_subnet_env_as_upstreams_plugin_does():
     assert env.subnet == ipaddress.ip_interface("10.244.7.1/24") and env.mtu == 1450
     assert env.ipmasq is False  # `1` is not `true` to upstream's plugin
     assert env.missing() == [] and subnetenv.parse("FLANNEL_IPMASQ=true\n").ipmasq is True
-    dual = subnetenv.parse("FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n")
-    assert dual.missing() == [
+    assert subnetenv.parse("").missing() == [
         "FLANNEL_NETWORK",
+        "FLANNEL_IPV6_NETWORK",
         "FLANNEL_SUBNET",
+        "FLANNEL_IPV6_SUBNET",
         "FLANNEL_MTU",
         "FLANNEL_IPMASQ",
-        "FLANNEL_IPV6_NETWORK",
     ]
+    ipv6_only = "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n"
+    assert subnetenv.parse(ipv6_only + "FLANNEL_MTU=1280\nFLANNEL_IPMASQ=false\n").missing() == []
+    lone_subnet = subnetenv.parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n")
+    assert lone_subnet.missing() == ["FLANNEL_MTU", "FLANNEL_IPMASQ", "FLANNEL_IPV6_NETWORK"]
 
 
 @pytest.mark.parametrize(

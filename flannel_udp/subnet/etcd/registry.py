@@ -67,7 +67,7 @@ class EtcdRegistry(Registry):
         self.config_key = posixpath.join(prefix, "config")
         self.subnets_key = posixpath.join(prefix, "subnets")
 
-    def subnet_key(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> bytes:
+    def subnet_key(self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None) -> bytes:
         return posixpath.join(self.subnets_key, make_subnet_key(subnet, ipv6_subnet)).encode()
 
     async def _call(self, method, *args, **kwargs):
@@ -124,7 +124,9 @@ class EtcdRegistry(Registry):
     async def _grant(self, ttl: float) -> Any:
         return await self._call(self.client.lease, max(1, round(ttl)))
 
-    async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:
+    async def create_subnet(
+        self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float
+    ) -> float:
         key = self.subnet_key(subnet, ipv6_subnet)
         grant = await self._grant(ttl)
         tx = self.client.transactions
@@ -140,7 +142,7 @@ class EtcdRegistry(Registry):
         return time.time() + grant.ttl
 
     async def update_subnet(
-        self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
+        self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
     ) -> float | None:
         key = self.subnet_key(subnet, ipv6_subnet)
         if ttl is None:
@@ -151,7 +153,7 @@ class EtcdRegistry(Registry):
         await self._call(self.client.put, key, attrs.to_json().encode(), lease=grant)
         return time.time() + grant.ttl
 
-    async def delete_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> None:
+    async def delete_subnet(self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None) -> None:
         await self._call(self.client.delete, self.subnet_key(subnet, ipv6_subnet))
 
     # -- watch -------------------------------------------------------------------------------------------------------

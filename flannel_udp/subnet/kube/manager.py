@@ -23,7 +23,7 @@ from lightkube.resources.core_v1 import Node
 from lightkube.types import PatchType
 
 from ..config import NetworkConfig
-from ..lease import Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
+from ..lease import NO_PUBLIC_IP, Events, IPv4Net, IPv6Net, Lease, LeaseAdded, LeaseAttrs, LeaseRemoved, Snapshot
 from ..registry import StoreError, StoreUnavailable
 from .annotations import AnnotationPrefixError, Annotations, mac_from_backend_data
 from .client import (
@@ -79,7 +79,8 @@ def _ipv6(text: str) -> ipaddress.IPv6Address:
 def pod_cidr_text(node: NodeInfo) -> str:
     """The podCIDR fields as the Node spells them, for messages."""
     spec = node.spec
-    return str((spec.podCIDRs or spec.podCIDR) if spec is not None else None)
+    cidrs: list = (spec.podCIDRs or [spec.podCIDR]) if spec is not None else []
+    return ", ".join(str(c) for c in cidrs if c) or "none"
 
 
 def pod_cidrs(node: NodeInfo) -> tuple[IPv4Net | None, IPv6Net | None]:
@@ -113,10 +114,12 @@ def _backend_json(text: str | None, name: str) -> Any:
 
 
 def node_to_lease(node: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> Lease:
-    """upstream nodeToLease: the peer's lease as its annotations and podCIDRs describe it."""
+    """upstream nodeToLease: the peer's lease as its annotations and podCIDRs describe it (in an IPv6-only network the
+    IPv6 side alone, PublicIP left at upstream's zero value)."""
     annotations = node_annotations(node)
     v4, v6 = pod_cidrs(node)
-    public_ip = public_ipv6 = ipv6_subnet = None
+    public_ip: ipaddress.IPv4Address | None = None
+    public_ipv6 = ipv6_subnet = None
     backend_data = backend_v6_data = None
     if enable_ipv4:
         try:
@@ -137,10 +140,13 @@ def node_to_lease(node: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ip
         ipv6_subnet = v6
         if v6 is None:
             raise LeaseConversionError("missing IPv6 address on n.Spec.PodCIDRs")
-    if public_ip is None or v4 is None:
-        raise LeaseConversionError("IPv6-only nodes are not supported (a lease always has an IPv4 subnet)")
-    attrs = LeaseAttrs(public_ip, public_ipv6, annotations.get(ann.backend_type, ""), backend_data, backend_v6_data)
-    return Lease(v4, attrs, ipv6_subnet, None)
+    if not enable_ipv4 and not enable_ipv6:
+        raise LeaseConversionError("the network config enables neither IPv4 nor IPv6")
+    if not enable_ipv4 and public_ipv6 is None:
+        raise LeaseConversionError(f"invalid {ann.public_ipv6}: {annotations.get(ann.public_ipv6)!r}")
+    kind = annotations.get(ann.backend_type, "")
+    attrs = LeaseAttrs(public_ip or NO_PUBLIC_IP, public_ipv6, kind, backend_data, backend_v6_data)
+    return Lease(v4 if enable_ipv4 else None, attrs, ipv6_subnet, None)
 
 
 def lease_relevant_change(old: NodeInfo, new: NodeInfo, ann: Annotations, enable_ipv4: bool, enable_ipv6: bool) -> bool:
@@ -206,9 +212,10 @@ async def list_node_leases(opts: KubeOptions) -> list[tuple[str, Lease]]:
         for node in nodes:
             if node_annotations(node).get(annotations.kube_managed) != "true":
                 continue
-            dual = bool(node_annotations(node).get(annotations.public_ipv6))
+            has_ipv6 = bool(node_annotations(node).get(annotations.public_ipv6))
             try:
-                out.append((node_name(node), node_to_lease(node, annotations, True, dual)))
+                has_ipv4 = pod_cidrs(node)[0] is not None  # an IPv6-only cluster's nodes have IPv6 podCIDRs alone
+                out.append((node_name(node), node_to_lease(node, annotations, has_ipv4, has_ipv6)))
             except LeaseConversionError as e:
                 log.warning("Node %s: %s", node_name(node), e)
         return out
@@ -300,18 +307,15 @@ class KubeManager:
             v4, v6 = pod_cidrs(node)
         except LeaseConversionError as e:
             raise StoreError(str(e)) from None
-        if v4 is None or not self.enable_ipv4:
-            raise StoreError(
-                f'node "{self.node_name}" has no IPv4 podCIDR ({pod_cidr_text(node)}): '
-                "IPv6-only clusters are not supported"
-            )
-        if self.config.network is None or not contains_cidr(self.config.network, v4):
-            raise StoreError(
-                f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
-                f'contain "{v4}" PodCIDR of the "{self.node_name}" node'
-            )
+        subnet = self._checked_ipv4(node, v4) if self.enable_ipv4 else None
         ipv6_subnet = None
-        if v6 is not None and self.enable_ipv6 and attrs.backend_type in DUAL_STACK_TYPES:
+        if not self.enable_ipv4:
+            if v6 is None:
+                raise StoreError(
+                    f'node "{self.node_name}" has no IPv6 podCIDR ({pod_cidr_text(node)}) but the network is IPv6-only '
+                    "(EnableIPv4 false): give kube-controller-manager an IPv6 cluster CIDR"
+                )
+        if v6 is not None and self.enable_ipv6 and (attrs.backend_type in DUAL_STACK_TYPES or subnet is None):
             if self.config.ipv6_network is None:
                 raise StoreError(
                     f'subnet "{v6}" specified in the PodCIDR, but doesn\'t exist in the flannel net '
@@ -334,8 +338,22 @@ class KubeManager:
         if changed:
             await self._patch_status({"metadata": {"annotations": changed}}, "annotations")
             log.info("Annotated node %s: %s", self.node_name, ", ".join(sorted(changed)))
-        log.info("Lease from node %s: podCIDR %s%s", self.node_name, v4, f", {ipv6_subnet}" if ipv6_subnet else "")
-        return Lease(v4, attrs, ipv6_subnet, None)
+        cidrs = ", ".join(str(c) for c in (subnet, ipv6_subnet) if c is not None)
+        log.info("Lease from node %s: podCIDR %s", self.node_name, cidrs)
+        return Lease(subnet, attrs, ipv6_subnet, None)
+
+    def _checked_ipv4(self, node: NodeInfo, v4: IPv4Net | None) -> IPv4Net:
+        if v4 is None:
+            raise StoreError(
+                f'node "{self.node_name}" has no IPv4 podCIDR ({pod_cidr_text(node)}) but EnableIPv4 is set: for an '
+                'IPv6-only cluster set "EnableIPv4": false in net-conf.json'
+            )
+        if self.config.network is None or not contains_cidr(self.config.network, v4):
+            raise StoreError(
+                f'subnet "{self.config.network}" specified in the flannel net config doesn\'t '
+                f'contain "{v4}" PodCIDR of the "{self.node_name}" node'
+            )
+        return v4
 
     async def renew_lease(self, lease: Lease) -> Lease:
         return lease  # never asked: a kube lease has no expiration

@@ -174,7 +174,7 @@ class LocalRegistry(Registry):
             revision = self._revision(db)
         finally:
             db.execute("COMMIT")
-        added = (decode_or_warn(key, value, expires) for key, value, expires in rows)
+        added = (decode_or_warn(key, value, expires, True) for key, value, expires in rows)
         return Snapshot([event.lease for event in added if isinstance(event, LeaseAdded)], revision)
 
     @staticmethod
@@ -194,7 +194,7 @@ class LocalRegistry(Registry):
         events: list[LeaseEvent] = []
         for rev, key, value, expires in rows:
             revision = rev
-            event = decode_or_warn(key, value, expires)
+            event = decode_or_warn(key, value, expires, True)
             if event is not None:
                 events.append(event)
         return Events(events, revision)
@@ -240,19 +240,21 @@ class LocalRegistry(Registry):
         snapshot = await self._run(self._snapshot)  # the expirations are in the rows: always exact here
         return snapshot.leases, snapshot.revision
 
-    async def create_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float) -> float:
+    async def create_subnet(
+        self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float
+    ) -> float:
         expires = time.time() + ttl
         await self._run(self._create, make_subnet_key(subnet, ipv6_subnet), attrs.to_json(), expires)
         return expires
 
     async def update_subnet(
-        self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
+        self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None, attrs: LeaseAttrs, ttl: float | None
     ) -> float | None:
         expires = None if ttl is None else time.time() + ttl
         await self._run(self._put, make_subnet_key(subnet, ipv6_subnet), attrs.to_json(), expires)
         return expires
 
-    async def delete_subnet(self, subnet: IPv4Net, ipv6_subnet: IPv6Net | None) -> None:
+    async def delete_subnet(self, subnet: IPv4Net | None, ipv6_subnet: IPv6Net | None) -> None:
         await self._run(self._delete, make_subnet_key(subnet, ipv6_subnet))
 
     def _poll_connection(self) -> sqlite3.Connection:
