@@ -1,5 +1,5 @@
 """The C system interfaces the data plane uses (sockets, UDP GSO/GRO, poll, iovecs, threads), declared once."""
-from libc.stdint cimport uint16_t, uint32_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -26,12 +26,32 @@ cdef extern from "<netinet/in.h>" nogil:
     int AF_INET6
 
 cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
+    ctypedef struct pthread_rwlock_t:
         pass
-    int pthread_mutex_init(pthread_mutex_t* mutex, void* attr)
-    int pthread_mutex_destroy(pthread_mutex_t* mutex)
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+    int pthread_rwlockattr_init(pthread_rwlockattr_t* attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t* attr, int kind)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t* attr)
+    int pthread_rwlock_init(pthread_rwlock_t* lock, const pthread_rwlockattr_t* attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t* lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t* lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t* lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t* lock)
+
+cdef extern from *:
+    """
+    /* Counters that several packet threads add to (a peer's): relaxed atomic adds, no lock. */
+    static inline void counter_add(uint64_t *counter, uint64_t value) {
+        __atomic_fetch_add(counter, value, __ATOMIC_RELAXED);
+    }
+    static inline uint64_t counter_read(const uint64_t *counter) {
+        return __atomic_load_n(counter, __ATOMIC_RELAXED);
+    }
+    """
+    void counter_add(uint64_t* counter, uint64_t value) nogil
+    uint64_t counter_read(const uint64_t* counter) nogil
 
 cdef extern from "<netinet/udp.h>" nogil:
     int SOL_UDP

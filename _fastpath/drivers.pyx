@@ -5,6 +5,7 @@ import ipaddress
 
 from libc.stdint cimport int32_t, uint32_t
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from _fastpath.checksum cimport sum16
 from _fastpath.offload cimport *
@@ -110,3 +111,32 @@ def bench_lookups(RouteTable table, const unsigned char[:] addresses, int rounds
                 if table.lookup(a) >= 0:
                     hits += 1
     return hits
+
+
+def bench_locked_lookups(RouteTable table, const unsigned char[:] addresses, double seconds, int per_round=64):
+    """As a pump does it: take the table's read lock, look up `per_round` IPv4 addresses, let go; for `seconds` of
+    wall time without the GIL (so threads run in parallel). Returns (lookups, rounds)."""
+    cdef Py_ssize_t n = addresses.shape[0] // 4, i = 0
+    cdef long lookups = 0, rounds = 0
+    cdef int k
+    cdef uint32_t a
+    cdef long long deadline
+    cdef timespec now
+    with nogil:
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        deadline = <long long>now.tv_sec * 1000000000 + now.tv_nsec + <long long>(seconds * 1e9)
+        while True:
+            table.lock()
+            for k in range(per_round):
+                a = ((<uint32_t>addresses[4 * i] << 24) | (<uint32_t>addresses[4 * i + 1] << 16)
+                     | (<uint32_t>addresses[4 * i + 2] << 8) | addresses[4 * i + 3])
+                table.lookup(a)
+                i = i + 1 if i + 1 < n else 0
+            table.unlock()
+            lookups += per_round
+            rounds += 1
+            if rounds % 64 == 0:
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                if <long long>now.tv_sec * 1000000000 + now.tv_nsec >= deadline:
+                    break
+    return lookups, rounds

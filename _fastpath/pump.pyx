@@ -12,8 +12,12 @@ EAGAIN or until DEFAULT_BURST datagrams (so one direction cannot starve the othe
 rest comes next round): a TUN read of a TSO super-packet counts as the segments it becomes and a GRO receive as the
 datagrams it holds, so a round is bounded in work (tens of microseconds), not in reads. on_tun_readable and
 on_socket_readable drain one side in such rounds for callers that drive the pump themselves (tests).
-Lease events change the route table under its mutex, which the pump holds for one round at a time and lets go of while
-a full socket buffer makes a send wait.
+Lease events change the route table under its write lock; each pump holds it for reading for one round at a time and
+lets go of it while a full socket buffer makes a send wait.
+
+Several pumps (the udp backend's -udp-workers) each own one queue of a multi-queue flannel0 and one receiving socket of
+a SO_REUSEPORT group, and send from a source port of their own; the kernel steers each flow to one pump in each
+direction (flannel_udp/net/steering.py), so they share only the route table and the peers' counters.
 
 TUN -> UDP: read packets one by one (the TUN has no batch read), check, route, TTL-1, queue on the UDP side, send per
 batch. With TUN offloads a read may be a 64 KB TCP or UDP super-packet: it is routed and checked once, then cut into
@@ -48,9 +52,9 @@ cdef inline long long monotonic_ns() noexcept nogil:
 cdef class Pump:
     def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True,
                   int burst=DEFAULT_BURST, bint gso=False, bint gro=False, bint vnet_hdr=False, int sock6_fd=-1,
-                  own_subnet6=None, int notify_fd=-1):
+                  own_subnet6=None, int notify_fd=-1, int send_fd=-1, int send6_fd=-1):
         self.tun = TunSide(tun_fd, vnet_hdr)
-        self.udp = UdpSide(sock_fd, sock6_fd, gso, gro, notify_fd)
+        self.udp = UdpSide(sock_fd, sock6_fd, gso, gro, notify_fd, send_fd, send6_fd)
         self.routes = routes
         self.own = own_subnets(own_subnet, own_subnet6)  # with the TUN's addresses, the sources of ICMP errors
         self.protect = protect
@@ -278,8 +282,8 @@ cdef class Pump:
             return
         if peer >= 0:
             p = &self.routes.peers[peer]
-            p.rx_packets += 1
-            p.rx_bytes += length
+            counter_add(&p.rx_packets, 1)
+            counter_add(&p.rx_bytes, length)
         deliver(self.tun, buf, length)
 
     def counters(self):

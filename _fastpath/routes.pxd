@@ -1,6 +1,13 @@
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from _fastpath.clib cimport pthread_mutex_t, pthread_mutex_lock, pthread_mutex_unlock, sockaddr_in, sockaddr_in6
+from _fastpath.clib cimport (
+    pthread_rwlock_rdlock,
+    pthread_rwlock_t,
+    pthread_rwlock_unlock,
+    pthread_rwlock_wrlock,
+    sockaddr_in,
+    sockaddr_in6,
+)
 
 
 # A key of either family: an IPv4 address or prefix in lo (hi 0), an IPv6 one in hi (first 8 bytes) and lo (last 8),
@@ -28,7 +35,7 @@ cdef struct Peer:
     int32_t refs  # routes pointing here; 0 = free slot
     sockaddr_in addr4  # ready for sendmmsg
     sockaddr_in6 addr6
-    uint64_t tx_packets
+    uint64_t tx_packets  # added to by every packet thread: counter_add / counter_read only
     uint64_t tx_bytes
     uint64_t rx_packets
     uint64_t rx_bytes
@@ -43,10 +50,11 @@ cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
 
 
 cdef class RouteTable:
-    # The pump's thread holds it for a round (lookups and sends use peer slots), but lets go while a full socket makes
-    # it wait; lease events take it for each change. The packet path never needs the GIL, so a lease event never
-    # waits for more than the work of one round.
-    cdef pthread_mutex_t mutex
+    # A readers-writer lock: each packet thread holds it for reading for a round (lookups and sends use peer slots),
+    # so the pumps never wait for one another, and lets go while a full socket makes it wait; lease events take it for
+    # writing for each change, ahead of readers still to come (writer preference), so a change waits for no more than
+    # the rounds in progress. The packet path never needs the GIL.
+    cdef pthread_rwlock_t rwlock
     cdef uint64_t generation  # counts changes: a holder that let go of the mutex knows whether peers may have moved
     cdef HashMap route_map  # prefix key -> peer index
     cdef HashMap peer_by_ip  # address key -> peer index
@@ -61,9 +69,11 @@ cdef class RouteTable:
     cdef int32_t nlengths6
 
     cdef inline void lock(self) noexcept nogil:
-        pthread_mutex_lock(&self.mutex)
+        pthread_rwlock_rdlock(&self.rwlock)
+    cdef inline void lock_for_change(self) noexcept nogil:
+        pthread_rwlock_wrlock(&self.rwlock)
     cdef inline void unlock(self) noexcept nogil:
-        pthread_mutex_unlock(&self.mutex)
+        pthread_rwlock_unlock(&self.rwlock)
     cdef int32_t lookup(self, uint32_t addr) noexcept nogil
     cdef int32_t lookup6(self, const uint8_t* addr) noexcept nogil
     cdef int32_t find_peer(self, uint32_t ip) noexcept nogil

@@ -11,7 +11,21 @@ import ipaddress
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
-from _fastpath.clib cimport AF_INET, AF_INET6, htonl, htons, ntohs, pthread_mutex_destroy, pthread_mutex_init
+from _fastpath.clib cimport (
+    AF_INET,
+    AF_INET6,
+    PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP,
+    counter_read,
+    htonl,
+    htons,
+    ntohs,
+    pthread_rwlock_destroy,
+    pthread_rwlock_init,
+    pthread_rwlockattr_destroy,
+    pthread_rwlockattr_init,
+    pthread_rwlockattr_setkind_np,
+    pthread_rwlockattr_t,
+)
 
 cdef uint32_t MIN_CAPACITY = 64
 cdef uint32_t PEER_TAG = 255
@@ -166,7 +180,11 @@ def _key_address(Key k):
 
 cdef class RouteTable:
     def __cinit__(self):
-        pthread_mutex_init(&self.mutex, NULL)
+        cdef pthread_rwlockattr_t attr
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.rwlock, &attr)
+        pthread_rwlockattr_destroy(&attr)
         hm_init(&self.route_map, MIN_CAPACITY)
         hm_init(&self.peer_by_ip, MIN_CAPACITY)
         self.peer_capacity = 16
@@ -180,7 +198,7 @@ cdef class RouteTable:
         self.nlengths6 = 0
 
     def __dealloc__(self):
-        pthread_mutex_destroy(&self.mutex)
+        pthread_rwlock_destroy(&self.rwlock)
         free(self.route_map.slots)
         free(self.peer_by_ip.slots)
         free(self.peers)
@@ -292,7 +310,7 @@ cdef class RouteTable:
         key, _ = _prefix_key(network)
         ip, family = _address_key(peer_ip)
         with nogil:
-            self.lock()
+            self.lock_for_change()
         try:
             self._set(key, ip, family, port)
         finally:
@@ -323,7 +341,7 @@ cdef class RouteTable:
         cdef int plen = key.tag & 0xFF
         cdef int32_t old
         with nogil:
-            self.lock()
+            self.lock_for_change()
         try:
             old = hm_get(&self.route_map, &key)
             if old < 0:
@@ -387,7 +405,17 @@ cdef class RouteTable:
             for i in range(self.peer_capacity):
                 if self.peers[i].refs > 0:
                     p = &self.peers[i]
-                    raw.append((p.ip, (p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes)))
+                    raw.append(
+                        (
+                            p.ip,
+                            (
+                                counter_read(&p.tx_packets),
+                                counter_read(&p.tx_bytes),
+                                counter_read(&p.rx_packets),
+                                counter_read(&p.rx_bytes),
+                            ),
+                        )
+                    )
         finally:
             self.unlock()
         return {str(_key_address(ip)): counters for ip, counters in raw}

@@ -36,8 +36,10 @@ cdef inline int gso_run_end(const size_t* lengths, const int32_t* peers, int fir
 
 
 cdef class UdpSide:
-    cdef int sock_fd  # the IPv4 underlay's socket
+    cdef int sock_fd  # the IPv4 underlay's socket (receives; -1 if none)
     cdef int sock6_fd  # the IPv6 underlay's socket, -1 if none
+    cdef int send_fd  # where IPv4 datagrams leave: sock_fd, or with several pumps this pump's own source port
+    cdef int send6_fd
     cdef public bint gso  # UDP_SEGMENT on sends; turned off for good if the kernel refuses it
     cdef public bint gro  # UDP_GRO on receives (set by the caller after the setsockopt succeeded)
     cdef public int gso_error  # errno that turned GSO off, 0 if none

@@ -23,9 +23,12 @@ UDP_GRO_OPTION = (SOL_UDP, UDP_GRO)  # for the Python side's setsockopt: CPython
 
 
 cdef class UdpSide:
-    def __cinit__(self, int sock_fd, int sock6_fd=-1, bint gso=False, bint gro=False, int notify_fd=-1):
+    def __cinit__(self, int sock_fd, int sock6_fd=-1, bint gso=False, bint gro=False, int notify_fd=-1,
+                  int send_fd=-1, int send6_fd=-1):
         self.sock_fd = sock_fd
         self.sock6_fd = sock6_fd
+        self.send_fd = send_fd if send_fd >= 0 else sock_fd
+        self.send6_fd = send6_fd if send6_fd >= 0 else sock6_fd
         self.gso = gso
         self.gro = gro
         self.gso_error = 0
@@ -81,6 +84,7 @@ cdef class UdpSide:
         """Send slots 0..n-1. The caller holds the route table's lock; a full socket buffer's wait lets go of it, so
         that a lease event is never held up by the underlay (each message carries a copy of its peer's address)."""
         cdef int msgs = 0, first = 0, sent = 0, r, i, k, end, fd, ready
+        cdef uint64_t run_bytes
         cdef pollfd waiter
         cdef Peer* p
         cdef uint64_t generation
@@ -95,7 +99,7 @@ cdef class UdpSide:
             end = sent + 1
             while end < msgs and self.gso_family[end] == self.gso_family[sent]:
                 end += 1
-            fd = self.sock_fd if self.gso_family[sent] == 4 else self.sock6_fd
+            fd = self.send_fd if self.gso_family[sent] == 4 else self.send6_fd
             r = sendmmsg(fd, &self.gso_msgs[sent], end - sent, MSG_DONTWAIT)
             if r < 0:
                 if errno == EINTR:
@@ -135,13 +139,15 @@ cdef class UdpSide:
             for k in range(sent, sent + r):
                 if self.gso_first[k + 1] - self.gso_first[k] > 1:
                     self.gso_sends += 1
+                run_bytes = 0
                 for i in range(self.gso_first[k], self.gso_first[k + 1]):
-                    if counting:
-                        p = &routes.peers[self.tx_peer[i]]
-                        p.tx_packets += 1
-                        p.tx_bytes += self.tx_len[i]
-                    self.sent_packets += 1
-                    self.sent_bytes += self.tx_len[i]
+                    run_bytes += self.tx_len[i]
+                self.sent_packets += self.gso_first[k + 1] - self.gso_first[k]
+                self.sent_bytes += run_bytes
+                if counting:  # one message is one peer's: its counters are shared by the pumps, added to once
+                    p = &routes.peers[self.tx_peer[self.gso_first[k]]]
+                    counter_add(&p.tx_packets, self.gso_first[k + 1] - self.gso_first[k])
+                    counter_add(&p.tx_bytes, run_bytes)
             sent += r
 
     cdef void _notify(self) noexcept nogil:

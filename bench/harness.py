@@ -133,6 +133,7 @@ def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False, ipv
     underlay, where upstream runs with the Kubernetes subnet manager, its one IPv6-only store); yields (testbed, pod
     a, pod b)."""
     backend, *flags = backend.split("@")  # "udp@-udp-priority=10@-udp-offload=false": a variant of ours
+    flags, cpus = split_cpus(flags)  # "udp@cpus=0": the daemons confined to CPU 0
     upstream = backend.startswith(UPSTREAM)
     ipv6 = ipv6 or ipv6_only
     with Testbed(hosts=2, ipv6_only=ipv6_only) as bed:
@@ -148,7 +149,7 @@ def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False, ipv
         if upstream and ipv6_only:
             bed.start_kube()
         for host in bed.hosts:
-            bed.start_node(host, *flags, upstream=upstream)
+            bed.start_node(host, *flags, upstream=upstream, cpus=cpus)
         a, b = (bed.add_pod(h) for h in bed.hosts)
         if not wait_for(lambda: bed.ping(a.ns, target(b, ipv6), timeout=0.5), 5):
             raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
@@ -285,6 +286,12 @@ def plot(path: str, report: dict) -> None:
     fig.savefig(path, dpi=90)
 
 
+def split_cpus(flags: list[str]) -> tuple[list[str], str | None]:
+    """A variant's `cpus=LIST` (the daemons confined to those CPUs, as taskset -c) apart from its node flags."""
+    cpus = next((flag.removeprefix("cpus=") for flag in flags if flag.startswith("cpus=")), None)
+    return [flag for flag in flags if not flag.startswith("cpus=")], cpus
+
+
 def check_backends(prog: str, backends: list[str], names: tuple[str, ...] = BACKENDS) -> None:
     """A mistyped backend, or a node flag a variant adds (`NAME@FLAG@FLAG`) that the node would refuse, ends the
     command in one line naming it, before any namespace is built."""
@@ -295,6 +302,9 @@ def check_backends(prog: str, backends: list[str], names: tuple[str, ...] = BACK
         if name not in names:
             raise SystemExit(f"{prog}: unknown backend {name!r} in {backend!r} (one of: {', '.join(names)})")
         try:
+            flags, cpus = split_cpus(flags)
+            if cpus is not None and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cpus):
+                raise UsageError(f"cpus={cpus}: a CPU list as taskset takes it, e.g. 0 or 0-1")
             parse_run_args(flags, backend)
         except UsageError as e:
             raise SystemExit(f"{prog}: {backend!r}: {str(e).removeprefix(backend + ': ')}") from None

@@ -82,6 +82,12 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
         0,
         "microseconds (0..1000) the packet thread keeps looking for packets after a burst before it sleeps; 0: none",
     ),
+    "udp-workers": (
+        "int",
+        0,
+        "packet threads of the udp backend (1..256), each with its own queue of flannel0 and UDP socket, every flow "
+        "kept on one; 0: one per CPU this process may run on, up to 16",
+    ),
     "cni-bridge-repair": (
         "bool",
         True,
@@ -187,6 +193,7 @@ def parse_run_args(argv: list[str], prog: str) -> argparse.Namespace:
         ("-v", args.v, 0, 10),
         ("-udp-priority", args.udp_priority, 0, 99),
         ("-udp-busy-poll", args.udp_busy_poll, 0, 1000),
+        ("-udp-workers", args.udp_workers, 0, 256),
     ):
         if not low <= value <= high:
             raise UsageError(f"{flag} must be from {low} to {high}, got {value}")
@@ -224,6 +231,7 @@ def run_command(argv: list[str], prog: str) -> int:
         udp_offload=args.udp_offload,
         udp_priority=args.udp_priority,
         udp_busy_poll=args.udp_busy_poll,
+        udp_workers=args.udp_workers,
         etcd=None if args.kube_subnet_mgr else etcd_options(args),
         kube=kube_options(args),
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,

@@ -81,6 +81,7 @@ class Options:
     udp_offload: bool = True
     udp_priority: int = 0
     udp_busy_poll: int = 0  # microseconds
+    udp_workers: int = 0  # packet threads; 0: one per CPU the process may run on (capped)
     cni_bridge_repair: bool = True
     cni_data_dir: str = defaults.CNI_DATA_DIR
     etcd: EtcdOptions | None = None  # None: the embedded store (lease_file) and the config from net_config_path
@@ -254,7 +255,9 @@ class Daemon:
                 raise StartupError("none defined stack: the network config turns off both EnableIPv4 and EnableIPv6")
             backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
             ext = await self._external_interface(nl, manager, config, backend_cls)
-            udp_flags = UdpFlags(opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll)
+            udp_flags = UdpFlags(
+                opts.udp_source_check, opts.udp_offload, opts.udp_priority, opts.udp_busy_poll, opts.udp_workers
+            )
             backend = make_backend(config, nl, ext, udp_flags)
             rules = None
             try:

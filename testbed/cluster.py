@@ -299,11 +299,13 @@ class Testbed:
         node_name: bool = True,
         store: bool = True,
         upstream: bool = False,
+        cpus: str | None = None,
     ) -> Host:
         """Start `flannel-udp run` inside the host's namespace on the shared store (the embedded file, etcd, or the
         Kubernetes API, where the host's Node is registered first and NODE_NAME names it unless node_name is False).
         env adds variables (an empty value removes one); store=False leaves out the store flags. upstream=True runs
-        upstream's flanneld with the same command line instead (etcd or Kubernetes only: it has no embedded store)."""
+        upstream's flanneld with the same command line instead (etcd or Kubernetes only: it has no embedded store).
+        cpus: run it confined to these CPUs (taskset -c), and every thread it starts with it."""
         if os.path.exists(host.subnet_file) and wait:
             os.unlink(host.subnet_file)
         host.log_path = os.path.join(self.workdir, f"{host.name}.log")
@@ -319,6 +321,7 @@ class Testbed:
             "netns",
             "exec",
             host.ns,
+            *(["taskset", "-c", cpus] if cpus else []),
             *program,
             "--net-config-path",
             self.config_file,

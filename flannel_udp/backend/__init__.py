@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,6 +17,7 @@ from ..subnet.manager import SubnetManager
 
 log = logging.getLogger(__name__)
 
+MAX_AUTO_WORKERS = 16  # past this, one node's overlay traffic rarely has the flows to keep more threads busy
 IPV4_MIN_MTU = 68  # RFC 791: every IPv4 link carries 68 bytes unfragmented
 IPV6_MIN_MTU = 1280  # RFC 8200
 
@@ -65,12 +67,19 @@ class Network(ABC):
 
 @dataclass(frozen=True)
 class UdpFlags:
-    """The node flags of the udp backend (-udp-source-check, -udp-offload, -udp-priority, -udp-busy-poll)."""
+    """The node flags of the udp backend (-udp-source-check, -udp-offload, -udp-priority, -udp-busy-poll,
+    -udp-workers)."""
 
     source_check: bool = True
     offload: bool = True
     priority: int = 0
     busy_poll_us: int = 0
+    workers: int = 0  # 0: one per CPU the process may run on, up to MAX_AUTO_WORKERS
+
+    def worker_count(self) -> int:
+        if self.workers > 0:
+            return self.workers
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
 
 
 class Backend(ABC):

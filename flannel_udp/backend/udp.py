@@ -18,17 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from _fastpath.pump import Pump
 from _fastpath.routes import RouteTable
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..defaults import UDP_PORT
 from ..net import netlink
 from ..net.iface import ExternalInterface
-from ..net.tun import open_tun
-from ..net.udp_socket import accept_local_icmp, enable_gro, open_socket, socket_drops, tun_queue_drops
+from ..net.tun import open_tun_queues
+from ..net.udp_socket import accept_local_icmp, enable_gro
 from ..subnet.config import NetworkConfig
 from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAdded, LeaseAttrs, LeaseEvent
 from ..subnet.manager import SubnetManager
-from . import Backend, BackendError, Network, UdpFlags, check_families, room_after
+from . import Backend, BackendError, Network, UdpFlags, check_families, room_after, udp_lanes, udp_metrics
 from .options import int_option
 
 if TYPE_CHECKING:
@@ -69,10 +68,7 @@ class UdpBackend(Backend):
         self.ext = ext
         self.config = config
         self.port = parse_options(config.backend)
-        self.source_check = flags.source_check
-        self.offload = flags.offload
-        self.priority = flags.priority
-        self.busy_poll_us = flags.busy_poll_us
+        self.flags = flags
 
     def tun_mtu(self) -> int:
         """The interface's MTU less the encapsulation of the larger outer header in use."""
@@ -93,66 +89,36 @@ class UdpBackend(Backend):
             return LeaseAttrs(self.ext.ext_addr or NO_PUBLIC_IP)
         return LeaseAttrs(self.ext.ext_addr or NO_PUBLIC_IP, self.ext.ext_addr6, backend_type="udp")
 
-    def _open_sockets(self) -> list[socket.socket]:
-        """The underlay sockets: IPv4 unless the network is IPv6-only, IPv6 where there is an IPv6 underlay."""
-        addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
-        addresses += [self.ext.iface_addr] if self.config.enable_ipv4 else []
-        addresses += [self.ext.iface_addr6] if self.ipv6_underlay else []
-        socks: list[socket.socket] = []
-        try:
-            for address in addresses:
-                socks.append(open_socket(str(address), self.port))
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        return socks
-
     async def register_network(self, manager: SubnetManager) -> UdpNetwork:
         mtu = self.tun_mtu()
+        addresses: list[udp_lanes.Address] = []
+        addresses += [self.ext.iface_addr] if self.config.enable_ipv4 and self.ext.iface_addr else []
+        addresses += [self.ext.iface_addr6] if self.ipv6_underlay and self.ext.iface_addr6 else []
+        workers = self.flags.worker_count()
         # The sockets first: a busy port must fail before anything is allocated or configured.
-        socks = self._open_sockets()
-        tun_fd = -1
+        lanes = udp_lanes.open_sockets(addresses, self.port, workers)
         try:
             lease = await manager.acquire_lease(self.lease_attrs())
-            tun_fd, tun_name, tun_offloads = open_tun(offloads=self.offload)
+            tun_fds, tun_name, tun_offloads = open_tun_queues(workers, offloads=self.flags.offload)
+            udp_lanes.attach_tun_queues(lanes, tun_fds)
             network4 = str(self.config.network) if lease.subnet is not None else None
             network6 = str(self.config.ipv6_network) if lease.ipv6_subnet is not None else None
             await self.netlink.call(configure_tun, tun_name, lease, mtu, network4, network6)
             accept_local_icmp(tun_name)
             own = [(lease.subnet, 32, network4), (lease.ipv6_subnet, 128, network6)]
             log.info(
-                "%s is up: address %s, MTU %d, route %s; UDP on %s",
+                "%s is up: address %s, MTU %d, route %s; UDP on %s; %d packet thread%s",
                 tun_name,
                 " and ".join(f"{subnet.network_address}/{bits}" for subnet, bits, _ in own if subnet is not None),
                 mtu,
                 " and ".join(network for _, _, network in own if network is not None),
-                " and ".join(
-                    f"[{s.getsockname()[0]}]:{self.port}"
-                    if s.family == socket.AF_INET6
-                    else f"{s.getsockname()[0]}:{self.port}"
-                    for s in socks
-                ),
+                " and ".join(f"[{a}]:{self.port}" if a.version == 6 else f"{a}:{self.port}" for a in addresses),
+                workers,
+                "s" if workers > 1 else "",
             )
-            return UdpNetwork(
-                lease,
-                mtu,
-                tun_fd,
-                tun_name,
-                next((s for s in socks if s.family == socket.AF_INET), None),
-                self.port,
-                self.source_check,
-                self.offload,
-                tun_offloads,
-                self.priority,
-                sock6=next((s for s in socks if s.family == socket.AF_INET6), None),
-                busy_poll_us=self.busy_poll_us,
-            )
+            return UdpNetwork(lease, mtu, lanes, tun_name, self.port, self.flags, tun_offloads)
         except BaseException:
-            if tun_fd >= 0:
-                os.close(tun_fd)  # the kernel removes the device, its address and its route
-            for sock in socks:
-                sock.close()
+            udp_lanes.close_all(lanes)  # closing the TUN removes the device, its address and its route
             raise
 
 
@@ -184,97 +150,114 @@ def configure_tun(
 
 
 class UdpNetwork(Network):
+    """flannel0 and the packet threads: one pump per lane, each in a thread of its own, sharing the route table."""
+
     def __init__(
         self,
         lease: Lease,
         mtu: int,
-        tun_fd: int,
+        lanes: list[udp_lanes.Lane],
         tun_name: str,
-        sock: socket.socket | None,
         port: int,
-        source_check: bool,
-        offload: bool,
+        flags: UdpFlags,
         tun_offloads: int = 0,
-        priority: int = 0,
-        sock6: socket.socket | None = None,
-        busy_poll_us: int = 0,
     ) -> None:
         self.lease = lease
         self.mtu = mtu
-        self.tun_fd = tun_fd
+        self.lanes = lanes
         self.tun_name = tun_name
-        self.sock = sock
-        self.sock6 = sock6
-        self.sockets = [s for s in (sock, sock6) if s is not None]
         self.port = port
-        self.routes = RouteTable()
+        self.flags = flags
+        self.sockets = [sock for lane in lanes for sock in lane.sockets()]
+        self.ipv6_underlay = lanes[0].sock6 is not None
+        self.routes = RouteTable()  # one table for every pump: a lease event changes it once for all
         self._ipv6_subnets: dict = {}  # a peer's primary subnet -> its IPv6 subnet, to remove both routes together
-        gro = offload and all(enable_gro(s) for s in self.sockets)
-        # The pump thread tells the event loop through this eventfd when it had to turn GSO off: logged at once.
+        self._gso_reported: set = set()
+        receiving = [s for lane in lanes for s in (lane.sock, lane.sock6) if s is not None]
+        gro = flags.offload and all(enable_gro(s) for s in receiving)
+        # The pump threads tell the event loop through this eventfd when one had to turn GSO off: logged at once.
         self._notice_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         loop = asyncio.get_running_loop()
         loop.add_reader(self._notice_fd, self._on_pump_notice)
         try:
-            self.pump = Pump(
-                tun_fd,
-                sock.fileno() if sock is not None else -1,
-                self.routes,
-                str(lease.subnet) if lease.subnet is not None else None,
-                source_check,
-                gso=offload,
-                gro=gro,
-                vnet_hdr=bool(tun_offloads),
-                sock6_fd=sock6.fileno() if sock6 is not None else -1,
-                own_subnet6=str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None,
-                notify_fd=self._notice_fd,
-            )
-        except BaseException:  # nothing half-built: the caller closes the TUN and the sockets it handed over
+            self.pumps = [self._make_pump(lane, gro, tun_offloads) for lane in lanes]
+        except BaseException:  # nothing half-built: the caller closes the lanes it handed over
             loop.remove_reader(self._notice_fd)
             os.close(self._notice_fd)
             raise
         log.info(
             "Offloads: UDP GSO %s, UDP GRO %s, TUN %s",
-            "on" if offload else "off",
+            "on" if flags.offload else "off",
             "on" if gro else "off",
             f"{tun_offloads:#x} (TSO split, TCP coalescing)" if tun_offloads else "off",
         )
-        # The pump's own thread: its loop never takes the GIL, so nothing the control plane does in this interpreter
-        # (watches, netlink, SQLite, metrics, garbage collection) delays a packet.
+        # Each pump's own thread: its loop never takes the GIL, so nothing the control plane does in this interpreter
+        # (watches, netlink, SQLite, metrics, garbage collection) delays a packet. One eventfd stops them all.
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.priority = priority
-        self.busy_poll_us = busy_poll_us
-        self._thread = threading.Thread(target=self._run_pump, name="udp-pump", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run_pump, args=(pump,), name=f"udp-pump-{index}", daemon=True)
+            for index, pump in enumerate(self.pumps)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _run_pump(self) -> None:
-        if self.priority:
+    @property
+    def pump(self) -> Pump:
+        """The first pump (the only one with -udp-workers=1)."""
+        return self.pumps[0]
+
+    def _make_pump(self, lane: udp_lanes.Lane, gro: bool, tun_offloads: int) -> Pump:
+        def fd(sock: socket.socket | None) -> int:
+            return sock.fileno() if sock is not None else -1
+
+        return Pump(
+            lane.tun_fd,
+            fd(lane.sock),
+            self.routes,
+            str(self.lease.subnet) if self.lease.subnet is not None else None,
+            self.flags.source_check,
+            gso=self.flags.offload,
+            gro=gro,
+            vnet_hdr=bool(tun_offloads),
+            sock6_fd=fd(lane.sock6),
+            own_subnet6=str(self.lease.ipv6_subnet) if self.lease.ipv6_subnet is not None else None,
+            notify_fd=self._notice_fd,
+            send_fd=fd(lane.source),
+            send6_fd=fd(lane.source6),
+        )
+
+    def _run_pump(self, pump: Pump) -> None:
+        priority = self.flags.priority
+        if priority:
             # Why: under load the pump competes for the CPU with the pods it serves; at ordinary priority it waits
             # its turn behind them, and so does every packet in the tunnel. The kernel's own tunnels run in softirq,
             # ahead of every thread; a real-time packet thread is the userspace equivalent. It sleeps in poll() when
             # idle, and the kernel's RT throttling keeps a share of each CPU for ordinary tasks even under a flood.
             try:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
-                log.info("Packet thread runs at real-time priority %d (SCHED_FIFO)", self.priority)
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+                log.info("Packet thread runs at real-time priority %d (SCHED_FIFO)", priority)
             except OSError as e:
                 log.warning(
                     "Cannot give the packet thread real-time priority %d (%s); it runs at ordinary priority",
-                    self.priority,
+                    priority,
                     e.strerror,
                 )
-        if self.busy_poll_us:
-            log.info("Packet thread keeps polling %d µs after each burst before it sleeps", self.busy_poll_us)
-        self.pump.run(self._stop_fd, self.busy_poll_us)
+        if self.flags.busy_poll_us:
+            log.info("Packet thread keeps polling %d µs after each burst before it sleeps", self.flags.busy_poll_us)
+        pump.run(self._stop_fd, self.flags.busy_poll_us)
 
     def _on_pump_notice(self) -> None:
         try:
             os.eventfd_read(self._notice_fd)
         except BlockingIOError:
             return
-        if not self.pump.gso and self.pump.gso_error:
-            log.warning(
-                "UDP GSO refused by the kernel (%s); sending one datagram per packet from now on",
-                os.strerror(self.pump.gso_error),
-            )
+        for pump in self.pumps:
+            if not pump.gso and pump.gso_error and pump not in self._gso_reported:
+                self._gso_reported.add(pump)
+                log.warning(
+                    "UDP GSO refused by the kernel (%s); sending one datagram per packet from now on",
+                    os.strerror(pump.gso_error),
+                )
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
@@ -296,7 +279,7 @@ class UdpNetwork(Network):
         if old6 is not None and old6 != lease.ipv6_subnet:
             self.routes.delete_route(old6)
         if self.lease.ipv6_subnet is not None and lease.ipv6_subnet is not None:
-            hop = ipv6_next_hop(lease, self.sock6 is not None)
+            hop = ipv6_next_hop(lease, self.ipv6_underlay)
             self.routes.set_route(lease.ipv6_subnet, hop, self.port)
             self._ipv6_subnets[lease.primary] = lease.ipv6_subnet
             log.info(
@@ -306,72 +289,13 @@ class UdpNetwork(Network):
             )
 
     def collect_metrics(self):
-        counters = self.pump.counters()
-        packets = CounterMetricFamily(
-            "flannel_udp_peer_packets", "Packets exchanged with a peer node", labels=["peer", "direction"]
-        )
-        octets = CounterMetricFamily(
-            "flannel_udp_peer_bytes", "Inner IP bytes exchanged with a peer node", labels=["peer", "direction"]
-        )
-        for peer, (tx_p, tx_b, rx_p, rx_b) in self.routes.peer_stats().items():
-            packets.add_metric([peer, "tx"], tx_p)
-            packets.add_metric([peer, "rx"], rx_p)
-            octets.add_metric([peer, "tx"], tx_b)
-            octets.add_metric([peer, "rx"], rx_b)
-        drops = CounterMetricFamily(
-            "flannel_udp_dropped_packets",
-            "Packets dropped by the data plane, by reason",
-            labels=["direction", "reason"],
-        )
-        for direction in ("tun_to_udp", "udp_to_tun"):
-            for reason, count in counters[f"drops_{direction}"].items():
-                drops.add_metric([direction, reason], count)
-        # Drops before the pump sees a packet: the kernel's counters of the two queues in front of it.
-        drops.add_metric(["udp_to_tun", "socket_receive_buffer"], sum(map(socket_drops, self.sockets)))
-        drops.add_metric(["tun_to_udp", "tun_queue"], tun_queue_drops(self.tun_name))
-        totals = CounterMetricFamily("flannel_udp_packets", "Packets through the data plane", labels=["stage"])
-        for stage in (
-            "tun_read_packets",
-            "udp_sent_packets",
-            "udp_received_packets",
-            "tun_written_packets",
-            "icmp_unreachable_sent",
-        ):
-            totals.add_metric([stage.removesuffix("_packets")], counters[stage])
-        calls = CounterMetricFamily(
-            "flannel_udp_io_calls",
-            "Readiness callbacks and batched syscalls (packets per call shows how well batching works)",
-            labels=["kind"],
-        )
-        for kind in (
-            "tun_wakeups",
-            "socket_wakeups",
-            "send_batches",
-            "receive_batches",
-            "gso_sends",
-            "gro_receives",
-            "tso_reads",
-            "tso_segments",
-            "tun_writes",
-            "coalesced_writes",
-        ):
-            calls.add_metric([kind], counters[kind])
-        routes = GaugeMetricFamily("flannel_udp_routes", "Routes installed in the fast path")
-        routes.add_metric([], len(self.routes))
-        # The data plane's own table, as the pump looks it up: what an operator compares with the leases.
-        route_info = GaugeMetricFamily(
-            "flannel_udp_route", "A route of the fast path (value 1)", labels=["subnet", "peer", "port"]
-        )
-        for subnet, peer, port in sorted(self.routes.entries(), key=lambda entry: str(entry[0])):
-            route_info.add_metric([str(subnet), str(peer), str(port)], 1)
-        return [packets, octets, drops, totals, calls, routes, route_info]
+        return udp_metrics.collect(self)
 
     async def close(self) -> None:
         os.eventfd_write(self._stop_fd, 1)
-        await asyncio.to_thread(self._thread.join)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
         os.close(self._stop_fd)
         asyncio.get_running_loop().remove_reader(self._notice_fd)
         os.close(self._notice_fd)
-        os.close(self.tun_fd)
-        for sock in self.sockets:
-            sock.close()
+        udp_lanes.close_all(self.lanes)

@@ -38,10 +38,12 @@ class Netlink:
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._ipr: IPRoute | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # pyroute2's, on the netlink thread
 
     def _handle(self) -> IPRoute:
         if self._ipr is None:
-            self._ipr = IPRoute(use_event_loop=asyncio.SelectorEventLoop())
+            self._loop = asyncio.SelectorEventLoop()
+            self._ipr = IPRoute(use_event_loop=self._loop)
         return self._ipr
 
     async def call(self, fn, *args, **kwargs):
@@ -54,6 +56,11 @@ class Netlink:
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+            if self._loop is not None:
+                # pyroute2 leaves a loop it was given open; one left to the garbage collector at exit fails there
+                # (its self-pipe is gone by then) and prints a traceback after the node's last line.
+                self._loop.close()
+                self._loop = None
 
         self._executor.submit(shut).result()
         self._executor.shutdown(wait=True)

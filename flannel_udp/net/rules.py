@@ -184,8 +184,11 @@ def nft_supports_fully_random() -> bool:
 
 
 def nft_script(families: list[tuple[Network, Network]], masq: bool, forward: bool, fully_random: bool) -> str:
-    """Both tables always (upstream creates them whatever the families); chains and rules for each (cluster, pod)."""
-    lines = [f'add table {family} {name} {{ comment "rules for {name}" ; }}' for family, name in NFT_TABLES]
+    """Both tables (upstream creates them whatever the families), except the IPv4 one in an IPv6-only network, where
+    nothing of IPv4 is created; chains and rules for each (cluster, pod)."""
+    ipv6_only = all(cluster.version == 6 for cluster, _ in families)
+    tables = NFT_TABLES[1:] if ipv6_only else NFT_TABLES
+    lines = [f'add table {family} {name} {{ comment "rules for {name}" ; }}' for family, name in tables]
     for cluster, pod in families:
         family, table = NFT_TABLES[0] if cluster.version == 4 else NFT_TABLES[1]
         at, net, sub = f"{family} {table}", str(cluster), str(pod)

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
+IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -31,22 +32,45 @@ def open_tun(name_template: str = "flannel%d", offloads: bool = False) -> tuple[
 
     With offloads, IFF_VNET_HDR too, and the kernel may hand over TCP (and, from 6.2, UDP) super-packets with partial
     checksums: returns the TUN_F_* flags it accepted (0 without offloads)."""
+    fds, name, accepted = open_tun_queues(1, name_template, offloads)
+    return fds[0], name, accepted
+
+
+def open_tun_queues(
+    queues: int, name_template: str = "flannel%d", offloads: bool = False
+) -> tuple[list[int], str, int]:
+    """open_tun with `queues` queues (IFF_MULTI_QUEUE when more than one): one fd per queue, each a packet thread's;
+    the device goes when the last is closed."""
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offloads else 0) | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    fds: list[int] = []
+    name, accepted = name_template, 0
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        for _ in range(queues):
+            fd = _open_device()
+            fds.append(fd)
+            try:
+                reply = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+                name = reply[:16].rstrip(b"\0").decode()  # the later queues join the device the first one made
+                if offloads:
+                    accepted = set_offloads(fd)
+            except OSError as e:
+                raise TunError(f"cannot create TUN device {name}: {e.strerror}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds, name, accepted
+
+
+def _open_device() -> int:
+    try:
+        return os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise TunError(
             "/dev/net/tun does not exist: load the tun module (modprobe tun) or give the container the device"
         ) from None
     except PermissionError:
         raise TunError("cannot open /dev/net/tun: permission denied (flannel-udp needs CAP_NET_ADMIN)") from None
-    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offloads else 0)
-    try:
-        reply = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name_template.encode(), flags))
-        accepted = set_offloads(fd) if offloads else 0
-    except OSError as e:
-        os.close(fd)
-        raise TunError(f"cannot create TUN device {name_template}: {e.strerror}") from None
-    return fd, reply[:16].rstrip(b"\0").decode(), accepted
 
 
 def set_offloads(fd: int) -> int:

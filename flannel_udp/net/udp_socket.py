@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import socket
 import struct
 import sys
@@ -16,21 +17,25 @@ log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # the socket's own drop counter (a full receive buffer), as `ss -m` shows it
+SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8
+SOURCE_PORT_ATTEMPTS = 256  # the socket's own drop counter (a full receive buffer), as `ss -m` shows it
 
 
 class SocketError(RuntimeError):
     """A socket that cannot be opened: a busy port, an address not on this node."""
 
 
-def open_socket(address: str, port: int) -> socket.socket:
-    """The underlay socket of the address's family (an IPv6 one carries only IPv6: the IPv4 socket has the rest)."""
+def open_socket(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The underlay socket of the address's family (an IPv6 one carries only IPv6: the IPv4 socket has the rest).
+    reuse_port: one of a SO_REUSEPORT group on the port (one per packet thread)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
@@ -46,6 +51,25 @@ def open_socket(address: str, port: int) -> socket.socket:
             ) from None
         raise SocketError(f"cannot bind the UDP socket to {where}: {e.strerror}") from None
     return sock
+
+
+def open_source_socket(address: str, index: int, workers: int) -> socket.socket:
+    """The socket packet thread `index` of `workers` sends from: bound to a free port p with p mod workers == index in
+    the ephemeral range, so that its datagrams' source port names it to the receiver (net/steering.py)."""
+    low, high = 32768, 60999
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(value) for value in f.read().split())
+    except (OSError, ValueError):
+        pass
+    candidates = list(range(low + (index - low) % workers, high + 1, workers))
+    start = random.randrange(len(candidates))  # nodes restarting do not all reach for the same ports
+    for port in (candidates[start:] + candidates[:start])[:SOURCE_PORT_ATTEMPTS]:
+        try:
+            return open_socket(address, port)
+        except SocketError:
+            continue
+    raise SocketError(f"no free UDP source port on {address} for packet thread {index} of {workers}")
 
 
 def enable_gro(sock: socket.socket) -> bool:

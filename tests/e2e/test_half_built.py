@@ -49,7 +49,9 @@ with IPRoute() as ipr:
 
 UDP_PUMP_REFUSED = r"""
 import asyncio, ipaddress, os, socket
+from flannel_udp.backend import UdpFlags
 from flannel_udp.backend.udp import UdpNetwork
+from flannel_udp.backend.udp_lanes import Lane
 from flannel_udp.subnet.lease import Lease, LeaseAttrs
 
 
@@ -60,7 +62,7 @@ async def main():
     lease = Lease(ipaddress.ip_network("10.5.1.0/24"), LeaseAttrs(ipaddress.IPv4Address("198.18.0.1")), "bogus")
     before = sorted(os.listdir("/proc/self/fd"))
     try:
-        UdpNetwork(lease, 1472, tun.fileno(), "flannel0", sock, 8285, True, False)
+        UdpNetwork(lease, 1472, [Lane(tun.fileno(), sock, None)], "flannel0", 8285, UdpFlags(True, False, workers=1))
         print("built")
     except ValueError:
         print("same fds" if sorted(os.listdir("/proc/self/fd")) == before else "leaked fds")

@@ -134,6 +134,16 @@ def test_kube_ipv6_only_cluster(bed6, backend):
             assert PREFIX + "backend-data" not in ann and PREFIX + "public-ip" not in ann
 
 
+def test_nftables_rules_of_an_ipv6_only_node_are_ip6_alone(bed6):
+    bed = bed6
+    bed.write_config(dict(ipv6_only_config("host-gw"), EnableNFTables=True))
+    host = bed.hosts[0]
+    bed.start_node(host, "--ip-masq")
+    assert in_ns(host.ns, "nft", "list", "tables").stdout.split("\n")[:-1] == ["table ip6 flannel-ipv6"]
+    table = in_ns(host.ns, "nft", "list", "table", "ip6", "flannel-ipv6").stdout
+    assert f"ip6 saddr {IPV6_NETWORK} ip6 daddr != ff00::/8 masquerade" in table
+
+
 @needs_kube
 def test_kube_node_without_an_ipv6_pod_cidr_is_one_clear_line(bed6):
     bed = bed6

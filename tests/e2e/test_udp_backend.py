@@ -243,15 +243,15 @@ def test_datagrams_lost_in_a_full_socket_buffer_are_counted(cluster):
 
 
 def test_udp_priority_runs_the_packet_thread_real_time(bed):
-    """-udp-priority N: the packet thread (and only it) is SCHED_FIFO at N; with -udp-busy-poll beside it, traffic
+    """-udp-priority N: the packet threads (and only they) are SCHED_FIFO at N; with -udp-busy-poll beside it, traffic
     flows as usual."""
-    bed.start_cluster("--udp-priority=7", "--udp-busy-poll=50")
+    bed.start_cluster("--udp-priority=7", "--udp-busy-poll=50", "--udp-workers=2")
     host = bed.hosts[0]
     assert "Packet thread runs at real-time priority 7 (SCHED_FIFO)" in bed.node_log(host)
     assert "Packet thread keeps polling 50 µs after each burst" in bed.node_log(host)
     tids = [int(t) for t in os.listdir(f"/proc/{host.process.pid}/task")]
     realtime = [t for t in tids if os.sched_getscheduler(t) == os.SCHED_FIFO]
-    assert len(realtime) == 1 and os.sched_getparam(realtime[0]).sched_priority == 7
+    assert len(realtime) == 2 and all(os.sched_getparam(t).sched_priority == 7 for t in realtime)
     assert bed.ping(bed.hosts[1].pods[0].ns, host.pods[0].address)
 
 

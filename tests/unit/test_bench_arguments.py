@@ -16,6 +16,8 @@ import pytest
         (["bench", "--backends", "vxlan,udpp"], "'udpp'"),
         (["bench", "--backends", "udp@-udp-priority=300", "--quick"], "-udp-priority must be from 0 to 99"),
         (["bench", "--backends", "udp@-udp-offload=maybe"], "invalid boolean value 'maybe' for -udp-offload"),
+        (["bench", "--backends", "udp@cpus=first"], "cpus=first: a CPU list"),
+        (["bench", "--backends", "udp@-udp-workers=300"], "-udp-workers must be from 0 to 256"),
         (["bench.latency", "--backends", "vxlan,udp@-no-such-flag"], "-no-such-flag"),
         (["bench.latency", "--backends", "vxlan,limit-c@rt=100"], "limit-c takes one @rt=PRIORITY"),
         (["bench.compare", "--variants", "vxlan,udp-fast"], "udp-fast"),
