@@ -118,7 +118,7 @@ def bench_locked_lookups(RouteTable table, const unsigned char[:] addresses, dou
     wall time without the GIL (so threads run in parallel). Returns (lookups, rounds)."""
     cdef Py_ssize_t n = addresses.shape[0] // 4, i = 0
     cdef long lookups = 0, rounds = 0
-    cdef int k
+    cdef int _k
     cdef uint32_t a
     cdef long long deadline
     cdef timespec now
@@ -127,7 +127,7 @@ def bench_locked_lookups(RouteTable table, const unsigned char[:] addresses, dou
         deadline = <long long>now.tv_sec * 1000000000 + now.tv_nsec + <long long>(seconds * 1e9)
         while True:
             table.lock()
-            for k in range(per_round):
+            for _k in range(per_round):
                 a = ((<uint32_t>addresses[4 * i] << 24) | (<uint32_t>addresses[4 * i + 1] << 16)
                      | (<uint32_t>addresses[4 * i + 2] << 8) | addresses[4 * i + 3])
                 table.lookup(a)

@@ -195,11 +195,27 @@ class UdpNetwork(Network):
         # (watches, netlink, SQLite, metrics, garbage collection) delays a packet. One eventfd stops them all.
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._threads = [
-            threading.Thread(target=self._run_pump, args=(pump,), name=f"udp-pump-{index}", daemon=True)
+            threading.Thread(
+                target=self._run_pump,
+                args=(pump, self._cpu_of(index)),
+                name=f"udp-pump-{index}",
+                daemon=True,
+            )
             for index, pump in enumerate(self.pumps)
         ]
         for thread in self._threads:
             thread.start()
+
+    def _cpu_of(self, index: int) -> int | None:
+        """With one pump per CPU the process may run on, pump `index` is pinned to one of them. The pairing is rotated
+        by the node's address: nodes that share a machine (VMs, test clusters) would otherwise put a flow's two ends,
+        which have the same pump index on both nodes, on one CPU."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(self.pumps) < 2 or len(self.pumps) != len(cpus):
+            return None
+        attrs = self.lease.attrs
+        rotation = int(attrs.public_ipv6 if self.lease.subnet is None and attrs.public_ipv6 else attrs.public_ip)
+        return cpus[(index + rotation) % len(cpus)]
 
     @property
     def pump(self) -> Pump:
@@ -226,7 +242,10 @@ class UdpNetwork(Network):
             send6_fd=fd(lane.source6),
         )
 
-    def _run_pump(self, pump: Pump) -> None:
+    def _run_pump(self, pump: Pump, cpu: int | None = None) -> None:
+        if cpu is not None:
+            # One pump per CPU: each stays where its queues' data is warm instead of following the scheduler.
+            os.sched_setaffinity(0, {cpu})
         priority = self.flags.priority
         if priority:
             # Why: under load the pump competes for the CPU with the pods it serves; at ordinary priority it waits
