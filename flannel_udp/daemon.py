@@ -112,6 +112,20 @@ def read_network_config(path: str, kube: bool = False) -> NetworkConfig:
     return config
 
 
+def checked_families(config: NetworkConfig, etcd: bool = False) -> NetworkConfig:
+    """The address families of a config, refused before any store is reached: none at all (upstream's GetIPFamily),
+    or IPv6 alone on etcd, whose key schema (upstream's) always starts with an IPv4 subnet."""
+    if not config.enable_ipv4 and not config.enable_ipv6:
+        raise StartupError("none defined stack: the network config turns off both EnableIPv4 and EnableIPv6")
+    if etcd and not config.enable_ipv4:
+        raise StartupError(
+            "IPv6-only networks are not supported with etcd (its network config has EnableIPv4 false): "
+            "upstream's subnet keys always carry an IPv4 subnet; use the Kubernetes subnet "
+            "manager or the embedded store, or set EnableIPv4 (dual stack)"
+        )
+    return config
+
+
 async def read_etcd_network_config(registry) -> NetworkConfig:
     """<prefix>/config, tried once a second while it is missing or etcd is out of reach, as upstream's getConfig."""
     from .subnet.etcd.registry import ConfigNotFound
@@ -144,21 +158,15 @@ async def open_manager(opts: Options, previous: tuple) -> tuple[SubnetManager, N
     if opts.kube is not None:
         from .subnet.kube.manager import KubeManager  # the Kubernetes client is loaded only in kube mode
 
-        config = read_network_config(opts.net_config_path, kube=True)
+        config = checked_families(read_network_config(opts.net_config_path, kube=True))
         return await KubeManager.open(opts.kube, config), config
     source = LeaseSource(opts.lease_file, opts.etcd)  # the same way to a store as the tools take
     if opts.etcd is None:
-        config = read_network_config(opts.net_config_path)  # checked before the lease file is created
+        config = checked_families(read_network_config(opts.net_config_path))  # before the lease file is created
         return Manager(source.open_registry(create=True), config, previous, opts.lease_ttl), config
     registry = source.open_registry()
     try:
-        config = await read_etcd_network_config(registry)
-        if not config.enable_ipv4:
-            raise StartupError(
-                "IPv6-only networks are not supported with etcd (its network config has EnableIPv4 false): "
-                "upstream's subnet keys always carry an IPv4 subnet; use the Kubernetes subnet "
-                "manager or the embedded store, or set EnableIPv4 (dual stack)"
-            )
+        config = checked_families(await read_etcd_network_config(registry), etcd=True)
     except BaseException:
         await registry.close()
         raise
@@ -251,8 +259,6 @@ class Daemon:
             old_env = subnetenv.read(opts.subnet_file)
             previous = previous_subnet_from(old_env)
             manager, config = await open_manager(opts, previous)
-            if not config.enable_ipv4 and not config.enable_ipv6:
-                raise StartupError("none defined stack: the network config turns off both EnableIPv4 and EnableIPv6")
             backend_cls = backend_class(config.backend_name)  # its class attributes say what interface it needs
             ext = await self._external_interface(nl, manager, config, backend_cls)
             udp_flags = UdpFlags(

@@ -217,11 +217,6 @@ class UdpNetwork(Network):
         rotation = int(attrs.public_ipv6 if self.lease.subnet is None and attrs.public_ipv6 else attrs.public_ip)
         return cpus[(index + rotation) % len(cpus)]
 
-    @property
-    def pump(self) -> Pump:
-        """The first pump (the only one with -udp-workers=1)."""
-        return self.pumps[0]
-
     def _make_pump(self, lane: udp_lanes.Lane, gro: bool, tun_offloads: int) -> Pump:
         def fd(sock: socket.socket | None) -> int:
             return sock.fileno() if sock is not None else -1

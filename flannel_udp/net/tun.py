@@ -27,20 +27,14 @@ class TunError(RuntimeError):
     pass
 
 
-def open_tun(name_template: str = "flannel%d", offloads: bool = False) -> tuple[int, str, int]:
-    """A non-persistent, non-blocking TUN (IFF_TUN|IFF_NO_PI, as upstream); it disappears when the fd is closed.
-
-    With offloads, IFF_VNET_HDR too, and the kernel may hand over TCP (and, from 6.2, UDP) super-packets with partial
-    checksums: returns the TUN_F_* flags it accepted (0 without offloads)."""
-    fds, name, accepted = open_tun_queues(1, name_template, offloads)
-    return fds[0], name, accepted
-
-
 def open_tun_queues(
     queues: int, name_template: str = "flannel%d", offloads: bool = False
 ) -> tuple[list[int], str, int]:
-    """open_tun with `queues` queues (IFF_MULTI_QUEUE when more than one): one fd per queue, each a packet thread's;
-    the device goes when the last is closed."""
+    """A non-persistent, non-blocking TUN (IFF_TUN|IFF_NO_PI, as upstream) with `queues` queues (IFF_MULTI_QUEUE when
+    more than one): one fd per queue, each a packet thread's; the device goes when the last is closed.
+
+    With offloads, IFF_VNET_HDR too, and the kernel may hand over TCP (and, from 6.2, UDP) super-packets with partial
+    checksums: returns the TUN_F_* flags it accepted (0 without offloads)."""
     flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offloads else 0) | (IFF_MULTI_QUEUE if queues > 1 else 0)
     fds: list[int] = []
     name, accepted = name_template, 0
@@ -51,8 +45,8 @@ def open_tun_queues(
             try:
                 reply = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
                 name = reply[:16].rstrip(b"\0").decode()  # the later queues join the device the first one made
-                if offloads:
-                    accepted = set_offloads(fd)
+                if offloads and len(fds) == 1:
+                    accepted = set_offloads(fd)  # the device's, set once through its first queue
             except OSError as e:
                 raise TunError(f"cannot create TUN device {name}: {e.strerror}") from None
     except BaseException:

@@ -309,12 +309,11 @@ class KubeManager:
             raise StoreError(str(e)) from None
         subnet = self._checked_ipv4(node, v4) if self.enable_ipv4 else None
         ipv6_subnet = None
-        if not self.enable_ipv4:
-            if v6 is None:
-                raise StoreError(
-                    f'node "{self.node_name}" has no IPv6 podCIDR ({pod_cidr_text(node)}) but the network is IPv6-only '
-                    "(EnableIPv4 false): give kube-controller-manager an IPv6 cluster CIDR"
-                )
+        if not self.enable_ipv4 and v6 is None:
+            raise StoreError(
+                f'node "{self.node_name}" has no IPv6 podCIDR ({pod_cidr_text(node)}) but the network is IPv6-only '
+                "(EnableIPv4 false): give kube-controller-manager an IPv6 cluster CIDR"
+            )
         if v6 is not None and self.enable_ipv6 and (attrs.backend_type in DUAL_STACK_TYPES or subnet is None):
             if self.config.ipv6_network is None:
                 raise StoreError(
