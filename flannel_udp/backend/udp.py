@@ -172,7 +172,7 @@ class UdpNetwork(Network):
         self.ipv6_underlay = lanes[0].sock6 is not None
         self.routes = RouteTable()  # one table for every pump: a lease event changes it once for all
         self._ipv6_subnets: dict = {}  # a peer's primary subnet -> its IPv6 subnet, to remove both routes together
-        self._gso_reported: set = set()
+        self._gso_reported = False
         receiving = [s for lane in lanes for s in (lane.sock, lane.sock6) if s is not None]
         gro = flags.offload and all(enable_gro(s) for s in receiving)
         # The pump threads tell the event loop through this eventfd when one had to turn GSO off: logged at once.
@@ -266,8 +266,10 @@ class UdpNetwork(Network):
         except BlockingIOError:
             return
         for pump in self.pumps:
-            if not pump.gso and pump.gso_error and pump not in self._gso_reported:
-                self._gso_reported.add(pump)
+            # One line per node: the refusal is the kernel's or the device's, so every pump meets it; each pump's
+            # own state stays on /metrics.
+            if not pump.gso and pump.gso_error and not self._gso_reported:
+                self._gso_reported = True
                 log.warning(
                     "UDP GSO refused by the kernel (%s); sending one datagram per packet from now on",
                     os.strerror(pump.gso_error),
