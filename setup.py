@@ -7,12 +7,16 @@ COMPILE_ARGS = ["-O3", "-D_GNU_SOURCE", "-Wno-unused-function"]
 
 
 def fastpath_extension(name: str) -> Extension:
-    return Extension(f"_fastpath.{name}", [f"_fastpath/{name}.pyx"], extra_compile_args=COMPILE_ARGS)
+    # The wireguard pump seals and opens with libcrypto's ChaCha20-Poly1305.
+    libraries = ["crypto"] if name == "wg" else []
+    return Extension(
+        f"_fastpath.{name}", [f"_fastpath/{name}.pyx"], extra_compile_args=COMPILE_ARGS, libraries=libraries
+    )
 
 
 setup(
     ext_modules=cythonize(
-        [fastpath_extension(name) for name in ("packet", "routes", "offload", "tun", "udp", "pump", "drivers")],
+        [fastpath_extension(name) for name in ("packet", "routes", "offload", "tun", "udp", "pump", "drivers", "wg")],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),
 )

@@ -395,6 +395,18 @@ cdef class RouteTable:
         finally:
             self.unlock()
 
+    def peer_index(self, network):
+        """The index of the peer a route points at (stable while any route uses that peer), -1 without the route.
+        The wireguard backend keeps each peer's sessions by this index."""
+        cdef Key key
+        key, _ = _prefix_key(network)
+        with nogil:
+            self.lock()
+        try:
+            return hm_get(&self.route_map, &key)
+        finally:
+            self.unlock()
+
     def peer_stats(self):
         """{peer ip: (tx packets, tx bytes, rx packets, rx bytes)} for the peers of current routes."""
         raw = []

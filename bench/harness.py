@@ -26,8 +26,9 @@ import time
 
 from testbed.cluster import Testbed, in_ns, wait_for
 
-BACKENDS = ("host-gw", "vxlan", "udp", "upstream-udp", "upstream-vxlan")
+BACKENDS = ("host-gw", "vxlan", "udp", "upstream-udp", "upstream-vxlan", "wireguard", "wireguard-go", "boringtun")
 UPSTREAM = "upstream-"
+WIREGUARD_PROGRAMS = ("wireguard-go", "boringtun")  # userspace WireGuard run as the nodes, configured with wg
 NETWORK = "10.244.0.0/16"
 IPV6_NETWORK = "fd00:10:244::/56"
 # What is reported, in this order: (key, label, unit, higher is better)
@@ -138,6 +139,9 @@ def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False, ipv
     ipv6 = ipv6 or ipv6_only
     with Testbed(hosts=2, ipv6_only=ipv6_only) as bed:
         bed.set_underlay_offloads(offloads)
+        if backend in WIREGUARD_PROGRAMS:
+            yield program_cluster(bed, backend)
+            return
         if upstream and not ipv6_only:
             bed.start_etcd()
         config: dict = {"Network": NETWORK, "Backend": {"Type": backend.removeprefix(UPSTREAM)}}
@@ -154,6 +158,20 @@ def two_pod_cluster(backend: str, offloads: bool = True, ipv6: bool = False, ipv
         if not wait_for(lambda: bed.ping(a.ns, target(b, ipv6), timeout=0.5), 5):
             raise RuntimeError(f"{backend}: pods cannot reach each other\n{bed.logs()}")
         yield bed, a, b
+
+
+def program_cluster(bed: Testbed, kind: str):
+    """Both hosts run the WireGuard program `kind` (no flanneld: the CNI plugin reads the subnet.env written for it);
+    (testbed, pod a, pod b) as for the daemon's backends."""
+    from testbed.wgpeers import start_wg_cluster
+
+    peers = start_wg_cluster(bed, kind)
+    for host, peer in zip(bed.hosts, peers, strict=True):
+        host.process = peer.process  # `ip netns exec` became the program: its CPU and memory are measured
+    a, b = (bed.add_pod(h) for h in bed.hosts)
+    if not wait_for(lambda: bed.ping(a.ns, b.address, timeout=0.5), 5):
+        raise RuntimeError(f"{kind}: pods cannot reach each other")
+    return bed, a, b
 
 
 def measure(
@@ -272,6 +290,9 @@ def plot(path: str, report: dict) -> None:
                 "udp": "#cc6633",
                 "upstream-udp": "#e8b894",
                 "upstream-vxlan": "#a9bfd8",
+                "wireguard": "#228833",
+                "wireguard-go": "#99cc99",
+                "boringtun": "#ccddaa",
             }
             ax.bar(names, medians, yerr=[lows, highs], color=[colours.get(n, "#999999") for n in names], capsize=3)
             ax.tick_params(axis="x", labelrotation=30)
@@ -349,6 +370,17 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[st
         if chosen:
             parser.error(f"upstream flanneld is not built ({upstreamflannel.flanneld_path()}): run scripts/setup.sh")
         backends = [b for b in backends if not b.startswith(UPSTREAM)]
+    from testbed import wgpeers
+
+    for name in WIREGUARD_PROGRAMS:
+        if name in backends and not wgpeers.available(name):
+            if chosen:
+                parser.error(f"{name} is not built ({wgpeers.PROGRAMS[name]}): run scripts/setup.sh")
+            backends.remove(name)
+    if (args.ipv6 or args.ipv6_only) and any(b.startswith("wireguard") or b in WIREGUARD_PROGRAMS for b in backends):
+        if chosen:
+            parser.error("the WireGuard rows are IPv4 networks only")
+        backends = [b for b in backends if not (b.startswith("wireguard") or b in WIREGUARD_PROGRAMS)]
     if (args.ipv6 or args.ipv6_only) and "upstream-udp" in backends:
         if chosen:
             parser.error(f"{'--ipv6-only' if args.ipv6_only else '--ipv6'}: upstream's udp backend is IPv4-only")

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT
+from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT, WIREGUARD_PORT
 from .subnet.registry import StoreError
+from .wireguard.messages import describe as describe_wireguard
 
 if TYPE_CHECKING:
     from _fastpath.routes import RouteTable
@@ -46,11 +47,16 @@ class Record:
     time: float
     outer_src: str | None
     outer_dst: str | None
-    encapsulation: str  # "udp", "vxlan" or "tun"
-    inner: bytes
+    encapsulation: str  # "udp", "vxlan", "wireguard" or "tun"
+    inner: bytes  # empty for WireGuard: its contents are sealed
     verdict: str
     summary: str
     flow: str
+    size: int = -1  # bytes counted in the summary: the inner packet's, or a sealed payload's
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.inner)
 
 
 # -- verdicts: the fast path's own checks -------------------------------------------------------------------------
@@ -219,7 +225,9 @@ def inner_protocol(inner: bytes) -> int | None:
     return None
 
 
-def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: bool) -> Record | None:
+def decode(
+    packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: bool, wireguard_port: int = WIREGUARD_PORT
+) -> Record | None:
     """The outer packet (or a TUN packet) as a Record; None for traffic that is not the overlay's."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.inet6 import IPv6
@@ -245,6 +253,12 @@ def decode(packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: b
         inner = payload[8 + 14 :]  # VXLAN header, then the inner Ethernet frame
         verdict = verdicts.structural(inner)
         encapsulation = f"vxlan vni {VXLAN(payload).vni}"
+    elif wireguard_port in (udp.dport, udp.sport):  # sealed: the message type, session and size, never the contents
+        payload = bytes(udp.payload)
+        summary, valid = describe_wireguard(payload)
+        flow = f"{outer.src} > {outer.dst} wireguard"
+        verdict = "ok" if valid else "malformed"
+        return Record(when, outer.src, outer.dst, "wireguard", b"", verdict, summary, flow, len(payload))
     else:
         return None
     summary, flow = describe_inner(inner)
@@ -286,7 +300,7 @@ class Summary:
     def add(self, record: Record) -> None:
         for table, key in ((self.flows, record.flow), (self.peers, record.outer_src or "flannel0")):
             table[key][0] += 1
-            table[key][1] += len(record.inner)
+            table[key][1] += record.size
         self.verdicts[record.verdict] += 1
 
     def render(self) -> str:
@@ -338,7 +352,8 @@ def load_leases(source) -> list:
 
 
 def build_filter(args: argparse.Namespace, on_tun: bool) -> str | None:
-    parts = [] if on_tun or args.read else [f"(udp dst port {args.port} or udp dst port {args.vxlan_port})"]
+    ports = f"udp dst port {args.port} or udp dst port {args.vxlan_port} or udp port {args.wireguard_port}"
+    parts = [] if on_tun or args.read else [f"({ports})"]
     if args.filter:
         parts.append(f"({args.filter})")
     return " and ".join(parts) or None
@@ -406,13 +421,13 @@ def run_capture(args: argparse.Namespace, source) -> int:
 
     def handle(packet) -> None:
         nonlocal shown
-        record = decode(packet, verdicts, args.port, args.vxlan_port, on_tun)
+        record = decode(packet, verdicts, args.port, args.vxlan_port, on_tun, args.wireguard_port)
         if record is None or not matches(record, args):
             return
         shown += 1
         summary.add(record)
         print(format_record(record, verdicts), flush=True)
-        if writer is not None:
+        if writer is not None and (args.outer or record.inner):  # WireGuard's sealed payloads have no inner packet
             writer.write(packet if args.outer else record.inner)
 
     def done(_packet) -> bool:
@@ -455,6 +470,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=VXLAN_PORT,
         help=f"vxlan's port, decoded too (default {VXLAN_PORT})",
+    )
+    parser.add_argument(
+        "--wireguard-port",
+        type=int,
+        default=WIREGUARD_PORT,
+        help=f"the wireguard backend's port: its messages are named, never decrypted (default {WIREGUARD_PORT})",
     )
     parser.add_argument("--count", type=int, default=0, help="stop after N shown packets")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 packages=(iproute2 iputils-ping iperf3 ethtool iptables nftables containernetworking-plugins
           tcpdump libpcap0.8 procps etcd-server openssl gcc clang libclang-rt-dev python3 python3-dev python3-venv sockperf
-          containerd runc conntrack mmdebstrap umoci busybox-static)
+          containerd runc conntrack mmdebstrap umoci busybox-static wireguard-tools libssl-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,3 +41,5 @@ bash fuzz/build.sh
 # The Kubernetes programs and upstream flanneld for the tests, demo and benchmarks (once per machine, cached outside
 # the clone; a later run finds them and costs nothing).
 bash scripts/build-go-servers.sh
+# wireguard-go and boringtun, the WireGuard peers of the wireguard backend's tests and benchmarks (cached alike).
+bash scripts/build-wireguard-peers.sh

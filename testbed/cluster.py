@@ -8,6 +8,7 @@ by close(), also after a failure. The root namespace is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -137,6 +138,7 @@ class Testbed:
         self.namespaces: list[str] = []
         self.hosts: list[Host] = []
         self.extra_processes: list[subprocess.Popen] = []
+        self.extra_files: list[str] = []  # outside the work folder, removed at close (a killed program's socket)
         self.etcd: EtcdCluster | None = None
         self.etcd_ns = f"{self.prefix}-etcd"
         self.kube = None  # a KubeControlPlane once start_kube() ran: nodes then use -kube-subnet-mgr
@@ -535,6 +537,9 @@ class Testbed:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        for path in self.extra_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         for node in self.kubelet_nodes:
             node.close()
         self.kubelet_nodes.clear()

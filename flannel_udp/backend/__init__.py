@@ -139,8 +139,14 @@ def backend_class(name: str) -> type[Backend]:
     from .hostgw import HostGwBackend
     from .udp import UdpBackend
     from .vxlan import VxlanBackend
+    from .wireguard import WireguardBackend
 
-    registry: dict[str, type[Backend]] = {"udp": UdpBackend, "vxlan": VxlanBackend, "host-gw": HostGwBackend}
+    registry: dict[str, type[Backend]] = {
+        "udp": UdpBackend,
+        "vxlan": VxlanBackend,
+        "host-gw": HostGwBackend,
+        "wireguard": WireguardBackend,
+    }
     name = name.lower()
     try:
         return registry[name]
