@@ -26,7 +26,6 @@ payload where the read left it, so every read buffer of a batch stays untouched 
 UDP -> TUN: receive a batch, check each datagram (sender is a lease's PublicIP, inner source in its subnet, inner
 destination in ours), TTL-1, and hand it to the TUN side, which writes it or glues it to its flow's previous segments.
 """
-from libc.errno cimport EINTR, errno
 from libc.stdlib cimport calloc, free
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -36,6 +35,7 @@ from _fastpath.packet cimport *
 from _fastpath.routes cimport Peer
 from _fastpath.tun cimport deliver
 from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, queue
+from _fastpath.waiting cimport READY_SOCK, READY_SOCK6, READY_STOP, READY_TUN, wait_ready, watch
 
 from _fastpath.packet import VERDICT_NAMES
 
@@ -130,35 +130,23 @@ cdef class Pump:
         without the thread being woken and scheduled (the userspace form of SO_BUSY_POLL). The CPU it burns is
         bounded by the window after each burst; an idle tunnel sleeps as before."""
         cdef pollfd fds[4]
-        cdef int r, i, timeout = -1
+        cdef int ready, timeout = -1
         cdef long long window_ns = <long long>busy_poll_us * 1000, spin_until = 0
         with nogil:
-            fds[0].fd = self.tun.fd
-            fds[1].fd = self.udp.sock_fd
-            fds[2].fd = self.udp.sock6_fd  # poll() skips a negative fd
-            fds[3].fd = stop_fd
-            for i in range(4):
-                fds[i].events = POLLIN
+            watch(fds, self.tun.fd, self.udp.sock_fd, self.udp.sock6_fd, stop_fd)
             while True:
-                for i in range(4):
-                    fds[i].revents = 0
-                r = poll(fds, 4, timeout)
-                if r < 0:
-                    if errno == EINTR:
-                        continue
+                ready = wait_ready(fds, timeout)
+                if ready & READY_STOP:
                     break
-                if r == 0:  # only while spinning: sleep again once the window has passed without a packet
+                if ready == 0:  # only while spinning: sleep again once the window has passed without a packet
                     if monotonic_ns() >= spin_until:
                         timeout = -1
                     continue
-                if fds[3].revents or (fds[0].revents | fds[1].revents | fds[2].revents) & POLLNVAL:
-                    break
-                if fds[0].revents & (POLLIN | POLLERR):
+                if ready & READY_TUN:
                     self._tun_round()
-                # A pending socket error is cleared by the receive that reports it.
-                if fds[1].revents & (POLLIN | POLLERR):
+                if ready & READY_SOCK:
                     self._socket_round(self.udp.sock_fd, False)
-                if fds[2].revents & (POLLIN | POLLERR):
+                if ready & READY_SOCK6:
                     self._socket_round(self.udp.sock6_fd, True)
                 if window_ns > 0:
                     timeout = 0

@@ -20,7 +20,6 @@ route table's write lock; the pump reads them under its read lock, and promotes 
 current when the first message arrives on it (a handshake's keys change with no gap in traffic). One pump per
 device: the ring and the promotion assume one packet thread.
 """
-from libc.errno cimport EINTR, errno
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -31,6 +30,7 @@ from _fastpath.offload cimport *
 from _fastpath.packet cimport *
 from _fastpath.tun cimport deliver
 from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, queue
+from _fastpath.waiting cimport READY_SOCK, READY_SOCK6, READY_STOP, READY_TUN, wait_ready, watch
 
 import ipaddress
 import os
@@ -515,29 +515,18 @@ cdef class WgPump:
     def run(self, int stop_fd):
         """The packet loop, for a thread of its own, until stop_fd (an eventfd) is readable or an fd is closed."""
         cdef pollfd fds[4]
-        cdef int r, i
+        cdef int ready
         with nogil:
-            fds[0].fd = self.tun.fd
-            fds[1].fd = self.udp.sock_fd
-            fds[2].fd = self.udp.sock6_fd
-            fds[3].fd = stop_fd
-            for i in range(4):
-                fds[i].events = POLLIN
+            watch(fds, self.tun.fd, self.udp.sock_fd, self.udp.sock6_fd, stop_fd)
             while True:
-                for i in range(4):
-                    fds[i].revents = 0
-                r = poll(fds, 4, -1)
-                if r < 0:
-                    if errno == EINTR:
-                        continue
+                ready = wait_ready(fds, -1)
+                if ready & READY_STOP:
                     break
-                if fds[3].revents or (fds[0].revents | fds[1].revents | fds[2].revents) & POLLNVAL:
-                    break
-                if fds[0].revents & (POLLIN | POLLERR):
+                if ready & READY_TUN:
                     self._tun_round()
-                if fds[1].revents & (POLLIN | POLLERR):
+                if ready & READY_SOCK:
                     self._socket_round(self.udp.sock_fd, False)
-                if fds[2].revents & (POLLIN | POLLERR):
+                if ready & READY_SOCK6:
                     self._socket_round(self.udp.sock6_fd, True)
 
     # -- TUN -> UDP --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`python -m bench`: the backends side by side, each run as users run it (the real daemon on the embedded store), on
 the same namespace underlay, in the same run. `upstream-udp` and `upstream-vxlan` are upstream's flanneld (built by
 scripts/setup.sh) with that backend, on a real etcd since it has no embedded store: the program a user would otherwise
-pick, measured in the same run.
+pick, measured in the same run. `wireguard-go` and `boringtun` are those WireGuard programs run as the nodes
+themselves (configured with wg; built by scripts/setup.sh), beside the wireguard backend.
 
 Per backend and underlay setting (veth defaults; TSO/GSO/GRO off): TCP with 1 and 4 streams both ways (iperf3 -J),
 64-byte UDP packets per second sent and received with the loss, round-trip latency p50/p99/max (ping every 10 ms),

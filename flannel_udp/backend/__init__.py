@@ -135,20 +135,23 @@ def make_backend(config: NetworkConfig, nl: netlink.Netlink, ext: ExternalInterf
 
 
 def backend_class(name: str) -> type[Backend]:
-    """Upstream looks the type up lower-cased; `hostgw` without the dash is unknown there too."""
-    from .hostgw import HostGwBackend
-    from .udp import UdpBackend
-    from .vxlan import VxlanBackend
-    from .wireguard import WireguardBackend
-
-    registry: dict[str, type[Backend]] = {
-        "udp": UdpBackend,
-        "vxlan": VxlanBackend,
-        "host-gw": HostGwBackend,
-        "wireguard": WireguardBackend,
-    }
+    """Upstream looks the type up lower-cased; `hostgw` without the dash is unknown there too. Only the named backend
+    is imported (the wireguard one loads libcrypto and the handshake's libraries)."""
     name = name.lower()
-    try:
-        return registry[name]
-    except KeyError:
-        raise BackendError(f"unknown backend type: {name}") from None
+    if name == "udp":
+        from .udp import UdpBackend
+
+        return UdpBackend
+    if name == "vxlan":
+        from .vxlan import VxlanBackend
+
+        return VxlanBackend
+    if name == "host-gw":
+        from .hostgw import HostGwBackend
+
+        return HostGwBackend
+    if name == "wireguard":
+        from .wireguard import WireguardBackend
+
+        return WireguardBackend
+    raise BackendError(f"unknown backend type: {name}")

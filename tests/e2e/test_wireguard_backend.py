@@ -292,3 +292,24 @@ def test_hostile_datagrams_are_dropped_and_counted(wg_bed):
     assert metric(ns, "flannel_udp_wireguard_handshake_events_total", event="cookie_replies_sent") > 0
     assert target.process.poll() is None
     assert ping(bed, attacker.pods[0].ns, target.pods[0].address).returncode == 0
+
+
+@pytest.mark.parametrize("store", ["etcd", "kube"])
+def test_on_etcd_and_the_kubernetes_api(wg_bed, store):
+    """The public key and port travel in upstream's places: the etcd lease's BackendData, or the Node's backend-data
+    annotation (with backend-type wireguard)."""
+    bed = wg_bed
+    if store == "etcd":
+        bed.start_etcd()
+        bed.write_config({"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}})
+    else:
+        bed.start_kube()
+    one, two = bed.hosts[:2]
+    start_all(bed, [one, two])
+    assert ping(bed, one.pods[0].ns, two.pods[0].address).returncode == 0, bed.logs()
+    assert ping(bed, two.pods[0].ns, one.pods[0].address).returncode == 0, bed.logs()
+    if store == "kube":
+        prefix = "flannel.alpha.coreos.com/"
+        annotations = bed.kube.get_node(one.node_name).metadata.annotations
+        assert annotations[prefix + "backend-type"] == "wireguard"
+        assert json.loads(annotations[prefix + "backend-data"]) == {"PublicKey": public_key(bed, one), "Port": 51820}

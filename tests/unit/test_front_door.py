@@ -105,3 +105,17 @@ def test_history_pattern_finds_what_it_must():
         assert HISTORY.search(chronicle), chronicle
     for product in ("start_new_session=True", "a lease from an earlier run", "WireGuard session keys"):
         assert not HISTORY.search(product), product
+
+
+def test_every_package_is_in_the_wheel():
+    """A subpackage missing from pyproject.toml's list works from the clone and is absent from the image."""
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for top in ("flannel_udp", "_fastpath")
+        for path in (ROOT / top).rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
