@@ -93,12 +93,12 @@ def start_wg_peer(
     """Start `kind` in host's namespace as the node of `subnet`, with its lease in the testbed's embedded store (lease
     False: none, for a cluster of these programs alone) and the subnet.env its pods' CNI plugin reads."""
     device = f"wg{secrets.token_hex(4)}"
-    log = open(os.path.join(bed.workdir, f"{host.name}-{kind}.log"), "ab")
     if kind == "wireguard-go":
         cmd = [program(kind), "-f", device]
     else:
         cmd = [program(kind), "-f", "--disable-drop-privileges", "-t", "2", "-l", "/dev/stdout", device]
-    process = subprocess.Popen(["ip", "netns", "exec", host.ns, *cmd], stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(bed.workdir, f"{host.name}-{kind}.log"), "ab") as log:  # the child keeps its own copy
+        process = subprocess.Popen(["ip", "netns", "exec", host.ns, *cmd], stdout=log, stderr=subprocess.STDOUT)
     bed.extra_processes.append(process)
     bed.extra_files.append(os.path.join(UAPI_DIR, f"{device}.sock"))
     private = sh("wg", "genkey").stdout.strip()
