@@ -29,6 +29,15 @@ def per_pump(host, stage: str) -> list[float]:
     return [metrics.get(f'flannel_udp_pump_packets_total{{pump="{i}",stage="{stage}"}}', 0) for i in range(2)]
 
 
+REORDER_COUNTERS = ("TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPRenoReorder")
+
+
+def tcp_reordering_seen(ns: str) -> dict[str, int]:
+    """The namespace's TCP counters of segments found out of order (by SACK, timestamps or duplicate ACKs)."""
+    rows = (line.split() for line in in_ns(ns, "nstat", "-az", *REORDER_COUNTERS).stdout.splitlines())
+    return {row[0]: int(row[1]) for row in rows if row and row[0] in REORDER_COUNTERS}
+
+
 def flows_across(bed, src_pod, dst_pod) -> dict[str, list[int]]:
     """FLOWS sequence-numbered UDP flows from one pod to another; per flow (source port) [received, inversions]."""
     receiver = bed.popen(
@@ -49,10 +58,13 @@ def test_no_flow_is_reordered_across_two_pumps_and_both_carry_traffic(pumps2):
     assert all(inversions == 0 for _, inversions in flows.values()), flows
     assert all(sent > 0 for sent in per_pump(h1, "udp_sent")), per_pump(h1, "udp_sent")
     assert all(received > 0 for received in per_pump(h2, "udp_received")), per_pump(h2, "udp_received")
-    # The same both ways at once: TCP with four streams, each kept in order by its pump.
+    # The same with TCP, four streams, counted by the sender's stack. A flow split across pumps would be reordered
+    # batch after batch; the kernel's own per-CPU backlogs reorder a packet now and then when a writing thread changes
+    # CPU (kernel vxlan shows dozens in the same second here), so a few are allowed.
     report = bed.iperf3(h2.pods[0], h1.pods[0], 1, "-P", "4")
     assert report["end"]["sum_received"]["bytes"] > 1_000_000
-    assert report["end"]["sum_sent"]["retransmits"] < 200, report["end"]["sum_sent"]
+    reordering = tcp_reordering_seen(h2.pods[0].ns)
+    assert len(reordering) == len(REORDER_COUNTERS) and sum(reordering.values()) <= 4, reordering
 
 
 def test_counters_add_up_across_pumps(pumps2):
