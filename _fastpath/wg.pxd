@@ -104,6 +104,7 @@ cdef class WgState:
     cdef public uint64_t reject_after_ns
     cdef public uint64_t rekey_after_messages
     cdef uint64_t reject_after_messages
+    cdef public int mtu  # the device's: padding stops there (0: pad every message to 16 bytes)
     cdef int notify_fd
     cdef CtlMessage ctl[CTL_SLOTS]
     cdef uint32_t ctl_head  # written by the packet thread

@@ -113,12 +113,15 @@ cdef inline const uint8_t* key_unless_loaded(Cipher* c, const Keypair* kp, const
 
 
 cdef Py_ssize_t seal(Cipher* c, uint8_t* out, const Keypair* kp, uint64_t counter, const uint8_t* a, int a_len,
-                     const uint8_t* b, int b_len) noexcept nogil:
-    """A transport message into out: header, the plaintext a + b padded with zeros to 16 bytes, sealed, and its tag.
-    Returns its length, or -1 if libcrypto failed."""
+                     const uint8_t* b, int b_len, int mtu) noexcept nogil:
+    """A transport message into out: header, the plaintext a + b padded with zeros to 16 bytes but never beyond the
+    device's MTU (a full-size packet would otherwise outgrow the underlay's: the overhead leaves no room for padding),
+    sealed, and its tag. Returns its length, or -1 if libcrypto failed."""
     cdef EVP_CIPHER_CTX* ctx = c.ctx
     cdef uint8_t nonce[12]
     cdef int done, pad = (-(a_len + b_len)) & 15
+    if mtu > 0 and a_len + b_len + pad > mtu:
+        pad = mtu - a_len - b_len if mtu > a_len + b_len else 0
     cdef uint8_t* p = out + WG_HEADER
     out[0] = 4
     out[1] = out[2] = out[3] = 0
@@ -212,6 +215,7 @@ cdef class WgState:
         self.reject_after_ns = REJECT_AFTER_TIME * 1000000000
         self.rekey_after_messages = REKEY_AFTER_MESSAGES
         self.reject_after_messages = REJECT_AFTER_MESSAGES
+        self.mtu = 0
         self.staged = <Staged*>calloc(STAGE_SLOTS, sizeof(Staged))
         if self.staged == NULL:
             raise MemoryError()
@@ -428,7 +432,8 @@ cdef class WgState:
                     p = self.peer(s.peer)
                     kp = &self.keypairs[p.current] if p != NULL and p.current >= 0 else NULL
                     if kp != NULL and kp.state == 2 and now - kp.birth_ns < self.reject_after_ns:
-                        n = seal(&self.cipher, sealed, kp, wg_fetch_add(&kp.send_counter, 1), s.data, s.length, NULL, 0)
+                        n = seal(&self.cipher, sealed, kp, wg_fetch_add(&kp.send_counter, 1), s.data, s.length, NULL, 0,
+                                 self.mtu)
                         if n > 0:
                             p.last_sent_ns = p.last_data_sent_ns = now
                             out.append((s.peer, bytes(sealed[:n])))
@@ -455,7 +460,7 @@ cdef class WgState:
             self.routes.lock()  # the pump may promote a keypair meanwhile
             if p.current >= 0 and self.keypairs[p.current].state == 2:
                 kp = &self.keypairs[p.current]
-                n = seal(&self.cipher, out, kp, wg_fetch_add(&kp.send_counter, 1), NULL, 0, NULL, 0)
+                n = seal(&self.cipher, out, kp, wg_fetch_add(&kp.send_counter, 1), NULL, 0, NULL, 0, 0)
                 if n > 0:
                     p.last_sent_ns = monotonic_ns()
             self.routes.unlock()
@@ -617,7 +622,7 @@ cdef class WgPump:
             self.wg_drops_out[W_TOO_BIG] += 1
             return n
         sealed = seal(&self.sealer, out, kp, wg_fetch_add(&kp.send_counter, 1), head, <int>head_len, payload,
-                      <int>payload_len)
+                      <int>payload_len, self.wg.mtu)
         if sealed < 0:
             self.drops_out[V_SEND_FAILED] += 1
             return n

@@ -1,46 +1,42 @@
-"""The wireguard backend: upstream's `"Backend": {"Type": "wireguard"}`, carried by a userspace WireGuard (a TUN
-named flannel-wg, the pump of _fastpath/wg.pyx, the handshakes of flannel_udp/wireguard), so it runs on kernels
-without the WireGuard module and speaks the protocol to any WireGuard peer, upstream flanneld's kernel devices
-included.
+"""The wireguard backend: upstream's `"Backend": {"Type": "wireguard"}`, carried by a userspace WireGuard (TUN devices,
+the pump of _fastpath/wg.pyx, the handshakes of flannel_udp/wireguard), so it runs on kernels without the WireGuard
+module and speaks the protocol to any WireGuard peer, upstream flanneld's kernel devices included.
 
 As upstream: options ListenPort (51820), ListenPortV6 (51821), MTU (the interface's), PSK, PersistentKeepaliveInterval
 (seconds) and Mode; the private key in /run/flannel/wgkey (WIREGUARD_KEY_FILE), made once and reused; the lease's
-BackendData {"PublicKey": ..., "Port": ...}; one peer per lease whose allowed IPs are the lease's subnet; flannel-wg
-with <subnet>/32, MTU = MTU - 80, up, and a route for the whole Network. IPv4 networks only here: an IPv6 side is
-refused in one line."""
+BackendData / BackendV6Data {"PublicKey": ..., "Port": ...}; one peer per lease whose allowed IPs are the lease's
+subnets. Mode "separate" (the default) gives each family a device of its own: flannel-wg (IPv4 pods, IPv4 underlay,
+ListenPort) and flannel-wg-v6 (IPv6 pods, IPv6 underlay, ListenPortV6). Modes "auto", "ipv4" and "ipv6" put both
+families on flannel-wg and reach each peer on one of its addresses (auto: upstream's choice). Each device gets the
+subnets' network addresses (/32, /128), MTU = MTU - 80, and a route for each Network it carries."""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
-import threading
 from typing import Any
-
-from _fastpath.routes import RouteTable
-from _fastpath.wg import WgPump, WgState
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..defaults import WIREGUARD_PORT
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..net.tun import open_tun_queues
-from ..net.udp_socket import SocketError, enable_gro, open_socket
+from ..net.udp_socket import SocketError, open_socket
 from ..subnet.config import NetworkConfig, lookup_key
-from ..subnet.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent
+from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAdded, LeaseAttrs, LeaseEvent
 from ..subnet.manager import SubnetManager
 from ..wireguard import keys, noise
-from ..wireguard.device import TICK, WireguardDevice
-from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, room_after
+from ..wireguard.device import TICK, where
+from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families, room_after
 from .options import int_option
 from .udp import configure_tun
+from .wireguard_link import Address, LinkPlan, WgLink, metric_families
 
 log = logging.getLogger(__name__)
 
 OVERHEAD = 80  # upstream's: outer IPv6 header (the larger), UDP, type, index, counter, tag
-DEVICE = "flannel-wg"
+DEVICE, DEVICE6 = "flannel-wg", "flannel-wg-v6"
 MODES = ("separate", "auto", "ipv4", "ipv6")
 
 
@@ -64,192 +60,167 @@ def parse_options(backend: dict[str, Any], ext_mtu: int) -> dict[str, Any]:
     mode = lookup_key(backend, "Mode", "separate")
     if mode not in MODES:
         raise BackendError("no valid Mode configured")
+    options["mode"] = mode
     return options
+
+
+def link_plans(config: NetworkConfig, mode: str) -> list[LinkPlan]:
+    """The devices a mode makes for the network's families."""
+    families = tuple(family for family, on in ((4, config.enable_ipv4), (6, config.enable_ipv6)) if on)
+    if mode == "separate":
+        return [LinkPlan(DEVICE if family == 4 else DEVICE6, (family,), f"ipv{family}") for family in families]
+    return [LinkPlan(DEVICE, families, mode)]
 
 
 class WireguardBackend(Backend):
     backend_type = "wireguard"
+    dual_stack = True
 
     def __init__(self, nl: netlink.Netlink, ext: ExternalInterface, config: NetworkConfig, flags: UdpFlags) -> None:
-        if config.enable_ipv6 or not config.enable_ipv4:
-            raise BackendError("the wireguard backend carries IPv4 networks only: set EnableIPv6 false")
-        if ext.iface_addr is None or ext.ext_addr is None:
-            raise BackendError(f"the wireguard backend needs an IPv4 address on {ext.name}")
+        check_families(config, ext)
         self.netlink = nl
         self.ext = ext
         self.config = config
         self.flags = flags
         self.options = parse_options(config.backend, ext.mtu)
+        self.plans = link_plans(config, self.options["mode"])
+        for plan in self.plans:
+            if not self.underlay(plan):
+                family = "IPv6" if plan.endpoints == "ipv6" else "IPv4"
+                raise BackendError(f"the wireguard backend's {plan.name} needs an {family} address on {ext.name}")
+
+    def underlay(self, plan: LinkPlan) -> list[int]:
+        """The underlay families a device has a socket for: its mode's, or in "auto" each the node has."""
+        have = [family for family, address in ((4, self.ext.iface_addr), (6, self.ext.iface_addr6)) if address]
+        return have if plan.endpoints == "auto" else [f for f in have if f"ipv{f}" == plan.endpoints]
+
+    def lease_attrs(self, public: bytes) -> LeaseAttrs:
+        """Upstream's: each family's BackendData names the key and that family's listening port."""
+        key = keys.encode_key(public)
+        config = self.config
+        return LeaseAttrs(
+            self.ext.ext_addr or NO_PUBLIC_IP,
+            self.ext.ext_addr6 if config.enable_ipv6 else None,
+            backend_type="wireguard",
+            backend_data={"PublicKey": key, "Port": self.options["port"]} if config.enable_ipv4 else None,
+            backend_v6_data={"PublicKey": key, "Port": self.options["port6"]} if config.enable_ipv6 else None,
+        )
+
+    def open_sockets(self, plan: LinkPlan) -> dict[int, socket.socket]:
+        """A socket per underlay family: IPv4 on ListenPort, IPv6 on ListenPortV6 (the ports the lease names)."""
+        sockets: dict[int, socket.socket] = {}
+        try:
+            for family in self.underlay(plan):
+                address = self.ext.iface_addr if family == 4 else self.ext.iface_addr6
+                port = self.options["port"] if family == 4 else self.options["port6"]
+                sockets[family] = open_socket(str(address), port)
+        except SocketError as e:
+            for sock in sockets.values():
+                sock.close()
+            raise BackendError(str(e)) from None
+        return sockets
 
     async def register_network(self, manager: SubnetManager) -> WireguardNetwork:
+        carries6 = any(6 in plan.carries for plan in self.plans)
         mtu = room_after(
-            f"MTU {self.options['mtu']}", self.options["mtu"], OVERHEAD, "WireGuard encapsulation", 4, DEVICE
+            f"MTU {self.options['mtu']}",
+            self.options["mtu"],
+            OVERHEAD,
+            "WireGuard encapsulation",
+            6 if carries6 else 4,
+            self.plans[0].name,
         )
         try:
             private = keys.load_or_create(keys.key_file())
         except keys.WireguardKeyError as e:
             raise BackendError(str(e)) from None
         identity = noise.Identity(private)
+        sockets = [self.open_sockets(plan) for plan in self.plans]
+        links: list[WgLink] = []
         try:
-            sock = open_socket(str(self.ext.iface_addr), self.options["port"])
-        except SocketError as e:
-            raise BackendError(str(e)) from None
-        try:
-            assert self.ext.ext_addr is not None  # checked in __init__
-            attrs = LeaseAttrs(
-                self.ext.ext_addr,
-                backend_type="wireguard",
-                backend_data={"PublicKey": keys.encode_key(identity.public), "Port": self.options["port"]},
-            )
-            lease = await manager.acquire_lease(attrs)
-            (tun_fd,), name, offloads = open_tun_queues(1, DEVICE, offloads=self.flags.offload)
-            try:
-                await self.netlink.call(configure_tun, name, lease, mtu, str(self.config.network), None)
-                log.info(
-                    "%s is up: address %s/32, MTU %d, route %s; WireGuard on %s:%d, public key %s",
-                    name,
-                    lease.subnet.network_address if lease.subnet else "-",
-                    mtu,
-                    self.config.network,
-                    self.ext.iface_addr,
-                    self.options["port"],
-                    keys.encode_key(identity.public),
-                )
-                return WireguardNetwork(lease, mtu, identity, self.options, sock, tun_fd, offloads, self.flags)
-            except BaseException:
-                os.close(tun_fd)
-                raise
+            lease = await manager.acquire_lease(self.lease_attrs(identity.public))
+            for plan, plan_sockets in zip(self.plans, sockets, strict=True):
+                links.append(await self._start_link(plan, plan_sockets, lease, mtu, identity))
+            return WireguardNetwork(lease, mtu, links)
         except BaseException:
-            sock.close()
+            for link in links:
+                await link.close()
+            for plan_sockets in sockets[len(links) :]:
+                for sock in plan_sockets.values():
+                    sock.close()
             raise
+
+    async def _start_link(
+        self, plan: LinkPlan, sockets: dict[int, socket.socket], lease: Lease, mtu: int, identity: noise.Identity
+    ) -> WgLink:
+        """Make and configure one device, then start its pump."""
+        config = self.config
+        network = str(config.network) if 4 in plan.carries else None
+        network6 = str(config.ipv6_network) if 6 in plan.carries else None
+        (tun_fd,), name, offloads = open_tun_queues(1, plan.name, offloads=self.flags.offload)
+        try:
+            await self.netlink.call(configure_tun, name, lease, mtu, network, network6)
+            public: dict[int, Address] = {f: a for f, a in ((4, self.ext.ext_addr), (6, self.ext.ext_addr6)) if a}
+            link = WgLink(
+                plan,
+                lease,
+                identity,
+                self.options,
+                sockets,
+                {family: public[family] for family in sockets if family in public},
+                tun_fd,
+                mtu,
+                offloads,
+                self.flags.offload,
+            )
+        except BaseException:
+            os.close(tun_fd)
+            raise
+        ports = {4: self.options["port"], 6: self.options["port6"]}
+        addresses = {4: self.ext.iface_addr, 6: self.ext.iface_addr6}
+        listening = ", ".join(where((str(addresses[family]), ports[family])) for family in sockets)
+        log.info(
+            "%s is up: MTU %d, routes %s; WireGuard on %s, public key %s",
+            name,
+            mtu,
+            ", ".join(n for n in (network, network6) if n),
+            listening,
+            keys.encode_key(identity.public),
+        )
+        return link
 
 
 class WireguardNetwork(Network):
-    """flannel-wg, its pump thread and the control plane of its handshakes."""
+    """The backend's devices (one, or one per family) following the lease events."""
 
-    def __init__(
-        self,
-        lease: Lease,
-        mtu: int,
-        identity: noise.Identity,
-        options: dict[str, Any],
-        sock: socket.socket,
-        tun_fd: int,
-        offloads: int,
-        flags: UdpFlags,
-    ) -> None:
+    def __init__(self, lease: Lease, mtu: int, links: list[WgLink]) -> None:
         self.lease = lease
         self.mtu = mtu
-        self.port = options["port"]
-        self.sock = sock
-        self.tun_fd = tun_fd
-        self.routes = RouteTable()  # subnet -> peer: where a packet goes, and whose keys may send from it
+        self.links = links
         self._types = BackendTypeFilter("wireguard")
-        self._peer_of: dict[ipaddress.IPv4Network, bytes] = {}  # a lease's subnet -> its public key
-        self._notice_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.state = WgState(self.routes, self._notice_fd)
-        self.device = WireguardDevice(identity, options["psk"], self.state, sock, float(options["keepalive"]))
-        gro = flags.offload and enable_gro(sock)
-        self.pump = WgPump(
-            tun_fd,
-            sock.fileno(),
-            self.routes,
-            self.state,
-            str(lease.subnet),
-            gso=flags.offload,
-            gro=gro,
-            vnet_hdr=bool(offloads),
-            notify_fd=self._notice_fd,
-        )
-        asyncio.get_running_loop().add_reader(self._notice_fd, self._on_notice)
-        self._thread = threading.Thread(target=self.pump.run, args=(self._stop_fd,), name="wg-pump", daemon=True)
-        self._thread.start()
-
-    def _on_notice(self) -> None:
-        try:
-            os.eventfd_read(self._notice_fd)
-        except BlockingIOError:
-            pass
-        self.device.on_notice()
 
     async def supervise(self) -> None:
         while True:
             await asyncio.sleep(TICK)
-            self.device.tick()
+            for link in self.links:
+                link.tick()
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         for event in events:
             if not self._types.accepts(event):
                 continue
-            if isinstance(event, LeaseAdded):
-                self._add_peer(event.lease)
-                continue
-            public = self._peer_of.pop(event.subnet, None) if event.subnet is not None else None
-            if public is not None:
-                self.device.remove_peer(public)
-                self.routes.delete_route(event.subnet)
-                log.info("Subnet removed: %s", event.subnet)
-
-    def _add_peer(self, lease: Lease) -> None:
-        if lease.subnet is None:  # an IPv6-only lease: nothing this IPv4 device can carry
-            return
-        data = lease.attrs.backend_data if isinstance(lease.attrs.backend_data, dict) else {}
-        try:
-            public = keys.parse_key(str(lookup_key(data, "PublicKey", "")), "PublicKey")
-        except keys.WireguardKeyError as e:
-            log.error("Ignoring the lease of %s: its BackendData %s", lease.subnet, e)
-            return
-        port = lookup_key(data, "Port", 0)
-        port = port if isinstance(port, int) and 0 < port < 65536 else self.port  # older upstream leases: ours
-        old = self._peer_of.get(lease.subnet)
-        if old is not None and old != public:
-            self.device.remove_peer(old)
-        self.routes.set_route(lease.subnet, lease.attrs.public_ip, port)
-        self._peer_of[lease.subnet] = public
-        self.device.set_peer(public, self.routes.peer_index(lease.subnet), (str(lease.attrs.public_ip), port))
-        log.info("Subnet added: %s via %s:%d", lease.subnet, lease.attrs.public_ip, port)
+            for link in self.links:
+                if isinstance(event, LeaseAdded):
+                    link.add_peer(event.lease)
+                else:
+                    link.remove_peer(event.primary)
 
     def collect_metrics(self):
-        counters = self.pump.counters()
-        packets = CounterMetricFamily(
-            "flannel_udp_wireguard_packets", "Packets through flannel-wg, by stage", labels=["stage"]
-        )
-        for stage in (
-            "tun_read_packets",
-            "udp_sent_packets",
-            "udp_received_packets",
-            "tun_written_packets",
-            "keepalives_received",
-            "handshake_messages",
-        ):
-            packets.add_metric([stage], counters[stage])
-        drops = CounterMetricFamily(
-            "flannel_udp_wireguard_drops", "Packets and datagrams dropped, by reason", labels=["direction", "reason"]
-        )
-        for direction, key in (("tun_to_udp", "drops_tun_to_udp"), ("udp_to_tun", "drops_udp_to_tun")):
-            for reason, value in sorted(counters[key].items()):
-                drops.add_metric([direction, reason], value)
-        for reason, value in sorted(self.device.stats.items()):
-            if reason.startswith("drop_"):
-                drops.add_metric(["handshake", reason[5:]], value)
-        handshakes = CounterMetricFamily(
-            "flannel_udp_wireguard_handshake_events",
-            "Handshake messages sent and handshakes completed",
-            labels=["event"],
-        )
-        for event, value in sorted(self.device.stats.items()):
-            if not event.startswith("drop_"):
-                handshakes.add_metric([event], value)
-        peers = GaugeMetricFamily("flannel_udp_wireguard_peers", "WireGuard peers (one per lease)")
-        peers.add_metric([], len(self.device.peers))
-        return [packets, drops, handshakes, peers]
+        families = metric_families()
+        for link in self.links:
+            link.add_metrics(*families)
+        return list(families)
 
     async def close(self) -> None:
-        os.eventfd_write(self._stop_fd, 1)
-        await asyncio.to_thread(self._thread.join)
-        asyncio.get_running_loop().remove_reader(self._notice_fd)
-        os.close(self._notice_fd)
-        os.close(self._stop_fd)
-        self.sock.close()
-        os.close(self.tun_fd)  # the TUN goes with its last fd: its address and route with it
+        for link in self.links:
+            await link.close()

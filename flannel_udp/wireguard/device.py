@@ -9,6 +9,7 @@ TICK seconds does the rest: retransmits, keepalives, rekeys, and forgetting old 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -71,26 +72,32 @@ class PeerState:
         return self.cookie if self.cookie and time.monotonic() - self.cookie_time < lifetime else None
 
 
+def where(endpoint: tuple[str, int]) -> str:
+    """An endpoint as an operator writes it: 198.18.0.2:51820, [fd00::2]:51821."""
+    address, port = endpoint
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def source_bytes(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bytes:
     return address.packed + struct.pack("<H", port)
 
 
 class WireguardDevice:
-    """Peers and handshakes of one WireGuard device (one key pair, one UDP socket, one WgState)."""
+    """Peers and handshakes of one WireGuard device (one key pair, a UDP socket per underlay family, one WgState)."""
 
     def __init__(
         self,
         identity: noise.Identity,
         psk: bytes,
         state: WgState,
-        sock: socket.socket,
+        sockets: dict[int, socket.socket],
         persistent_keepalive: float = 0.0,
         timers: Timers | None = None,
     ) -> None:
         self.me = identity
         self.psk = psk
         self.state = state
-        self.sock = sock
+        self.sockets = sockets  # by underlay family: handshakes leave from the socket a peer is reached on
         self.persistent_keepalive = persistent_keepalive
         self.timers = timers or Timers.from_environment()
         state.rekey_after_ns = int(self.timers.rekey_after * 1e9)
@@ -223,7 +230,7 @@ class WireguardDevice:
         first = peer.last_handshake == 0.0
         peer.last_handshake = time.time()
         peer.attempt_started = 0.0
-        (log.info if first else log.debug)("WireGuard handshake with %s:%d %s", *peer.endpoint, how)
+        (log.info if first else log.debug)("WireGuard handshake with %s %s", where(peer.endpoint), how)
 
     # -- sending -----------------------------------------------------------------------------------------------------
     def initiate(self, peer: PeerState) -> None:
@@ -251,11 +258,14 @@ class WireguardDevice:
             self.stats["keepalives_sent"] += 1
 
     def _send(self, data: bytes, endpoint: tuple[str, int]) -> None:
+        sock = self.sockets.get(6 if ":" in endpoint[0] else 4)
         try:
-            self.sock.sendto(data, endpoint)
+            if sock is None:
+                raise OSError(errno.EAFNOSUPPORT, "no socket of that family")
+            sock.sendto(data, endpoint)
         except OSError as e:
             self.stats["send_failed"] += 1
-            log.debug("Cannot send a WireGuard message to %s:%d: %s", *endpoint, e.strerror)
+            log.debug("Cannot send a WireGuard message to %s: %s", where(endpoint), e.strerror)
 
     # -- timers ------------------------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -276,7 +286,7 @@ class WireguardDevice:
         now = time.monotonic()
         if peer.pending is not None:
             if now - peer.attempt_started >= t.rekey_attempt:
-                log.info("WireGuard handshake with %s:%d gave up after %.0f s", *peer.endpoint, t.rekey_attempt)
+                log.info("WireGuard handshake with %s gave up after %.0f s", where(peer.endpoint), t.rekey_attempt)
                 self._drop_pending(peer)
                 peer.attempt_started = 0.0
             elif now - peer.last_initiation_sent >= t.rekey_timeout:

@@ -37,13 +37,15 @@ def start(bed, host, *extra, env=None):
     return bed.start_node(host, f"--healthz-port={HEALTH_PORT}", "--healthz-ip=127.0.0.1", *extra, env=variables)
 
 
-def start_all(bed, hosts) -> None:
-    """Our nodes on these hosts with a pod each, once every node has every other one as a peer."""
+def start_all(bed, hosts, devices=("flannel-wg",)) -> None:
+    """Our nodes on these hosts with a pod each, once every node has every other one as a peer on each device."""
     for host in hosts:
         start(bed, host)
         bed.add_pod(host)
     for host in hosts:
-        assert wait_for(lambda host=host: metric(host.ns, "flannel_udp_wireguard_peers") == len(hosts) - 1, 5)
+        for device in devices:
+            peers = lambda host=host, device=device: metric(host.ns, "flannel_udp_wireguard_peers", device=device)  # noqa: E731
+            assert wait_for(lambda peers=peers: peers() == len(hosts) - 1, 5), bed.logs()
 
 
 def subnet_of(host) -> ipaddress.IPv4Network:

@@ -2,6 +2,7 @@
 subkey's published vector, the data path (two WgPumps on socketpairs and loopback sockets: sealing, opening, the
 replay window, forgeries), the key file, the options, and the capture's message names."""
 
+import ipaddress
 import os
 import socket
 import struct
@@ -13,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flannel_udp.backend import BackendError
 from flannel_udp.backend.wireguard import parse_options
+from flannel_udp.backend.wireguard_link import endpoint_family
+from flannel_udp.subnet.lease import LeaseAttrs
 from flannel_udp.wireguard import keys, messages, noise
 
 SUBNET_A, SUBNET_B = "10.9.1.0/24", "10.9.2.0/24"
@@ -205,6 +208,35 @@ def test_the_responder_sends_only_after_the_initiator_used_the_new_keys(pair):
     a.sock.sendto(datagram, ("127.0.0.1", a.port))
     a.pump.on_socket_readable()
     assert a.tun_packets() == [ipv4("10.9.2.7", "10.9.1.5")]
+
+
+def test_padding_stops_at_the_device_mtu(pair):
+    """A full-size packet is sealed without padding past the MTU: the underlay's room is the MTU plus 80 bytes."""
+    a, b = pair
+    a.state.mtu = 1420
+    assert len(capture_sent(a, b, ipv4("10.9.1.5", "10.9.2.7", b"y" * 1400))) == 16 + 1420 + 16
+    assert len(capture_sent(a, b, ipv4("10.9.1.5", "10.9.2.7", b"y" * 1390))) == 16 + 1420 + 16  # 1410 -> 1420
+    assert len(capture_sent(a, b, ipv4("10.9.1.5", "10.9.2.7", b"y" * 1380))) == 16 + 1408 + 16  # 1400 -> 1408
+
+
+@pytest.mark.parametrize(
+    ("mode", "public_ip", "public_ipv6", "ours", "family"),
+    [
+        ("auto", "198.18.0.2", "fd00::2", {4: "198.18.0.1", 6: "fd00::1"}, 4),  # a public IPv4 address: IPv4
+        ("auto", "10.0.0.2", "2001:db8::2", {4: "10.0.0.1", 6: "2001:db8::1"}, 6),  # private IPv4, public IPv6 both
+        ("auto", "10.0.0.2", "fd00::2", {4: "10.0.0.1", 6: "fd00::1"}, 4),  # both private: IPv4
+        ("auto", "10.0.0.2", "2001:db8::2", {4: "10.0.0.1", 6: "fd00::1"}, 4),  # our IPv6 private: IPv4
+        ("auto", "0.0.0.0", "fd00::2", {6: "fd00::1"}, 6),  # IPv6-only
+        ("ipv6", "198.18.0.2", "fd00::2", {4: "198.18.0.1", 6: "fd00::1"}, 6),
+        ("ipv6", "198.18.0.2", None, {4: "198.18.0.1", 6: "fd00::1"}, None),  # the peer has no IPv6 address
+        ("ipv4", "198.18.0.2", "fd00::2", {4: "198.18.0.1", 6: "fd00::1"}, 4),
+    ],
+)
+def test_a_peer_is_reached_on_the_family_upstreams_modes_pick(mode, public_ip, public_ipv6, ours, family):
+    attrs = LeaseAttrs(
+        ipaddress.IPv4Address(public_ip), ipaddress.IPv6Address(public_ipv6) if public_ipv6 else None, "wireguard"
+    )
+    assert endpoint_family(mode, attrs, {f: ipaddress.ip_address(a) for f, a in ours.items()}) == family
 
 
 def test_the_key_file_is_made_once_private_and_reused(tmp_path):
