@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT, WIREGUARD_PORT
+from .defaults import LEASE_FILE, UDP_PORT, VXLAN_PORT, WIREGUARD_PORT, WIREGUARD_PORT_V6
 from .subnet.registry import StoreError
 from .wireguard.messages import describe as describe_wireguard
 
@@ -226,7 +226,12 @@ def inner_protocol(inner: bytes) -> int | None:
 
 
 def decode(
-    packet, verdicts: Verdicts, udp_port: int, vxlan_port: int, on_tun: bool, wireguard_port: int = WIREGUARD_PORT
+    packet,
+    verdicts: Verdicts,
+    udp_port: int,
+    vxlan_port: int,
+    on_tun: bool,
+    wireguard_ports: tuple[int, ...] = (WIREGUARD_PORT, WIREGUARD_PORT_V6),
 ) -> Record | None:
     """The outer packet (or a TUN packet) as a Record; None for traffic that is not the overlay's."""
     from scapy.layers.inet import IP, UDP
@@ -253,7 +258,9 @@ def decode(
         inner = payload[8 + 14 :]  # VXLAN header, then the inner Ethernet frame
         verdict = verdicts.structural(inner)
         encapsulation = f"vxlan vni {VXLAN(payload).vni}"
-    elif wireguard_port in (udp.dport, udp.sport):  # sealed: the message type, session and size, never the contents
+    elif (
+        udp.dport in wireguard_ports or udp.sport in wireguard_ports
+    ):  # sealed: the message type, session and size, never the contents
         payload = bytes(udp.payload)
         summary, valid = describe_wireguard(payload)
         flow = f"{outer.src} > {outer.dst} wireguard"
@@ -352,7 +359,8 @@ def load_leases(source) -> list:
 
 
 def build_filter(args: argparse.Namespace, on_tun: bool) -> str | None:
-    ports = f"udp dst port {args.port} or udp dst port {args.vxlan_port} or udp port {args.wireguard_port}"
+    wireguard = f"udp port {args.wireguard_port} or udp port {args.wireguard_port_v6}"
+    ports = f"udp dst port {args.port} or udp dst port {args.vxlan_port} or {wireguard}"
     parts = [] if on_tun or args.read else [f"({ports})"]
     if args.filter:
         parts.append(f"({args.filter})")
@@ -421,7 +429,9 @@ def run_capture(args: argparse.Namespace, source) -> int:
 
     def handle(packet) -> None:
         nonlocal shown
-        record = decode(packet, verdicts, args.port, args.vxlan_port, on_tun, args.wireguard_port)
+        record = decode(
+            packet, verdicts, args.port, args.vxlan_port, on_tun, (args.wireguard_port, args.wireguard_port_v6)
+        )
         if record is None or not matches(record, args):
             return
         shown += 1
@@ -476,6 +486,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=WIREGUARD_PORT,
         help=f"the wireguard backend's port: its messages are named, never decrypted (default {WIREGUARD_PORT})",
+    )
+    parser.add_argument(
+        "--wireguard-port-v6",
+        type=int,
+        default=WIREGUARD_PORT_V6,
+        help=f"flannel-wg-v6's port, named too (default {WIREGUARD_PORT_V6})",
     )
     parser.add_argument("--count", type=int, default=0, help="stop after N shown packets")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")

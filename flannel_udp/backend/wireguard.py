@@ -18,7 +18,7 @@ import os
 import socket
 from typing import Any
 
-from ..defaults import WIREGUARD_PORT
+from ..defaults import WIREGUARD_PORT, WIREGUARD_PORT_V6
 from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..net.tun import open_tun_queues
@@ -44,7 +44,7 @@ def parse_options(backend: dict[str, Any], ext_mtu: int) -> dict[str, Any]:
     """Upstream's options and defaults; a wrong one is refused in one line that names it."""
     options = {
         "port": int_option(backend, "wireguard", "ListenPort", WIREGUARD_PORT, 1, 65535),
-        "port6": int_option(backend, "wireguard", "ListenPortV6", 51821, 1, 65535),
+        "port6": int_option(backend, "wireguard", "ListenPortV6", WIREGUARD_PORT_V6, 1, 65535),
         "mtu": int_option(backend, "wireguard", "MTU", ext_mtu, 1, 65535),
         "keepalive": int_option(backend, "wireguard", "PersistentKeepaliveInterval", 0, 0, 65535),
         "psk": bytes(32),

@@ -6,6 +6,8 @@ nothing of IPv4. Every case: pods ping across, only WireGuard messages on the un
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -107,6 +109,16 @@ def test_dual_stack_separate_mode_has_a_device_per_family(bed):
     assert f"{one.address}:51820" in listening and f"[{one.address6}]:51821" in listening, listening
     ping_both_families(bed, [one, two])
     assert wireguard_ports_seen(process, pcap) == {(4, 51820), (6, 51821)}
+    shown = subprocess.run(
+        [sys.executable, "-m", "flannel_udp", "capture", "--read", pcap, "--lease-file", bed.lease_file],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    # Each message named, with who sent it to whom and their subnets of that family.
+    v6 = f"{one.address6} [{subnet6_of(one)}] > {two.address6} [{subnet6_of(two)}] wireguard: transport receiver 0x"
+    assert v6 in shown, shown[:2000]
+    assert f"{one.address} [{subnet_of(one)}] > {two.address} [{subnet_of(two)}] wireguard: transport" in shown
 
 
 @pytest.mark.parametrize(("mode", "underlay"), [("ipv6", (6, 51821)), ("auto", (4, 51820))])
