@@ -178,6 +178,25 @@ def _key_address(Key k):
     return ipaddress.IPv6Address((<object>k.hi << 64) | k.lo)
 
 
+cdef void set_endpoint(Peer* peer, Key ip, int family, uint16_t port) noexcept:
+    """A peer's underlay address, as its key and as the sockaddr sendmmsg takes."""
+    cdef int i
+    peer.ip = ip
+    peer.family = family
+    memset(&peer.addr4, 0, sizeof(peer.addr4))
+    memset(&peer.addr6, 0, sizeof(peer.addr6))
+    if family == 4:
+        peer.addr4.sin_family = AF_INET
+        peer.addr4.sin_port = htons(port)
+        peer.addr4.sin_addr.s_addr = htonl(<uint32_t>ip.lo)
+    else:
+        peer.addr6.sin6_family = AF_INET6
+        peer.addr6.sin6_port = htons(port)
+        for i in range(8):
+            peer.addr6.sin6_addr.s6_addr[i] = (ip.hi >> (56 - 8 * i)) & 0xFF
+            peer.addr6.sin6_addr.s6_addr[8 + i] = (ip.lo >> (56 - 8 * i)) & 0xFF
+
+
 cdef class RouteTable:
     def __cinit__(self):
         cdef pthread_rwlockattr_t attr
@@ -256,7 +275,6 @@ cdef class RouteTable:
     cdef int32_t _peer_ref(self, Key ip, int family, uint16_t port) except -1:
         cdef int32_t index = hm_get(&self.peer_by_ip, &ip)
         cdef Peer* grown
-        cdef int i
         if index >= 0 and self.port_of(index) == port:
             self.peers[index].refs += 1
             return index
@@ -275,19 +293,8 @@ cdef class RouteTable:
             index = self.peer_capacity
             self.peer_capacity *= 2
         memset(&self.peers[index], 0, sizeof(Peer))
-        self.peers[index].ip = ip
-        self.peers[index].family = family
         self.peers[index].refs = 1
-        if family == 4:
-            self.peers[index].addr4.sin_family = AF_INET
-            self.peers[index].addr4.sin_port = htons(port)
-            self.peers[index].addr4.sin_addr.s_addr = htonl(<uint32_t>ip.lo)
-        else:
-            self.peers[index].addr6.sin6_family = AF_INET6
-            self.peers[index].addr6.sin6_port = htons(port)
-            for i in range(8):
-                self.peers[index].addr6.sin6_addr.s6_addr[i] = (ip.hi >> (56 - 8 * i)) & 0xFF
-                self.peers[index].addr6.sin6_addr.s6_addr[8 + i] = (ip.lo >> (56 - 8 * i)) & 0xFF
+        set_endpoint(&self.peers[index], ip, family, port)
         hm_put(&self.peer_by_ip, ip, index)
         return index
 
@@ -392,6 +399,29 @@ cdef class RouteTable:
             if index < 0:
                 return None
             return _key_address(self.peers[index].ip), self.port_of(index)
+        finally:
+            self.unlock()
+
+    def move_peer(self, int32_t index, address, int port):
+        """Point peer `index` at another underlay endpoint (a WireGuard peer that roamed: its authenticated messages
+        now come from there), keeping its routes and counters. False if that address is another peer's."""
+        cdef Key ip
+        cdef int family
+        cdef int32_t other
+        ip, family = _address_key(address)
+        with nogil:
+            self.lock_for_change()
+        try:
+            if index < 0 or index >= self.peer_capacity or self.peers[index].refs == 0:
+                return False
+            other = hm_get(&self.peer_by_ip, &ip)
+            if other >= 0 and other != index:
+                return False
+            hm_del(&self.peer_by_ip, &self.peers[index].ip)
+            set_endpoint(&self.peers[index], ip, family, port)
+            hm_put(&self.peer_by_ip, ip, index)
+            self.generation += 1
+            return True
         finally:
             self.unlock()
 

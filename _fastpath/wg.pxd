@@ -79,6 +79,8 @@ cdef struct WgPeer:
     uint64_t last_received_ns
     uint64_t last_data_received_ns
     uint32_t wanted  # the data path asks for a handshake (1: none usable, 2: the current one is old)
+    uint32_t roamed  # 1: an authenticated message came from `seen`, not the peer's endpoint (for the control plane)
+    sockaddr_in6 seen
 
 
 cdef struct Staged:
@@ -148,4 +150,4 @@ cdef class WgPump:
                    Py_ssize_t payload_len, int32_t peer, Keypair* kp) noexcept nogil
     cdef void _socket_round(self, int fd, bint v6) noexcept nogil
     cdef void _receive(self, uint8_t* buf, Py_ssize_t length, int i) noexcept nogil
-    cdef void _transport(self, uint8_t* buf, Py_ssize_t length) noexcept nogil
+    cdef void _transport(self, uint8_t* buf, Py_ssize_t length, int i) noexcept nogil

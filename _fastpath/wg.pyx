@@ -21,13 +21,14 @@ current when the first message arrives on it (a handshake's keys change with no 
 device: the ring and the promotion assume one packet thread.
 """
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport write
 
 from _fastpath.clib cimport *
 from _fastpath.offload cimport *
 from _fastpath.packet cimport *
+from _fastpath.routes cimport Peer
 from _fastpath.tun cimport deliver
 from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, queue
 from _fastpath.waiting cimport READY_SOCK, READY_SOCK6, READY_STOP, READY_TUN, wait_ready, watch
@@ -101,6 +102,15 @@ cdef inline void put_le64(uint8_t* p, uint64_t v) noexcept nogil:
     cdef int i
     for i in range(8):
         p[i] = (v >> (8 * i)) & 0xFF
+
+
+cdef inline bint same_endpoint(const Peer* peer, const sockaddr_in6* source) noexcept nogil:
+    cdef const sockaddr_in* source4 = <const sockaddr_in*>source
+    if source.sin6_family == AF_INET:
+        return (peer.family == 4 and peer.addr4.sin_addr.s_addr == source4.sin_addr.s_addr
+                and peer.addr4.sin_port == source4.sin_port)
+    return (peer.family == 6 and peer.addr6.sin6_port == source.sin6_port
+            and memcmp(peer.addr6.sin6_addr.s6_addr, source.sin6_addr.s6_addr, 16) == 0)
 
 
 cdef inline const uint8_t* key_unless_loaded(Cipher* c, const Keypair* kp, const uint8_t* key) noexcept nogil:
@@ -199,6 +209,14 @@ cdef int new_cipher(Cipher* c, bint encrypting) except -1:
     return 0
 
 
+cdef endpoint_of(const sockaddr_in6* source):
+    """A datagram's source as (ipaddress address, port)."""
+    if source.sin6_family == AF_INET:
+        address = ipaddress.IPv4Address(bytes((<uint8_t*>&(<sockaddr_in*>source).sin_addr)[:4]))
+        return address, ntohs((<sockaddr_in*>source).sin_port)
+    return ipaddress.IPv6Address(bytes(source.sin6_addr.s6_addr[:16])), ntohs(source.sin6_port)
+
+
 cdef class WgState:
     """Keypairs and per-peer session state of one WireGuard device, shared by its pump and its control plane. Peers
     are the route table's peers (a lease's endpoint), by the same index."""
@@ -294,16 +312,33 @@ cdef class WgState:
         cdef CtlMessage* m
         while tail != head:
             m = &self.ctl[tail & (CTL_SLOTS - 1)]
-            if m.source.sin6_family == AF_INET:
-                address = ipaddress.IPv4Address(bytes((<uint8_t*>&(<sockaddr_in*>&m.source).sin_addr)[:4]))
-                port = ntohs((<sockaddr_in*>&m.source).sin_port)
-            else:
-                address = ipaddress.IPv6Address(bytes(m.source.sin6_addr.s6_addr[:16]))
-                port = ntohs(m.source.sin6_port)
-            out.append((bytes(m.data[: m.length]), (address, port)))
+            out.append((bytes(m.data[: m.length]), endpoint_of(&m.source)))
             tail += 1
         wg_store(&self.ctl_tail, tail)
         return out
+
+    def take_roamed(self):
+        """The peers whose authenticated messages came from a new endpoint: [(index, (address, port))]. A peer stays
+        flagged (and is not reported again) until settle_roamed(index)."""
+        out = []
+        cdef int32_t index
+        cdef WgPeer* p
+        for index in range(self.peer_capacity):
+            p = &self.peers[index]
+            if wg_load(&p.roamed) == 1:
+                wg_store(&p.roamed, 2)
+                out.append((index, endpoint_of(&p.seen)))
+        return out
+
+    def move_endpoint(self, int32_t index, address, int port):
+        """Send to peer `index` at this endpoint from now on (it roamed); False if it is another peer's address."""
+        return self.routes.move_peer(index, address, port)
+
+    def settle_roamed(self, int32_t index):
+        """The endpoint move is done (or refused for good): report the next one."""
+        cdef WgPeer* p = self.peer(index)
+        if p != NULL:
+            wg_store(&p.roamed, 0)
 
     def attach(self, int32_t index):
         """Make room for the route table's peer `index` (a new lease's endpoint), with no session yet."""
@@ -674,7 +709,7 @@ cdef class WgPump:
             self.wg_drops_in[W_UNKNOWN_TYPE] += 1
             return
         if buf[0] == 4:
-            self._transport(buf, length)
+            self._transport(buf, length, i)
             return
         if length != (148 if buf[0] == 1 else 92 if buf[0] == 2 else 64):
             self.wg_drops_in[W_SHORT] += 1
@@ -683,7 +718,7 @@ cdef class WgPump:
         else:
             self.handshake_messages += 1  # handed to the control plane
 
-    cdef void _transport(self, uint8_t* buf, Py_ssize_t length) noexcept nogil:
+    cdef void _transport(self, uint8_t* buf, Py_ssize_t length, int i) noexcept nogil:
         cdef uint32_t index
         cdef int32_t slot, source_peer
         cdef uint64_t counter
@@ -716,6 +751,12 @@ cdef class WgPump:
             self.wg_drops_in[W_UNKNOWN_INDEX] += 1
             return
         p.last_received_ns = self.now
+        if not same_endpoint(&self.routes.peers[kp.peer], &self.udp.rx_addr[i]) and wg_load(&p.roamed) == 0:
+            # Authenticated, and from elsewhere: the peer roamed (a new address, a NAT's new mapping). The control
+            # plane moves its endpoint; until then replies still go to the old one.
+            memcpy(&p.seen, &self.udp.rx_addr[i], sizeof(sockaddr_in6))
+            wg_store(&p.roamed, 1)
+            self.wg.notify()
         if p.next == slot:  # the initiator used the new keys: they become current, the old ones previous
             self.wg._forget(p.previous)
             p.previous = p.current

@@ -85,7 +85,8 @@ class WgLink:
         self.public = public  # this node's address per underlay family, as peers reach it
         self.tun_fd = tun_fd
         self.routes = RouteTable()  # subnet -> peer: where a packet goes, and whose keys may send from it
-        self._peer_of: dict[Subnet, tuple[bytes, list[Subnet]]] = {}  # a lease's primary subnet -> key, routes
+        # A lease's primary subnet -> its key, routes and endpoint as the lease has it.
+        self._peer_of: dict[Subnet, tuple[bytes, list[Subnet], tuple[str, int]]] = {}
         self._skipped: set[Subnet] = set()  # leases this device cannot reach, said once each
         self._notice_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -155,7 +156,10 @@ class WgLink:
         own_port = self.options["port"] if family == 4 else self.options["port6"]
         port = port if isinstance(port, int) and 0 < port < 65536 else own_port  # older upstream leases: ours
         address = attrs.public_ip if family == 4 else attrs.public_ipv6
+        endpoint = (str(address), port)
         old = self._peer_of.get(lease.primary)
+        if old == (public, subnets, endpoint):
+            return  # the same lease again (renewed): a peer that roamed stays where it is
         if old is not None and old[0] != public:
             self.device.remove_peer(old[0])
         for stale in old[1] if old is not None else []:
@@ -163,9 +167,8 @@ class WgLink:
                 self.routes.delete_route(stale)
         for subnet in subnets:
             self.routes.set_route(subnet, address, port)
-        self._peer_of[lease.primary] = (public, subnets)
+        self._peer_of[lease.primary] = (public, subnets, endpoint)
         self._skipped.discard(lease.primary)
-        endpoint = (str(address), port)
         self.device.set_peer(public, self.routes.peer_index(subnets[0]), endpoint)
         log.info("%s: subnet added: %s via %s", self.plan.name, ", ".join(map(str, subnets)), where(endpoint))
 
@@ -174,7 +177,7 @@ class WgLink:
         known = self._peer_of.pop(primary, None)
         if known is None:
             return
-        public, subnets = known
+        public, subnets, _ = known
         self.device.remove_peer(public)
         for subnet in subnets:
             self.routes.delete_route(subnet)

@@ -148,11 +148,33 @@ class WireguardDevice:
                 self._on_message(data, address, port, under_load)
             except noise.HandshakeError as e:
                 self.stats[f"drop_{str(e).replace(' ', '_')}"] += 1
+        for index, (address, port) in self.state.take_roamed():
+            peer = self.by_index.get(index)
+            if peer is not None:
+                self._roam(peer, (str(address), port))
+            else:
+                self.state.settle_roamed(index)
         for peer in list(self.peers.values()):
             session = self.state.session(peer.index)
             if session is not None and session[3] and peer.pending is None:
                 self.initiate(peer)
         self._release_held()
+
+    def _roam(self, peer: PeerState, endpoint: tuple[str, int]) -> None:
+        """The peer's authenticated messages come from `endpoint` (a new address, a NAT's new mapping): everything
+        for it goes there from now on, as WireGuard's roaming does."""
+        if endpoint != peer.endpoint:
+            if not self.state.move_endpoint(peer.index, endpoint[0], endpoint[1]):
+                log.warning(
+                    "WireGuard peer at %s speaks from %s, another peer's address: not followed",
+                    where(peer.endpoint),
+                    where(endpoint),
+                )
+                return  # stays flagged in the data path: not reported again until the peer is set anew
+            log.info("WireGuard peer at %s moved to %s", where(peer.endpoint), where(endpoint))
+            peer.endpoint = endpoint
+            self.stats["endpoint_changes"] += 1
+        self.state.settle_roamed(peer.index)
 
     def _release_held(self) -> set[int]:
         """Send the packets the pump held while their peer's handshake ran, now sealed under its new keys. Returns
@@ -187,7 +209,7 @@ class WireguardDevice:
         if kind == noise.INITIATION:
             self._on_initiation(data, (str(address), port))
         else:
-            self._on_response(data)
+            self._on_response(data, (str(address), port))
 
     def _on_initiation(self, data: bytes, source: tuple[str, int]) -> None:
         def static_static_of(public: bytes) -> bytes | None:
@@ -207,10 +229,11 @@ class WireguardDevice:
             initiation, self.psk, local, peer.fresh_cookie(self.timers.cookie_lifetime)
         )
         self.state.install(peer.index, keys.local_index, keys.remote_index, keys.send, keys.receive, False)
+        self._roam(peer, source)
         self._send(response, source)
         self._completed(peer, "answered")
 
-    def _on_response(self, data: bytes) -> None:
+    def _on_response(self, data: bytes, source: tuple[str, int]) -> None:
         (receiver,) = struct.unpack_from("<I", data, 8)
         peer = self.pending.get(receiver)
         if peer is None or peer.pending is None:
@@ -219,6 +242,7 @@ class WireguardDevice:
         self.pending.pop(receiver)
         peer.pending = None
         self.state.install(peer.index, keys.local_index, keys.remote_index, keys.send, keys.receive, True)
+        self._roam(peer, source)
         # The responder sends on the new keys only once it has received on them: a keepalive at once.
         # What waited for this handshake goes first; a keepalive if nothing did.
         if peer.index not in self._release_held():

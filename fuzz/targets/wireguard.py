@@ -40,7 +40,7 @@ class Node:
         self.state = WgState(self.routes)
         self.me = noise.Identity(X25519PrivateKey.generate())
         self.peer = noise.Identity(X25519PrivateKey.generate())
-        self.device = WireguardDevice(self.me, bytes(32), self.state, self.sock)
+        self.device = WireguardDevice(self.me, bytes(32), self.state, {4: self.sock})
         self.device.set_peer(self.peer.public, self.routes.peer_index(PEER_SUBNET), self.sender.getsockname())
         self.pump = WgPump(self.tun_pump.fileno(), self.sock.fileno(), self.routes, self.state, OWN)
 

@@ -204,6 +204,39 @@ def test_interop_with_a_real_wireguard_peer(wg_bed, kind):
     assert peer.received_from(public_key(bed, ours)) > received
 
 
+ROAMING_RULES = """
+table ip roam {
+    chain gone { type filter hook prerouting priority -350; ip daddr %(home)s udp dport 51820 drop; }
+    chain inbound { type filter hook prerouting priority -300;
+        ip daddr %(away)s udp dport 40000 ip daddr set %(home)s udp dport set 51820; }
+    chain outbound { type filter hook output priority -300;
+        ip saddr %(home)s udp sport 51820 ip saddr set %(away)s udp sport set 40000; }
+}
+"""
+
+
+def test_a_peer_that_moves_is_followed_on_its_session(wg_bed):
+    """Node two moves behind a new address and port (as behind a NAT whose mapping changed; stateless rewriting
+    in its namespace), and its old endpoint goes dark: node one follows the first authenticated message from the
+    new one, with no new handshake (forged messages move nothing: tests/unit/test_wireguard_parts.py)."""
+    bed = wg_bed
+    one, two = bed.hosts[:2]
+    start_all(bed, [one, two])
+    assert ping(bed, one.pods[0].ns, two.pods[0].address).returncode == 0, bed.logs()
+    handshakes = metric(one.ns, "flannel_udp_wireguard_handshake_events_total", event="handshakes_completed")
+    away = str(two.address + 100)
+    in_ns(two.ns, "ip", "addr", "add", f"{away}/24", "dev", "eth0")
+    rules = os.path.join(bed.workdir, "roaming.nft")
+    with open(rules, "w") as f:
+        f.write(ROAMING_RULES % {"home": two.address, "away": away})
+    in_ns(two.ns, "nft", "-f", rules)
+    assert wait_for(lambda: ping(bed, two.pods[0].ns, one.pods[0].address).returncode == 0, 5), bed.logs()
+    assert f"WireGuard peer at {two.address}:51820 moved to {away}:40000" in bed.node_log(one)
+    assert ping(bed, one.pods[0].ns, two.pods[0].address, count=3).returncode == 0
+    assert metric(one.ns, "flannel_udp_wireguard_handshake_events_total", event="handshakes_completed") == handshakes
+    assert metric(one.ns, "flannel_udp_wireguard_handshake_events_total", event="endpoint_changes") == 1
+
+
 def test_rekey_under_traffic_loses_no_ping(wg_bed):
     """With the protocol's timers scaled down (rekey after 6 s), pings every 0.1 s for 14 s to wireguard-go cross
     two rekeys without a loss."""

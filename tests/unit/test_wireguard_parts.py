@@ -210,6 +210,31 @@ def test_the_responder_sends_only_after_the_initiator_used_the_new_keys(pair):
     assert a.tun_packets() == [ipv4("10.9.2.7", "10.9.1.5")]
 
 
+def test_an_authenticated_message_from_elsewhere_moves_the_peer_and_a_forged_one_does_not(pair):
+    a, b = pair
+    packet = ipv4("10.9.1.5", "10.9.2.7")
+    datagram = capture_sent(a, b, packet)
+    elsewhere = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    elsewhere.bind(("127.0.0.1", 0))
+    elsewhere.settimeout(2)
+    index = b.routes.peer_index(SUBNET_A)
+    elsewhere.sendto(datagram[:-1] + bytes([datagram[-1] ^ 1]), ("127.0.0.1", b.port))  # tampered: no roaming
+    b.pump.on_socket_readable()
+    assert b.state.take_roamed() == []
+    elsewhere.sendto(datagram, ("127.0.0.1", b.port))
+    b.pump.on_socket_readable()
+    assert b.tun_packets() == [packet]
+    new_port = elsewhere.getsockname()[1]
+    assert b.state.take_roamed() == [(index, (ipaddress.IPv4Address("127.0.0.1"), new_port))]
+    assert b.state.take_roamed() == []  # reported once
+    assert b.state.move_endpoint(index, "127.0.0.1", new_port)
+    b.state.settle_roamed(index)
+    b.app.send(ipv4("10.9.2.7", "10.9.1.5"))
+    b.pump.on_tun_readable()
+    assert elsewhere.recv(65536)[0] == 4  # b's next message went to where a now is
+    elsewhere.close()
+
+
 def test_padding_stops_at_the_device_mtu(pair):
     """A full-size packet is sealed without padding past the MTU: the underlay's room is the MTU plus 80 bytes."""
     a, b = pair
