@@ -317,6 +317,16 @@ cdef class WgState:
         wg_store(&self.ctl_tail, tail)
         return out
 
+    def take_wanted(self):
+        """The peers the data path asked a handshake for since the last call (or since session()): [index]. A scan in
+        C: the control plane never walks every peer in Python on a notice."""
+        out = []
+        cdef int32_t index
+        for index in range(self.peer_capacity):
+            if wg_load(&self.peers[index].wanted) != WANT_NONE and wg_exchange(&self.peers[index].wanted, WANT_NONE):
+                out.append(index)
+        return out
+
     def take_roamed(self):
         """The peers whose authenticated messages came from a new endpoint: [(index, (address, port))]. A peer stays
         flagged (and is not reported again) until settle_roamed(index)."""

@@ -27,7 +27,7 @@ from ..subnet.config import NetworkConfig, lookup_key
 from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAdded, LeaseAttrs, LeaseEvent
 from ..subnet.manager import SubnetManager
 from ..wireguard import keys, noise
-from ..wireguard.device import TICK, where
+from ..wireguard.device import TICK, Timers, where
 from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families, room_after
 from .options import int_option
 from .udp import configure_tun
@@ -83,6 +83,10 @@ class WireguardBackend(Backend):
         self.config = config
         self.flags = flags
         self.options = parse_options(config.backend, ext.mtu)
+        try:
+            self.options["timers"] = Timers.from_environment()
+        except ValueError as e:
+            raise BackendError(str(e)) from None
         self.plans = link_plans(config, self.options["mode"])
         for plan in self.plans:
             if not self.underlay(plan):

@@ -92,7 +92,9 @@ class WgLink:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self.state = WgState(self.routes, self._notice_fd)
         self.state.mtu = mtu
-        self.device = WireguardDevice(identity, options["psk"], self.state, sockets, float(options["keepalive"]))
+        self.device = WireguardDevice(
+            identity, options["psk"], self.state, sockets, float(options["keepalive"]), options.get("timers")
+        )
         sock, sock6 = sockets.get(4), sockets.get(6)
         gro = offload and all(enable_gro(s) for s in sockets.values())
         self.pump = WgPump(

@@ -47,7 +47,14 @@ class Timers:
 
     @classmethod
     def from_environment(cls) -> Timers:
-        scale = float(os.environ.get("FLANNEL_UDP_WG_TIME_SCALE", "1") or 1)
+        """ValueError, naming the variable, for anything but a positive number."""
+        text = os.environ.get("FLANNEL_UDP_WG_TIME_SCALE", "") or "1"
+        try:
+            scale = float(text)
+        except ValueError:
+            scale = 0.0
+        if not 0 < scale < float("inf"):
+            raise ValueError(f"FLANNEL_UDP_WG_TIME_SCALE must be a positive number, got {text!r}")
         return cls(**{f.name: getattr(cls, f.name) * scale for f in dataclasses.fields(cls)})
 
 
@@ -154,9 +161,9 @@ class WireguardDevice:
                 self._roam(peer, (str(address), port))
             else:
                 self.state.settle_roamed(index)
-        for peer in list(self.peers.values()):
-            session = self.state.session(peer.index)
-            if session is not None and session[3] and peer.pending is None:
+        for index in self.state.take_wanted():
+            peer = self.by_index.get(index)
+            if peer is not None and peer.pending is None:
                 self.initiate(peer)
         self._release_held()
 

@@ -17,6 +17,7 @@ from flannel_udp.backend.wireguard import parse_options
 from flannel_udp.backend.wireguard_link import endpoint_family
 from flannel_udp.subnet.lease import LeaseAttrs
 from flannel_udp.wireguard import keys, messages, noise
+from flannel_udp.wireguard.device import Timers
 
 SUBNET_A, SUBNET_B = "10.9.1.0/24", "10.9.2.0/24"
 
@@ -289,6 +290,13 @@ def test_the_key_file_is_made_once_private_and_reused(tmp_path):
 def test_bad_options_are_named(backend, error):
     with pytest.raises(BackendError, match=error):
         parse_options(backend, 1500)
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "-1", "inf"])
+def test_a_bad_time_scale_is_named(monkeypatch, value):
+    monkeypatch.setenv("FLANNEL_UDP_WG_TIME_SCALE", value)
+    with pytest.raises(ValueError, match=f"FLANNEL_UDP_WG_TIME_SCALE must be a positive number, got '{value}'"):
+        Timers.from_environment()
 
 
 def test_upstream_defaults():
