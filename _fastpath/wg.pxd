@@ -66,6 +66,7 @@ cdef struct Keypair:
     int32_t peer
     uint8_t initiator
     uint8_t state  # 0 free, 1 reserved by a handshake in progress, 2 live
+    uint32_t replay_lock  # the window below is one pump's at a time (a spinlock: held for a few instructions)
     uint64_t replay_top  # the highest counter received
     uint64_t replay[REPLAY_WORDS]
 
@@ -79,7 +80,8 @@ cdef struct WgPeer:
     uint64_t last_received_ns
     uint64_t last_data_received_ns
     uint32_t wanted  # the data path asks for a handshake (1: none usable, 2: the current one is old)
-    uint32_t roamed  # 1: an authenticated message came from `seen`, not the peer's endpoint (for the control plane)
+    uint32_t roamed  # 1: an authenticated message came from `seen`, not the peer's endpoint (for the control plane);
+                     # 2: reported; 3: a pump is writing `seen`
     sockaddr_in6 seen
 
 
@@ -109,7 +111,8 @@ cdef class WgState:
     cdef public int mtu  # the device's: padding stops there (0: pad every message to 16 bytes)
     cdef int notify_fd
     cdef CtlMessage ctl[CTL_SLOTS]
-    cdef uint32_t ctl_head  # written by the packet thread
+    cdef uint32_t ctl_lock  # the pumps post one at a time (handshake messages are rare)
+    cdef uint32_t ctl_head  # written by the packet threads, under ctl_lock
     cdef uint32_t ctl_tail  # written by the control plane
     cdef Cipher cipher  # the control plane's, for keepalives and held packets
     cdef uint64_t serials

@@ -16,9 +16,11 @@ move the window), and its inner source must lie in the sending peer's allowed IP
 are copied into a small ring for the control plane (flannel_udp/wireguard/device.py), which answers them in Python.
 
 Keypairs live in WgState, shared between the pump and the control plane: the control plane installs them under the
-route table's write lock; the pump reads them under its read lock, and promotes a responder's "next" keypair to
-current when the first message arrives on it (a handshake's keys change with no gap in traffic). One pump per
-device: the ring and the promotion assume one packet thread.
+route table's write lock; the pumps read them under its read lock, and one of them promotes a responder's "next"
+keypair to current when the first message arrives on it (a handshake's keys change with no gap in traffic). A device
+may have several pumps, each with its TUN queue and its socket of a SO_REUSEPORT group on the port: what they share
+is taken atomically (message counters, the promotion, held-packet slots) or under a short spinlock (a keypair's
+replay window, the handshake ring).
 """
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy, memset
@@ -63,12 +65,25 @@ cdef extern from *:
     static inline int wg_claim(uint32_t *p, uint32_t from, uint32_t to) {
         return __atomic_compare_exchange_n(p, &from, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     }
+    static inline int wg_claim_slot(int32_t *p, int32_t from, int32_t to) {
+        return __atomic_compare_exchange_n(p, &from, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    static inline uint32_t wg_next(uint32_t *p) { return __atomic_fetch_add(p, 1, __ATOMIC_RELAXED); }
+    static inline void wg_lock(uint32_t *l) {
+        while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+            while (__atomic_load_n(l, __ATOMIC_RELAXED)) { }
+    }
+    static inline void wg_unlock(uint32_t *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
     """
     uint64_t wg_fetch_add(uint64_t* p, uint64_t v) nogil
     uint32_t wg_load(const uint32_t* p) nogil
     void wg_store(uint32_t* p, uint32_t v) nogil
     uint32_t wg_exchange(uint32_t* p, uint32_t v) nogil
     bint wg_claim(uint32_t* p, uint32_t expected, uint32_t desired) nogil
+    bint wg_claim_slot(int32_t* p, int32_t expected, int32_t desired) nogil
+    uint32_t wg_next(uint32_t* p) nogil
+    void wg_lock(uint32_t* l) nogil
+    void wg_unlock(uint32_t* l) nogil
 
 # The protocol's limits (the WireGuard paper, section 6).
 REKEY_AFTER_MESSAGES = 1 << 60
@@ -270,8 +285,7 @@ cdef class WgState:
         if a_len + b_len > STAGE_MAX:
             return False
         for _ in range(STAGE_SLOTS):
-            s = &self.staged[self.stage_next & (STAGE_SLOTS - 1)]
-            self.stage_next += 1
+            s = &self.staged[wg_next(&self.stage_next) & (STAGE_SLOTS - 1)]
             state = wg_load(&s.state)
             if (state == 0 or state == 2) and wg_claim(&s.state, state, 1):
                 memcpy(s.data, a, a_len)
@@ -285,16 +299,22 @@ cdef class WgState:
         return False
 
     cdef bint post(self, const uint8_t* data, Py_ssize_t length, const sockaddr_in6* source) noexcept nogil:
-        cdef uint32_t head = self.ctl_head, tail = wg_load(&self.ctl_tail)
+        cdef uint32_t head, tail
         cdef uint64_t one = 1
         cdef CtlMessage* m
-        if head - tail >= CTL_SLOTS or length > CTL_MAX:
+        if length > CTL_MAX:
+            return False
+        wg_lock(&self.ctl_lock)
+        head, tail = self.ctl_head, wg_load(&self.ctl_tail)
+        if head - tail >= CTL_SLOTS:
+            wg_unlock(&self.ctl_lock)
             return False
         m = &self.ctl[head & (CTL_SLOTS - 1)]
         memcpy(m.data, data, length)
         m.length = <uint32_t>length
         memcpy(&m.source, source, sizeof(sockaddr_in6))
         wg_store(&self.ctl_head, head + 1)
+        wg_unlock(&self.ctl_lock)
         if head == tail and self.notify_fd >= 0:
             write(self.notify_fd, &one, sizeof(one))
         return True
@@ -728,6 +748,7 @@ cdef class WgPump:
             self.handshake_messages += 1  # handed to the control plane
 
     cdef void _transport(self, uint8_t* buf, Py_ssize_t length, int i) noexcept nogil:
+        cdef bint accepted
         cdef uint32_t index
         cdef int32_t slot, source_peer
         cdef uint64_t counter
@@ -752,7 +773,10 @@ cdef class WgPump:
         if not open_in_place(&self.opener, inner, <int>size, buf + length - WG_TAG, kp, counter):
             self.wg_drops_in[W_BAD_AUTH] += 1
             return
-        if not replay_accept(kp, counter):
+        wg_lock(&kp.replay_lock)
+        accepted = replay_accept(kp, counter)
+        wg_unlock(&kp.replay_lock)
+        if not accepted:
             self.wg_drops_in[W_REPLAY] += 1
             return
         p = self.wg.peer(kp.peer)
@@ -760,17 +784,18 @@ cdef class WgPump:
             self.wg_drops_in[W_UNKNOWN_INDEX] += 1
             return
         p.last_received_ns = self.now
-        if not same_endpoint(&self.routes.peers[kp.peer], &self.udp.rx_addr[i]) and wg_load(&p.roamed) == 0:
+        if (not same_endpoint(&self.routes.peers[kp.peer], &self.udp.rx_addr[i]) and wg_load(&p.roamed) == 0
+                and wg_claim(&p.roamed, 0, 3)):
             # Authenticated, and from elsewhere: the peer roamed (a new address, a NAT's new mapping). The control
             # plane moves its endpoint; until then replies still go to the old one.
             memcpy(&p.seen, &self.udp.rx_addr[i], sizeof(sockaddr_in6))
             wg_store(&p.roamed, 1)
             self.wg.notify()
-        if p.next == slot:  # the initiator used the new keys: they become current, the old ones previous
+        if p.next == slot and wg_claim_slot(&p.next, slot, -1):
+            # The initiator used the new keys: they become current, the old ones previous (one pump does it).
             self.wg._forget(p.previous)
             p.previous = p.current
             p.current = slot
-            p.next = -1
             self.wg.notify()  # packets held for this peer can go now
         if size == 0:
             self.keepalives_received += 1

@@ -86,7 +86,7 @@ RUN_FLAGS: dict[str, tuple[str, object, str]] = {
         "int",
         0,
         "packet threads of the udp backend (1..256), each with its own queue of flannel0 and UDP socket, every flow "
-        "kept on one; 0: one per CPU this process may run on, up to 16",
+        "kept on one; the wireguard backend's per device likewise; 0: one per CPU this process may run on, up to 16",
     ),
     "cni-bridge-repair": (
         "bool",

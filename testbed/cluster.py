@@ -66,6 +66,15 @@ def in_ns(ns: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return sh("ip", "netns", "exec", ns, *args, **kwargs)
 
 
+REORDER_COUNTERS = ("TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPRenoReorder")
+
+
+def tcp_reordering_seen(ns: str) -> dict[str, int]:
+    """The namespace's TCP counters of segments found out of order (by SACK, timestamps or duplicate ACKs)."""
+    rows = (line.split() for line in in_ns(ns, "nstat", "-az", *REORDER_COUNTERS).stdout.splitlines())
+    return {row[0]: int(row[1]) for row in rows if row and row[0] in REORDER_COUNTERS}
+
+
 SCRAPE = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())"
 
 

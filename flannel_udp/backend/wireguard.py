@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from typing import Any
 
 from ..defaults import WIREGUARD_PORT, WIREGUARD_PORT_V6
-from ..net import netlink
+from ..net import netlink, steering
 from ..net.iface import ExternalInterface
 from ..net.tun import open_tun_queues
 from ..net.udp_socket import SocketError, open_socket
@@ -31,7 +29,7 @@ from ..wireguard.device import TICK, Timers, where
 from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families, room_after
 from .options import int_option
 from .udp import configure_tun
-from .wireguard_link import Address, LinkPlan, WgLink, metric_families
+from .wireguard_link import Address, Lane, LinkPlan, WgLink, metric_families
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +108,25 @@ class WireguardBackend(Backend):
             backend_v6_data={"PublicKey": key, "Port": self.options["port6"]} if config.enable_ipv6 else None,
         )
 
-    def open_sockets(self, plan: LinkPlan) -> dict[int, socket.socket]:
-        """A socket per underlay family: IPv4 on ListenPort, IPv6 on ListenPortV6 (the ports the lease names)."""
-        sockets: dict[int, socket.socket] = {}
+    def open_lanes(self, plan: LinkPlan) -> list[Lane]:
+        """The sockets of each packet thread: one per underlay family, IPv4 on ListenPort, IPv6 on ListenPortV6 (the
+        ports the lease names), shared by the threads as a SO_REUSEPORT group. A port already in use is refused, even
+        by a user that shares it, so that two node agents never split one port's traffic. TUN queues come later."""
+        workers = self.flags.worker_count()
+        lanes = [Lane(-1, {}) for _ in range(workers)]
         try:
             for family in self.underlay(plan):
-                address = self.ext.iface_addr if family == 4 else self.ext.iface_addr6
+                address = str(self.ext.iface_addr if family == 4 else self.ext.iface_addr6)
                 port = self.options["port"] if family == 4 else self.options["port6"]
-                sockets[family] = open_socket(str(address), port)
+                if workers > 1:
+                    open_socket(address, port).close()
+                for lane in lanes:
+                    lane.sockets[family] = open_socket(address, port, reuse_port=workers > 1)
         except SocketError as e:
-            for sock in sockets.values():
-                sock.close()
+            for lane in lanes:
+                lane.close()
             raise BackendError(str(e)) from None
-        return sockets
+        return lanes
 
     async def register_network(self, manager: SubnetManager) -> WireguardNetwork:
         carries6 = any(6 in plan.carries for plan in self.plans)
@@ -139,56 +143,66 @@ class WireguardBackend(Backend):
         except keys.WireguardKeyError as e:
             raise BackendError(str(e)) from None
         identity = noise.Identity(private)
-        sockets = [self.open_sockets(plan) for plan in self.plans]
+        lanes = [self.open_lanes(plan) for plan in self.plans]
         links: list[WgLink] = []
         try:
             lease = await manager.acquire_lease(self.lease_attrs(identity.public))
-            for plan, plan_sockets in zip(self.plans, sockets, strict=True):
-                links.append(await self._start_link(plan, plan_sockets, lease, mtu, identity))
+            for plan, plan_lanes in zip(self.plans, lanes, strict=True):
+                links.append(await self._start_link(plan, plan_lanes, lease, mtu, identity))
             return WireguardNetwork(lease, mtu, links)
         except BaseException:
             for link in links:
                 await link.close()
-            for plan_sockets in sockets[len(links) :]:
-                for sock in plan_sockets.values():
-                    sock.close()
+            for plan_lanes in lanes[len(links) :]:
+                for lane in plan_lanes:
+                    lane.close()
             raise
 
     async def _start_link(
-        self, plan: LinkPlan, sockets: dict[int, socket.socket], lease: Lease, mtu: int, identity: noise.Identity
+        self, plan: LinkPlan, lanes: list[Lane], lease: Lease, mtu: int, identity: noise.Identity
     ) -> WgLink:
-        """Make and configure one device, then start its pump."""
+        """Make and configure one device (a TUN queue per lane), then start its pumps."""
         config = self.config
         network = str(config.network) if 4 in plan.carries else None
         network6 = str(config.ipv6_network) if 6 in plan.carries else None
-        (tun_fd,), name, offloads = open_tun_queues(1, plan.name, offloads=self.flags.offload)
-        try:
-            await self.netlink.call(configure_tun, name, lease, mtu, network, network6)
-            public: dict[int, Address] = {f: a for f, a in ((4, self.ext.ext_addr), (6, self.ext.ext_addr6)) if a}
-            link = WgLink(
-                plan,
-                lease,
-                identity,
-                self.options,
-                sockets,
-                {family: public[family] for family in sockets if family in public},
-                tun_fd,
-                mtu,
-                offloads,
-                self.flags.offload,
-            )
-        except BaseException:
-            os.close(tun_fd)
-            raise
+        tun_fds, name, offloads = open_tun_queues(len(lanes), plan.name, offloads=self.flags.offload)
+        for lane, fd in zip(lanes, tun_fds, strict=True):
+            lane.tun_fd = fd
+        if len(lanes) > 1:
+            try:
+                steering.steer_tun_by_flow(tun_fds[0])
+            except (steering.SteeringError, OSError) as e:
+                log.warning(
+                    "Cannot attach the flow-hash program to %s (%s): the TUN's own flow table chooses each "
+                    "flow's packet thread, so a flow may move once",
+                    name,
+                    e,
+                )
+        await self.netlink.call(configure_tun, name, lease, mtu, network, network6)
+        families = lanes[0].sockets
+        public: dict[int, Address] = {f: a for f, a in ((4, self.ext.ext_addr), (6, self.ext.ext_addr6)) if a}
+        link = WgLink(
+            plan,
+            lease,
+            identity,
+            self.options,
+            lanes,
+            {family: public[family] for family in families if family in public},
+            mtu,
+            offloads,
+            self.flags.offload,
+        )
         ports = {4: self.options["port"], 6: self.options["port6"]}
         addresses = {4: self.ext.iface_addr, 6: self.ext.iface_addr6}
-        listening = ", ".join(where((str(addresses[family]), ports[family])) for family in sockets)
+        listening = ", ".join(where((str(addresses[family]), ports[family])) for family in families)
         log.info(
-            "%s is up: MTU %d, routes %s; WireGuard on %s, public key %s",
+            "%s is up: MTU %d, routes %s; WireGuard on %s, %d packet thread%s, public key %s",
             name,
             mtu,
             ", ".join(n for n in (network, network6) if n),
             listening,
+            len(lanes),
+            "" if len(lanes) == 1 else "s",
             keys.encode_key(identity.public),
         )
         return link

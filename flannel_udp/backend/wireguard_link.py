@@ -63,8 +63,24 @@ def endpoint_family(how: str, attrs: LeaseAttrs, ours: dict[int, Address]) -> in
     return family if family in theirs and family in ours else None
 
 
+@dataclass
+class Lane:
+    """One packet thread's TUN queue and sockets (one per underlay family, each of a SO_REUSEPORT group on the port:
+    every thread sends from the listening port, and the kernel gives each peer's datagrams to one of them)."""
+
+    tun_fd: int
+    sockets: dict[int, socket.socket]
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        if self.tun_fd >= 0:
+            os.close(self.tun_fd)
+            self.tun_fd = -1
+
+
 class WgLink:
-    """One device: its TUN, sockets, route table (also its allowed-IPs table), sessions, pump and handshakes."""
+    """One device: its TUN, sockets, route table (also its allowed-IPs table), sessions, pumps and handshakes."""
 
     def __init__(
         self,
@@ -72,18 +88,17 @@ class WgLink:
         lease: Lease,
         identity: noise.Identity,
         options: dict[str, Any],
-        sockets: dict[int, socket.socket],
+        lanes: list[Lane],
         public: dict[int, Address],
-        tun_fd: int,
         mtu: int,
         offloads: int,
         offload: bool,
     ) -> None:
         self.plan = plan
         self.options = options
-        self.sockets = sockets
+        self.lanes = lanes
+        self.sockets = lanes[0].sockets  # handshakes and keepalives leave from the first (any would do)
         self.public = public  # this node's address per underlay family, as peers reach it
-        self.tun_fd = tun_fd
         self.routes = RouteTable()  # subnet -> peer: where a packet goes, and whose keys may send from it
         # A lease's primary subnet -> its key, routes and endpoint as the lease has it.
         self._peer_of: dict[Subnet, tuple[bytes, list[Subnet], tuple[str, int]]] = {}
@@ -93,26 +108,34 @@ class WgLink:
         self.state = WgState(self.routes, self._notice_fd)
         self.state.mtu = mtu
         self.device = WireguardDevice(
-            identity, options["psk"], self.state, sockets, float(options["keepalive"]), options.get("timers")
+            identity, options["psk"], self.state, self.sockets, float(options["keepalive"]), options.get("timers")
         )
-        sock, sock6 = sockets.get(4), sockets.get(6)
-        gro = offload and all(enable_gro(s) for s in sockets.values())
-        self.pump = WgPump(
-            tun_fd,
-            sock.fileno() if sock is not None else -1,
-            self.routes,
-            self.state,
-            str(lease.subnet) if 4 in plan.carries and lease.subnet is not None else None,
-            gso=offload,
-            gro=gro,
-            vnet_hdr=bool(offloads),
-            sock6_fd=sock6.fileno() if sock6 is not None else -1,
-            own_subnet6=str(lease.ipv6_subnet) if 6 in plan.carries and lease.ipv6_subnet is not None else None,
-            notify_fd=self._notice_fd,
-        )
+        gro = offload and all(enable_gro(s) for lane in lanes for s in lane.sockets.values())
+        own = str(lease.subnet) if 4 in plan.carries and lease.subnet is not None else None
+        own6 = str(lease.ipv6_subnet) if 6 in plan.carries and lease.ipv6_subnet is not None else None
+        self.pumps = [
+            WgPump(
+                lane.tun_fd,
+                lane.sockets[4].fileno() if 4 in lane.sockets else -1,
+                self.routes,
+                self.state,
+                own,
+                gso=offload,
+                gro=gro,
+                vnet_hdr=bool(offloads),
+                sock6_fd=lane.sockets[6].fileno() if 6 in lane.sockets else -1,
+                own_subnet6=own6,
+                notify_fd=self._notice_fd,
+            )
+            for lane in lanes
+        ]
         asyncio.get_running_loop().add_reader(self._notice_fd, self._on_notice)
-        self._thread = threading.Thread(target=self.pump.run, args=(self._stop_fd,), name=plan.name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=pump.run, args=(self._stop_fd,), name=f"{plan.name}-{i}", daemon=True)
+            for i, pump in enumerate(self.pumps)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _on_notice(self) -> None:
         try:
@@ -186,9 +209,13 @@ class WgLink:
         log.info("%s: subnet removed: %s", self.plan.name, ", ".join(map(str, subnets)))
 
     # -- metrics -----------------------------------------------------------------------------------------------------
-    def add_metrics(self, packets: Any, drops: Any, handshakes: Any, peers: Any) -> None:
+    def add_metrics(self, packets: Any, drops: Any, handshakes: Any, peers: Any, pump_packets: Any) -> None:
         name = self.plan.name
-        counters = self.pump.counters()
+        for index, pump in enumerate(self.pumps):
+            mine = pump.counters()
+            for stage in ("tun_read_packets", "udp_sent_packets", "udp_received_packets", "tun_written_packets"):
+                pump_packets.add_metric([name, str(index), stage], mine[stage])
+        counters = self.counters()
         for stage in (
             "tun_read_packets",
             "udp_sent_packets",
@@ -208,15 +235,28 @@ class WgLink:
                 handshakes.add_metric([name, event], value)
         peers.add_metric([name], len(self.device.peers))
 
+    def counters(self) -> dict[str, Any]:
+        """The pumps' counters added up (drops by reason too)."""
+        total: dict[str, Any] = {}
+        for pump in self.pumps:
+            for key, value in pump.counters().items():
+                if isinstance(value, dict):
+                    into = total.setdefault(key, {})
+                    for reason, count in value.items():
+                        into[reason] = into.get(reason, 0) + count
+                else:
+                    total[key] = total.get(key, 0) + value
+        return total
+
     async def close(self) -> None:
         os.eventfd_write(self._stop_fd, 1)
-        await asyncio.to_thread(self._thread.join)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
         asyncio.get_running_loop().remove_reader(self._notice_fd)
         os.close(self._notice_fd)
         os.close(self._stop_fd)
-        for sock in self.sockets.values():
-            sock.close()
-        os.close(self.tun_fd)  # the TUN goes with its last fd: its addresses and routes with it
+        for lane in self.lanes:
+            lane.close()  # the TUN goes with its last fd: its addresses and routes with it
 
 
 def metric_families():
@@ -236,4 +276,9 @@ def metric_families():
             labels=["device", "event"],
         ),
         GaugeMetricFamily("flannel_udp_wireguard_peers", "WireGuard peers (one per lease)", labels=["device"]),
+        CounterMetricFamily(
+            "flannel_udp_wireguard_pump_packets",
+            "Packets through each packet thread of a WireGuard device, by stage",
+            labels=["device", "pump", "stage"],
+        ),
     )

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from testbed.cluster import in_ns, scrape_metrics, wait_for
+from testbed.cluster import REORDER_COUNTERS, in_ns, scrape_metrics, tcp_reordering_seen, wait_for
 
 FLOWSEQ = os.path.join(os.path.dirname(__file__), "flowseq.py")
 HEALTH = 8286
@@ -27,15 +27,6 @@ def pumps2(bed):
 def per_pump(host, stage: str) -> list[float]:
     metrics = scrape_metrics(host.ns, HEALTH)
     return [metrics.get(f'flannel_udp_pump_packets_total{{pump="{i}",stage="{stage}"}}', 0) for i in range(2)]
-
-
-REORDER_COUNTERS = ("TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPRenoReorder")
-
-
-def tcp_reordering_seen(ns: str) -> dict[str, int]:
-    """The namespace's TCP counters of segments found out of order (by SACK, timestamps or duplicate ACKs)."""
-    rows = (line.split() for line in in_ns(ns, "nstat", "-az", *REORDER_COUNTERS).stdout.splitlines())
-    return {row[0]: int(row[1]) for row in rows if row and row[0] in REORDER_COUNTERS}
 
 
 def flows_across(bed, src_pod, dst_pod) -> dict[str, list[int]]:

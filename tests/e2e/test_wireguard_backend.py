@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from testbed.cluster import in_ns, scrape_metrics, wait_for
+from testbed.cluster import in_ns, scrape_metrics, tcp_reordering_seen, wait_for
 from testbed.wgpeers import public_key_of, start_wg_peer
 
 HEALTH_PORT = 18093
@@ -202,6 +202,43 @@ def test_interop_with_a_real_wireguard_peer(wg_bed, kind):
     assert ping(bed, pod.ns, peer.address, count=3).returncode == 0, bed.logs()
     assert "WireGuard handshake with 198.18.0.2:51820 initiated" in bed.node_log(ours)
     assert peer.received_from(public_key(bed, ours)) > received
+
+
+def test_two_packet_threads_share_a_device_and_keep_each_flow_in_order(wg_bed):
+    """-udp-workers=2: two pumps on flannel-wg, one TUN queue and one socket of a SO_REUSEPORT group each, sharing
+    the sessions. Eight TCP streams are spread over both sending pumps, none reordered; a second peer's traffic
+    crosses meanwhile."""
+    bed = wg_bed
+    one, two, three = bed.hosts
+    for host in (one, two, three):
+        start(bed, host, "-udp-workers=2")
+        bed.add_pod(host)
+    for host in (one, two, three):
+        assert wait_for(lambda host=host: metric(host.ns, "flannel_udp_wireguard_peers") == 2, 5), bed.logs()
+    assert "2 packet threads" in bed.node_log(one)
+    listening = in_ns(one.ns, "ss", "-Hlun", "sport = :51820").stdout.splitlines()
+    assert len(listening) == 2, listening
+    pinger = bed.popen(
+        three.pods[0].ns,
+        "ping",
+        "-q",
+        "-c",
+        "20",
+        "-i",
+        "0.1",
+        str(one.pods[0].address),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    report = bed.iperf3(one.pods[0], two.pods[0], 2, "-P", "8")
+    assert report["end"]["sum_received"]["bytes"] > 10_000_000, report.get("error")
+    assert " 0% packet loss" in pinger.communicate(timeout=20)[0]
+    sent = [
+        metric(one.ns, "flannel_udp_wireguard_pump_packets_total", pump=str(pump), stage="udp_sent_packets")
+        for pump in (0, 1)
+    ]
+    assert all(count > 1000 for count in sent), sent
+    assert sum(tcp_reordering_seen(one.pods[0].ns).values()) <= 4
 
 
 ROAMING_RULES = """
