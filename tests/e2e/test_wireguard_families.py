@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from testbed.cluster import in_ns, wait_for
-from tests.e2e.test_ipv6_only import ipv4_addresses, ipv6_only_config, subnet6_of
+from tests.e2e.test_ipv6_only import PREFIX, ipv4_addresses, ipv6_only_config, needs_kube, subnet6_of
 from tests.e2e.test_wireguard_backend import PATTERN, ping, public_key, start_all, subnet_of
 
 NETWORK6 = "fd00:10:244::/56"
@@ -162,3 +162,27 @@ def test_ipv6_only_network_has_flannel_wg_v6_alone(bed6):
     report = bed.iperf3(bed.hosts[0].pods[0], bed.hosts[1].pods[0], 1, ipv6=True)
     assert report["end"]["sum_received"]["bytes"] > 10_000_000
     assert wireguard_ports_seen(process, pcap) == {(6, 51821)}
+
+
+@needs_kube
+@pytest.mark.parametrize("families", ["dual-stack", "ipv6-only"])
+def test_kubernetes_annotations_carry_each_familys_key_and_port(request, families):
+    """The Kubernetes subnet manager: backend-data / backend-v6-data annotations as upstream writes them."""
+    bed = request.getfixturevalue("bed" if families == "dual-stack" else "bed6")
+    bed.write_config(dual_stack_config() if families == "dual-stack" else ipv6_only_config("wireguard"))
+    bed.start_kube()
+    one, two = bed.hosts[:2]
+    devices = ("flannel-wg", "flannel-wg-v6") if families == "dual-stack" else ("flannel-wg-v6",)
+    start_all(bed, [one, two], devices)
+    for src, dst in ((one, two), (two, one)):
+        assert ping(bed, src.pods[0].ns, dst.pods[0].address6).returncode == 0, bed.logs()
+    annotations = bed.kube.get_node(one.node_name).metadata.annotations
+    key = public_key(bed, one)
+    assert annotations[PREFIX + "backend-type"] == "wireguard"
+    assert json.loads(annotations[PREFIX + "backend-v6-data"]) == {"PublicKey": key, "Port": 51821}
+    assert annotations[PREFIX + "public-ipv6"] == str(one.address6)
+    if families == "dual-stack":
+        assert json.loads(annotations[PREFIX + "backend-data"]) == {"PublicKey": key, "Port": 51820}
+        assert ping(bed, one.pods[0].ns, two.pods[0].address).returncode == 0, bed.logs()
+    else:  # upstream writes these for every type but vxlan, whatever the families: the same here
+        assert (annotations[PREFIX + "backend-data"], annotations[PREFIX + "public-ip"]) == ("null", "0.0.0.0")
