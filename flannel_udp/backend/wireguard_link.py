@@ -25,6 +25,7 @@ from ..subnet.config import lookup_key
 from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAttrs
 from ..wireguard import keys, noise
 from ..wireguard.device import WireguardDevice, where
+from .udp_metrics import summed
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +238,7 @@ class WgLink:
 
     def counters(self) -> dict[str, Any]:
         """The pumps' counters added up (drops by reason too)."""
-        total: dict[str, Any] = {}
-        for pump in self.pumps:
-            for key, value in pump.counters().items():
-                if isinstance(value, dict):
-                    into = total.setdefault(key, {})
-                    for reason, count in value.items():
-                        into[reason] = into.get(reason, 0) + count
-                else:
-                    total[key] = total.get(key, 0) + value
-        return total
+        return summed([pump.counters() for pump in self.pumps])
 
     async def close(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

@@ -147,7 +147,8 @@ def test_capture_on_flannel0_and_from_a_pcap_file(udp_cluster, tmp_path):
         (["--read", "/nonexistent.pcap"], "error: cannot read /nonexistent.pcap: no such file"),
         (
             ["--iface", "lo", "--filter", "udp port"],
-            "error: bad filter '(udp dst port 8285 or udp dst port 8472 or udp port 51820 or udp port 51821) and (udp port)'",
+            "error: bad filter '(udp dst port 8285 or udp dst port 8472 or udp port 51820 or udp port 51821) and "
+            "(udp port)'",
         ),
         ([], "error: give exactly one source"),
         (["--iface", "lo", "--pod", "10.244.1"], "error: --pod is not an IP address: 10.244.1"),

@@ -126,18 +126,28 @@ def test_our_nodes_carry_pods_encrypted_with_upstream_device_and_lease(wg_bed):
     pcap = os.path.join(bed.workdir, "ul.pcap")
     assert_no_clear_text(pcap, bed)
     # flannel-udp capture names each message, who sent it to whom (with their subnets), never its contents.
-    shown = subprocess.run(
-        [sys.executable, "-m", "flannel_udp", "capture", "--read", pcap, "--lease-file", bed.lease_file],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    shown = captured_messages(bed, pcap)
     one, two = (f"{h.address} [{subnet_of(h)}]" for h in bed.hosts[:2])
     assert f"{one} > {two} wireguard: handshake initiation sender 0x" in shown, shown[:2000]
     assert f"{two} > {one} wireguard: handshake response sender 0x" in shown
     assert f"{one} > {two} wireguard: transport receiver 0x" in shown
     assert "DROP" not in shown, [line for line in shown.splitlines() if "DROP" in line][:5]
     assert f"{bed.hosts[0].address} > {bed.hosts[1].address} wireguard" in shown.split("FLOW")[1]
+
+
+def background_ping(bed, ns, target, count: int) -> subprocess.Popen:
+    """A ping every 0.1 s while the test goes on; its summary comes from communicate()."""
+    return bed.popen(ns, "ping", "-q", "-c", str(count), "-i", "0.1", str(target), stdout=subprocess.PIPE, text=True)
+
+
+def captured_messages(bed, pcap: str) -> str:
+    """What `flannel-udp capture` shows of a capture file, with the leases to name the nodes' subnets."""
+    return subprocess.run(
+        [sys.executable, "-m", "flannel_udp", "capture", "--read", pcap, "--lease-file", bed.lease_file],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def assert_no_clear_text(pcap: str, bed) -> None:
@@ -218,18 +228,7 @@ def test_two_packet_threads_share_a_device_and_keep_each_flow_in_order(wg_bed):
     assert "2 packet threads" in bed.node_log(one)
     listening = in_ns(one.ns, "ss", "-Hlun", "sport = :51820").stdout.splitlines()
     assert len(listening) == 2, listening
-    pinger = bed.popen(
-        three.pods[0].ns,
-        "ping",
-        "-q",
-        "-c",
-        "20",
-        "-i",
-        "0.1",
-        str(one.pods[0].address),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    pinger = background_ping(bed, three.pods[0].ns, one.pods[0].address, 20)
     report = bed.iperf3(one.pods[0], two.pods[0], 2, "-P", "8")
     assert report["end"]["sum_received"]["bytes"] > 10_000_000, report.get("error")
     assert " 0% packet loss" in pinger.communicate(timeout=20)[0]
@@ -330,17 +329,7 @@ def test_hostile_datagrams_are_dropped_and_counted(wg_bed):
     target, attacker = bed.hosts[:2]
     start_all(bed, [target, attacker])
     target_key = public_key(bed, target)
-    pinger = bed.popen(
-        attacker.pods[0].ns,
-        "ping",
-        "-q",
-        "-c",
-        "40",
-        "-i",
-        "0.1",
-        str(target.pods[0].address),
-        stdout=subprocess.DEVNULL,
-    )
+    pinger = background_ping(bed, attacker.pods[0].ns, target.pods[0].address, 40)
     in_ns(
         attacker.ns,
         sys.executable,
@@ -351,7 +340,7 @@ def test_hostile_datagrams_are_dropped_and_counted(wg_bed):
         base64.b64decode(target_key).hex(),
         timeout=60,
     )
-    pinger.wait(20)
+    pinger.communicate(timeout=20)
     ns = target.ns
 
     def drops(reason, direction="udp_to_tun"):

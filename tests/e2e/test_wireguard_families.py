@@ -6,14 +6,12 @@ nothing of IPv4. Every case: pods ping across, only WireGuard messages on the un
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
 from testbed.cluster import in_ns, wait_for
 from tests.e2e.test_ipv6_only import PREFIX, ipv4_addresses, ipv6_only_config, needs_kube, subnet6_of
-from tests.e2e.test_wireguard_backend import PATTERN, ping, public_key, start_all, subnet_of
+from tests.e2e.test_wireguard_backend import PATTERN, captured_messages, ping, public_key, start_all, subnet_of
 
 NETWORK6 = "fd00:10:244::/56"
 
@@ -109,12 +107,7 @@ def test_dual_stack_separate_mode_has_a_device_per_family(bed):
     assert f"{one.address}:51820" in listening and f"[{one.address6}]:51821" in listening, listening
     ping_both_families(bed, [one, two])
     assert wireguard_ports_seen(process, pcap) == {(4, 51820), (6, 51821)}
-    shown = subprocess.run(
-        [sys.executable, "-m", "flannel_udp", "capture", "--read", pcap, "--lease-file", bed.lease_file],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    shown = captured_messages(bed, pcap)
     # Each message named, with who sent it to whom and their subnets of that family.
     v6 = f"{one.address6} [{subnet6_of(one)}] > {two.address6} [{subnet6_of(two)}] wireguard: transport receiver 0x"
     assert v6 in shown, shown[:2000]
