@@ -378,10 +378,10 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[st
             if chosen:
                 parser.error(f"{name} is not built ({wgpeers.PROGRAMS[name]}): run scripts/setup.sh")
             backends.remove(name)
-    if (args.ipv6 or args.ipv6_only) and any(b.startswith("wireguard") or b in WIREGUARD_PROGRAMS for b in backends):
+    if (args.ipv6 or args.ipv6_only) and any(b in WIREGUARD_PROGRAMS for b in backends):
         if chosen:
-            parser.error("the WireGuard rows are IPv4 networks only")
-        backends = [b for b in backends if not (b.startswith("wireguard") or b in WIREGUARD_PROGRAMS)]
+            parser.error("the wireguard-go and boringtun rows are IPv4 networks only (configured so by the harness)")
+        backends = [b for b in backends if b not in WIREGUARD_PROGRAMS]
     if (args.ipv6 or args.ipv6_only) and "upstream-udp" in backends:
         if chosen:
             parser.error(f"{'--ipv6-only' if args.ipv6_only else '--ipv6'}: upstream's udp backend is IPv4-only")

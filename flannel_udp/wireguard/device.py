@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between timer checks
 WANT_SESSION, WANT_REKEY = 1, 2  # _fastpath/wg.pxd's WANT_*
-# More handshake messages than this in one drain means a flood: initiations then need a valid mac2 (a cookie).
+# More handshake messages than this in one drain, or than UNDER_LOAD_PER_SECOND within a second, means a flood:
+# initiations then need a valid mac2 (a cookie) for UNDER_LOAD_FOR seconds after (as wireguard-go stays under load).
 UNDER_LOAD = 16
+UNDER_LOAD_PER_SECOND = 64
+UNDER_LOAD_FOR = 1.0
 INITIATIONS_PER_SECOND = 50  # from one peer, at most: a replayed or hammered initiation costs a DH each
 
 
@@ -114,6 +117,7 @@ class WireguardDevice:
         self.by_index: dict[int, PeerState] = {}
         self.pending: dict[int, PeerState] = {}  # our receiver index of an initiation in flight -> its peer
         self.stats: Counter[str] = Counter()  # handshakes, keepalives, drops by reason (the control plane's)
+        self._second_started, self._messages_this_second, self._under_load_until = 0.0, 0, 0.0
 
     # -- peers, from lease events ------------------------------------------------------------------------------------
     def set_peer(self, public: bytes, index: int, endpoint: tuple[str, int]) -> None:
@@ -149,7 +153,7 @@ class WireguardDevice:
     def on_notice(self) -> None:
         """Handshake messages the pump queued, then the handshakes it asked for."""
         messages = self.state.take_messages()
-        under_load = len(messages) > UNDER_LOAD
+        under_load = self._under_load(len(messages))
         for data, (address, port) in messages:
             try:
                 self._on_message(data, address, port, under_load)
@@ -182,6 +186,17 @@ class WireguardDevice:
             peer.endpoint = endpoint
             self.stats["endpoint_changes"] += 1
         self.state.settle_roamed(peer.index)
+
+    def _under_load(self, drained: int) -> bool:
+        """Whether handshake messages come faster than a node's peers ever send them: a burst in one drain, or too
+        many within a second however the drains cut them."""
+        now = time.monotonic()
+        if now - self._second_started >= 1.0:
+            self._second_started, self._messages_this_second = now, 0
+        self._messages_this_second += drained
+        if drained > UNDER_LOAD or self._messages_this_second > UNDER_LOAD_PER_SECOND:
+            self._under_load_until = now + UNDER_LOAD_FOR
+        return now < self._under_load_until
 
     def _release_held(self) -> set[int]:
         """Send the packets the pump held while their peer's handshake ran, now sealed under its new keys. Returns
