@@ -350,7 +350,9 @@ def test_hostile_datagrams_are_dropped_and_counted(wg_bed):
     assert drops("bad_auth") == 1
     assert drops("unknown_index") == 1
     assert wait_for(lambda: drops("unknown_peer_key", "handshake") >= 1, 5), scrape_metrics(ns, HEALTH_PORT)
-    assert metric(ns, "flannel_udp_wireguard_handshake_events_total", event="cookie_replies_sent") > 0
+    # The control plane answers the flood after the script has sent it (a DH per message): wait for its replies.
+    cookies = lambda: metric(ns, "flannel_udp_wireguard_handshake_events_total", event="cookie_replies_sent")  # noqa: E731
+    assert wait_for(lambda: cookies() > 0, 10), scrape_metrics(ns, HEALTH_PORT)
     assert target.process.poll() is None
     assert ping(bed, attacker.pods[0].ns, target.pods[0].address).returncode == 0
 
