@@ -77,14 +77,20 @@ def attach_tun_queues(lanes: list[Lane], tun_fds: list[int]) -> None:
     table, said once)."""
     for lane, fd in zip(lanes, tun_fds, strict=True):
         lane.tun_fd = fd
-    if len(lanes) < 2:
+    steer_tun_flows("flannel0", tun_fds)
+
+
+def steer_tun_flows(name: str, tun_fds: list[int]) -> None:
+    """With several queues, steer the TUN's flows by hash (else by the TUN's flow table, said once)."""
+    if len(tun_fds) < 2:
         return
     try:
         steering.steer_tun_by_flow(tun_fds[0])
     except (steering.SteeringError, OSError) as e:
         log.warning(
-            "Cannot attach the flow-hash program to flannel0 (%s; it needs CAP_BPF): the TUN's own flow table "
+            "Cannot attach the flow-hash program to %s (%s; it needs CAP_BPF): the TUN's own flow table "
             "chooses each flow's packet thread, so a flow sent before any of its replies arrived may move once",
+            name,
             e,
         )
 

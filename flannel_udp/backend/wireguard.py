@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from ..defaults import WIREGUARD_PORT, WIREGUARD_PORT_V6
-from ..net import netlink, steering
+from ..net import netlink
 from ..net.iface import ExternalInterface
 from ..net.tun import open_tun_queues
 from ..net.udp_socket import SocketError, open_socket
@@ -29,6 +29,7 @@ from ..wireguard.device import TICK, Timers, where
 from . import Backend, BackendError, BackendTypeFilter, Network, UdpFlags, check_families, room_after
 from .options import int_option
 from .udp import configure_tun
+from .udp_lanes import steer_tun_flows
 from .wireguard_link import Address, Lane, LinkPlan, WgLink, metric_families
 
 log = logging.getLogger(__name__)
@@ -168,16 +169,7 @@ class WireguardBackend(Backend):
         tun_fds, name, offloads = open_tun_queues(len(lanes), plan.name, offloads=self.flags.offload)
         for lane, fd in zip(lanes, tun_fds, strict=True):
             lane.tun_fd = fd
-        if len(lanes) > 1:
-            try:
-                steering.steer_tun_by_flow(tun_fds[0])
-            except (steering.SteeringError, OSError) as e:
-                log.warning(
-                    "Cannot attach the flow-hash program to %s (%s): the TUN's own flow table chooses each "
-                    "flow's packet thread, so a flow may move once",
-                    name,
-                    e,
-                )
+        steer_tun_flows(name, tun_fds)
         await self.netlink.call(configure_tun, name, lease, mtu, network, network6)
         families = lanes[0].sockets
         public: dict[int, Address] = {f: a for f, a in ((4, self.ext.ext_addr), (6, self.ext.ext_addr6)) if a}
