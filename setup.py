@@ -7,8 +7,8 @@ COMPILE_ARGS = ["-O3", "-D_GNU_SOURCE", "-Wno-unused-function"]
 
 
 def fastpath_extension(name: str) -> Extension:
-    # The wireguard pump seals and opens with libcrypto's ChaCha20-Poly1305.
-    libraries = ["crypto"] if name == "wg" else []
+    # The wireguard pump (and its micro-benchmark driver) seal and open with libcrypto's ChaCha20-Poly1305.
+    libraries = ["crypto"] if name in ("wg", "drivers") else []
     return Extension(
         f"_fastpath.{name}", [f"_fastpath/{name}.pyx"], extra_compile_args=COMPILE_ARGS, libraries=libraries
     )

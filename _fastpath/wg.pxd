@@ -1,19 +1,13 @@
 """The wireguard backend's data plane: WireGuard transport messages (type 4) between a TUN and a UDP socket."""
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
+from _fastpath.aead cimport Aead
 from _fastpath.clib cimport sockaddr_in6
 from _fastpath.offload cimport GsoPlan
 from _fastpath.packet cimport V_COUNT, OwnSubnets
 from _fastpath.routes cimport RouteTable
 from _fastpath.tun cimport TunSide
 from _fastpath.udp cimport BATCH, UdpSide
-
-cdef extern from "<openssl/evp.h>" nogil:
-    ctypedef struct EVP_CIPHER_CTX:
-        pass
-    ctypedef struct EVP_CIPHER:
-        pass
-
 
 cdef enum:
     KEYPAIR_SLOTS = 8192  # a power of two: a keypair's slot is the low bits of its receiver index
@@ -49,9 +43,9 @@ cdef enum:
     WANT_REKEY = 2  # the current keypair, ours as initiator, is old: a new handshake before it expires
 
 
-# A libcrypto context with the keypair whose key it holds (Keypair.serial; 0 for none).
+# A ChaCha20-Poly1305 context (aead.h) with the keypair whose key it holds (Keypair.serial; 0 for none).
 cdef struct Cipher:
-    EVP_CIPHER_CTX* ctx
+    Aead aead
     uint64_t serial
 
 

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """The wireguard backend's data plane: WireGuard transport messages between a TUN and a UDP socket, sealed and
-opened with ChaCha20-Poly1305 (libcrypto's EVP) in a thread that never takes the GIL.
+opened with ChaCha20-Poly1305 (libcrypto's, aead.h) in a thread that never takes the GIL.
 
 Same shape as the udp pump (pump.pyx), from the same parts: the TUN side with its offloads (a TSO super-packet is cut
 into segments, received TCP segments are glued back), the UDP side with GSO runs and GRO splits, the route table
@@ -27,6 +27,7 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport write
 
+from _fastpath.aead cimport *
 from _fastpath.clib cimport *
 from _fastpath.offload cimport *
 from _fastpath.packet cimport *
@@ -39,22 +40,6 @@ import ipaddress
 import os
 
 from _fastpath.packet import VERDICT_NAMES
-
-cdef extern from "<openssl/evp.h>" nogil:
-    EVP_CIPHER_CTX* EVP_CIPHER_CTX_new()
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX* ctx)
-    const EVP_CIPHER* EVP_chacha20_poly1305()
-    int EVP_EncryptInit_ex(EVP_CIPHER_CTX* ctx, const EVP_CIPHER* cipher, void* engine, const uint8_t* key,
-                           const uint8_t* iv)
-    int EVP_DecryptInit_ex(EVP_CIPHER_CTX* ctx, const EVP_CIPHER* cipher, void* engine, const uint8_t* key,
-                           const uint8_t* iv)
-    int EVP_EncryptUpdate(EVP_CIPHER_CTX* ctx, uint8_t* out, int* outl, const uint8_t* inp, int inl)
-    int EVP_EncryptFinal_ex(EVP_CIPHER_CTX* ctx, uint8_t* out, int* outl)
-    int EVP_DecryptUpdate(EVP_CIPHER_CTX* ctx, uint8_t* out, int* outl, const uint8_t* inp, int inl)
-    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX* ctx, uint8_t* out, int* outl)
-    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX* ctx, int type, int arg, void* ptr)
-    int EVP_CTRL_AEAD_GET_TAG
-    int EVP_CTRL_AEAD_SET_TAG
 
 cdef extern from *:
     """
@@ -139,9 +124,8 @@ cdef Py_ssize_t seal(Cipher* c, uint8_t* out, const Keypair* kp, uint64_t counte
     """A transport message into out: header, the plaintext a + b padded with zeros to 16 bytes but never beyond the
     device's MTU (a full-size packet would otherwise outgrow the underlay's: the overhead leaves no room for padding),
     sealed, and its tag. Returns its length, or -1 if libcrypto failed."""
-    cdef EVP_CIPHER_CTX* ctx = c.ctx
     cdef uint8_t nonce[12]
-    cdef int done, pad = (-(a_len + b_len)) & 15
+    cdef int pad = (-(a_len + b_len)) & 15
     if mtu > 0 and a_len + b_len + pad > mtu:
         pad = mtu - a_len - b_len if mtu > a_len + b_len else 0
     cdef uint8_t* p = out + WG_HEADER
@@ -154,9 +138,6 @@ cdef Py_ssize_t seal(Cipher* c, uint8_t* out, const Keypair* kp, uint64_t counte
     put_le64(out + 8, counter)
     memset(nonce, 0, 4)
     put_le64(nonce + 4, counter)
-    if EVP_EncryptInit_ex(ctx, NULL, NULL, key_unless_loaded(c, kp, kp.send_key), nonce) != 1:
-        c.serial = 0
-        return -1
     # The plaintext is laid out in place first and sealed in one call: libcrypto's ChaCha20 takes a slow path for
     # each short input, and a header, a payload and a pad sealed apart would be three of them.
     if a_len:
@@ -165,29 +146,22 @@ cdef Py_ssize_t seal(Cipher* c, uint8_t* out, const Keypair* kp, uint64_t counte
         memcpy(p + a_len, b, b_len)
     if pad:
         memset(p + a_len + b_len, 0, pad)
-    if a_len + b_len + pad and EVP_EncryptUpdate(ctx, p, &done, p, a_len + b_len + pad) != 1:
+    if not aead_seal(&c.aead, key_unless_loaded(c, kp, kp.send_key), nonce, p, a_len + b_len + pad,
+                     p + a_len + b_len + pad):
+        c.serial = 0
         return -1
-    p += a_len + b_len + pad
-    if EVP_EncryptFinal_ex(ctx, p, &done) != 1 or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, WG_TAG, p) != 1:
-        return -1
-    return p + WG_TAG - out
+    return WG_HEADER + a_len + b_len + pad + WG_TAG
 
 
 cdef bint open_in_place(Cipher* c, uint8_t* data, int length, uint8_t* tag, const Keypair* kp,
                         uint64_t counter) noexcept nogil:
-    cdef EVP_CIPHER_CTX* ctx = c.ctx
     cdef uint8_t nonce[12]
-    cdef int done
     memset(nonce, 0, 4)
     put_le64(nonce + 4, counter)
-    if EVP_DecryptInit_ex(ctx, NULL, NULL, key_unless_loaded(c, kp, kp.recv_key), nonce) != 1:
-        c.serial = 0
-        return False
-    if length and EVP_DecryptUpdate(ctx, data, &done, data, length) != 1:
-        return False
-    if EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, WG_TAG, tag) != 1:
-        return False
-    return EVP_DecryptFinal_ex(ctx, data + length, &done) == 1
+    if aead_open(&c.aead, key_unless_loaded(c, kp, kp.recv_key), nonce, data, length, tag):
+        return True
+    c.serial = 0  # a failure may have left the context without the key: load it again next time
+    return False
 
 
 cdef bint replay_accept(Keypair* kp, uint64_t counter) noexcept nogil:
@@ -211,15 +185,8 @@ cdef bint replay_accept(Keypair* kp, uint64_t counter) noexcept nogil:
 
 cdef int new_cipher(Cipher* c, bint encrypting) except -1:
     c.serial = 0
-    c.ctx = EVP_CIPHER_CTX_new()
-    if c.ctx == NULL:
-        raise MemoryError()
-    if encrypting:
-        ok = EVP_EncryptInit_ex(c.ctx, EVP_chacha20_poly1305(), NULL, NULL, NULL)
-    else:
-        ok = EVP_DecryptInit_ex(c.ctx, EVP_chacha20_poly1305(), NULL, NULL, NULL)
-    if ok != 1:
-        raise MemoryError("libcrypto has no ChaCha20-Poly1305")
+    if aead_new(&c.aead, encrypting) != 0:
+        raise RuntimeError("libcrypto has no ChaCha20-Poly1305")
     return 0
 
 
@@ -259,7 +226,7 @@ cdef class WgState:
             memset(self.keypairs, 0, KEYPAIR_SLOTS * sizeof(Keypair))  # no key outlives the device in memory
         free(self.keypairs)
         free(self.peers)
-        EVP_CIPHER_CTX_free(self.cipher.ctx)
+        aead_free(&self.cipher.aead)
 
     cdef WgPeer* peer(self, int32_t index) noexcept nogil:
         if index < 0 or index >= self.peer_capacity:
@@ -549,8 +516,8 @@ cdef class WgPump:
     def __dealloc__(self):
         free(self.read_buf)
         free(self.enc_bufs)
-        EVP_CIPHER_CTX_free(self.sealer.ctx)
-        EVP_CIPHER_CTX_free(self.opener.ctx)
+        aead_free(&self.sealer.aead)
+        aead_free(&self.opener.aead)
 
     @property
     def gso(self):

@@ -210,7 +210,9 @@ class WgLink:
         log.info("%s: subnet removed: %s", self.plan.name, ", ".join(map(str, subnets)))
 
     # -- metrics -----------------------------------------------------------------------------------------------------
-    def add_metrics(self, packets: Any, drops: Any, handshakes: Any, peers: Any, pump_packets: Any) -> None:
+    def add_metrics(
+        self, packets: Any, drops: Any, handshakes: Any, peers: Any, pump_packets: Any, io_calls: Any
+    ) -> None:
         name = self.plan.name
         for index, pump in enumerate(self.pumps):
             mine = pump.counters()
@@ -226,6 +228,8 @@ class WgLink:
             "handshake_messages",
         ):
             packets.add_metric([name, stage], counters[stage])
+        for kind in IO_CALLS:
+            io_calls.add_metric([name, kind], counters[kind])
         for direction, key in (("tun_to_udp", "drops_tun_to_udp"), ("udp_to_tun", "drops_udp_to_tun")):
             for reason, value in sorted(counters[key].items()):
                 drops.add_metric([name, direction, reason], value)
@@ -251,6 +255,18 @@ class WgLink:
             lane.close()  # the TUN goes with its last fd: its addresses and routes with it
 
 
+# The pumps' batched syscalls, as the udp backend's flannel_udp_io_calls names them.
+IO_CALLS = (
+    "send_batches",
+    "receive_batches",
+    "gso_sends",
+    "gro_receives",
+    "tso_reads",
+    "tso_segments",
+    "coalesced_writes",
+)
+
+
 def metric_families():
     """The wireguard backend's metric families, each labelled by device."""
     return (
@@ -272,5 +288,10 @@ def metric_families():
             "flannel_udp_wireguard_pump_packets",
             "Packets through each packet thread of a WireGuard device, by stage",
             labels=["device", "pump", "stage"],
+        ),
+        CounterMetricFamily(
+            "flannel_udp_wireguard_io_calls",
+            "Batched syscalls of a WireGuard device (packets per call shows how well batching works)",
+            labels=["device", "kind"],
         ),
     )

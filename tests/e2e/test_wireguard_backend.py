@@ -120,6 +120,13 @@ def test_our_nodes_carry_pods_encrypted_with_upstream_device_and_lease(wg_bed):
                 assert ping(bed, src.pods[0].ns, dst.pods[0].address).returncode == 0, bed.logs()
     report = bed.iperf3(bed.hosts[0].pods[0], bed.hosts[1].pods[0], 1)
     assert report["end"]["sum_received"]["bytes"] > 10_000_000
+    # In batches: TSO super-packets cut into segments and sent in GSO runs, received by GRO and glued for the TUN.
+    sender, receiver = bed.hosts[0].ns, bed.hosts[1].ns
+    tso_reads = metric(sender, "flannel_udp_wireguard_io_calls_total", kind="tso_reads")
+    assert metric(sender, "flannel_udp_wireguard_io_calls_total", kind="tso_segments") >= 2 * tso_reads > 0
+    assert metric(sender, "flannel_udp_wireguard_io_calls_total", kind="gso_sends") > 0
+    assert metric(receiver, "flannel_udp_wireguard_io_calls_total", kind="gro_receives") > 0
+    assert metric(receiver, "flannel_udp_wireguard_io_calls_total", kind="coalesced_writes") > 0
     time.sleep(0.5)
     capture.terminate()
     capture.wait(10)

@@ -11,6 +11,7 @@ import pytest
 from _fastpath.routes import RouteTable
 from _fastpath.wg import WgPump, WgState
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from flannel_udp.backend import BackendError
 from flannel_udp.backend.wireguard import parse_options
@@ -171,6 +172,30 @@ def test_packets_cross_sealed_and_every_forgery_is_dropped_by_reason(pair):
     assert b.tun_packets() == [packet]
     drops = b.pump.counters()["drops_udp_to_tun"]
     assert drops == {"bad_auth": 1, "short": 1, "replay": 1, "unknown_index": 1, "unknown_type": 2}
+
+
+def test_messages_both_ways_are_the_protocols_chacha20_poly1305_under_each_sides_keys():
+    """Checked against another implementation (the cryptography package's): the counter as the nonce's last eight
+    bytes, little-endian, no associated data, the plaintext padded to 16 bytes; and what it seals, the pump opens."""
+    a, b = Node(SUBNET_A), Node(SUBNET_B)
+    index_a, index_b = a.link(SUBNET_B, b), b.link(SUBNET_A, a)
+    initiator, responder = handshake(identity(), identity())
+    local_a, local_b = a.state.reserve_index(), b.state.reserve_index()
+    a.state.install(index_a, local_a, local_b, initiator.send, initiator.receive, True)
+    b.state.install(index_b, local_b, local_a, responder.send, responder.receive, False)
+    for size in (0, 1, 15, 16, 700, 1380):
+        packet = ipv4("10.9.1.5", "10.9.2.7", os.urandom(size))
+        datagram = capture_sent(a, b, packet)
+        receiver, counter = struct.unpack_from("<IQ", datagram, 4)
+        assert receiver == local_b
+        nonce = bytes(4) + struct.pack("<Q", counter)
+        padded = ChaCha20Poly1305(initiator.send).decrypt(nonce, datagram[16:], None)
+        assert padded == packet + bytes(-len(packet) % 16)
+    reply = ipv4("10.9.2.7", "10.9.1.5", os.urandom(1380))
+    sealed = ChaCha20Poly1305(responder.send).encrypt(bytes(12), reply, None)
+    b.sock.sendto(struct.pack("<IIQ", 4, local_a, 0) + sealed, ("127.0.0.1", a.port))
+    a.pump.on_socket_readable()
+    assert a.tun_packets() == [reply]
 
 
 def test_an_inner_source_outside_the_peers_subnet_is_dropped(pair):
