@@ -24,6 +24,7 @@ PROGRAMS = {
 }
 UAPI_DIR = "/var/run/wireguard"
 PORT = 51820
+PORT_V6 = 51821  # upstream's ListenPortV6: an IPv6 peer listens here, as flannel-wg-v6 does
 
 
 def available(kind: str) -> bool:
@@ -50,11 +51,15 @@ class WgPeer:
     device: str
     private: str
     public: str
-    subnet: ipaddress.IPv4Network
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
     process: subprocess.Popen
 
     @property
-    def address(self) -> ipaddress.IPv4Address:
+    def port(self) -> int:
+        return PORT if self.subnet.version == 4 else PORT_V6
+
+    @property
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         """The device's own address, its subnet's network address (as flannel gives its devices; the pods' bridge
         takes the first one): the target of pings and iperf3."""
         return self.subnet.network_address
@@ -90,8 +95,9 @@ class WgPeer:
 def start_wg_peer(
     bed: Testbed, host: Host, kind: str, subnet: str, network: str = "10.244.0.0/16", lease: bool = True
 ) -> WgPeer:
-    """Start `kind` in host's namespace as the node of `subnet`, with its lease in the testbed's embedded store (lease
-    False: none, for a cluster of these programs alone) and the subnet.env its pods' CNI plugin reads."""
+    """Start `kind` in host's namespace as the node of `subnet` (IPv4, or IPv6 in an IPv6-only `network`: then on
+    PORT_V6 and the host's IPv6 address), with its lease in the testbed's embedded store (lease False: none, for a
+    cluster of these programs alone) and the subnet.env its pods' CNI plugin reads."""
     device = f"wg{secrets.token_hex(4)}"
     if kind == "wireguard-go":
         cmd = [program(kind), "-f", device]
@@ -103,19 +109,21 @@ def start_wg_peer(
     bed.extra_files.append(os.path.join(UAPI_DIR, f"{device}.sock"))
     private = sh("wg", "genkey").stdout.strip()
     peer = WgPeer(kind, host, device, private, public_key_of(private), ipaddress.ip_network(subnet), process)
+    v6 = "IPV6_" if peer.subnet.version == 6 else ""
     if not wait_for(lambda: os.path.exists(os.path.join(UAPI_DIR, f"{device}.sock")), 10):
         peer.stop()
         raise RuntimeError(f"{kind} did not open its UAPI socket")
     key_file = os.path.join(bed.workdir, f"{device}.key")
     with open(key_file, "w") as f:
         f.write(private)
-    peer.wg("set", device, "private-key", key_file, "listen-port", str(PORT))
-    in_ns(host.ns, "ip", "addr", "add", f"{peer.address}/32", "dev", device)
+    peer.wg("set", device, "private-key", key_file, "listen-port", str(peer.port))
+    in_ns(host.ns, "ip", "addr", "add", f"{peer.address}/{peer.subnet.max_prefixlen}", "dev", device)
     in_ns(host.ns, "ip", "link", "set", device, "mtu", "1420", "up")
     in_ns(host.ns, "ip", "route", "add", network, "dev", device)
     with open(host.subnet_file, "w") as f:
         f.write(
-            f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={peer.subnet.network_address + 1}/{peer.subnet.prefixlen}\n"
+            f"FLANNEL_{v6}NETWORK={network}\n"
+            f"FLANNEL_{v6}SUBNET={peer.subnet.network_address + 1}/{peer.subnet.prefixlen}\n"
         )
         f.write("FLANNEL_MTU=1420\nFLANNEL_IPMASQ=false\n")
     if lease:
@@ -134,20 +142,20 @@ def start_wg_cluster(bed: Testbed, kind: str) -> list[WgPeer]:
 
 
 def plant_lease(bed: Testbed, peer: WgPeer) -> None:
-    """The peer node's lease, as upstream flanneld with the wireguard backend writes it."""
+    """The peer node's lease, as upstream flanneld with the wireguard backend writes it (in an IPv6-only network: no
+    IPv4 address but 0.0.0.0, the key and port in BackendV6Data)."""
     from flannel_udp.subnet.local.registry import LocalRegistry
 
     from .stores import put_raw
 
-    value = json.dumps(
-        {
-            "PublicIP": str(peer.host.address),
-            "PublicIPv6": None,
-            "BackendType": "wireguard",
-            "BackendData": {"PublicKey": peer.public, "Port": PORT},
-        },
-        separators=(",", ":"),
-    )
+    backend = {"PublicKey": peer.public, "Port": peer.port}
+    if peer.subnet.version == 4:
+        attrs = {"PublicIP": str(peer.host.address), "PublicIPv6": None, "BackendType": "wireguard"}
+        attrs["BackendData"] = backend
+    else:
+        attrs = {"PublicIP": "0.0.0.0", "PublicIPv6": str(peer.host.address6), "BackendType": "wireguard"}
+        attrs["BackendV6Data"] = backend
+    value = json.dumps(attrs, separators=(",", ":"))
     key = f"{peer.subnet.network_address}-{peer.subnet.prefixlen}"
 
     async def put() -> None:

@@ -6,12 +6,24 @@ nothing of IPv4. Every case: pods ping across, only WireGuard messages on the un
 import json
 import os
 import sqlite3
+import subprocess
+import time
 
 import pytest
 
 from testbed.cluster import in_ns, wait_for
-from tests.e2e.test_ipv6_only import PREFIX, ipv4_addresses, ipv6_only_config, needs_kube, subnet6_of
-from tests.e2e.test_wireguard_backend import PATTERN, captured_messages, ping, public_key, start_all, subnet_of
+from testbed.wgpeers import start_wg_peer
+from tests.e2e.test_ipv6_only import IPV6_NETWORK, PREFIX, ipv4_addresses, ipv6_only_config, needs_kube, subnet6_of
+from tests.e2e.test_wireguard_backend import (
+    PATTERN,
+    captured_messages,
+    metric,
+    ping,
+    public_key,
+    start,
+    start_all,
+    subnet_of,
+)
 
 NETWORK6 = "fd00:10:244::/56"
 
@@ -154,6 +166,45 @@ def test_ipv6_only_network_has_flannel_wg_v6_alone(bed6):
                 assert ping(bed, src.pods[0].ns, dst.pods[0].address6).returncode == 0, bed.logs()
     report = bed.iperf3(bed.hosts[0].pods[0], bed.hosts[1].pods[0], 1, ipv6=True)
     assert report["end"]["sum_received"]["bytes"] > 10_000_000
+    assert wireguard_ports_seen(process, pcap) == {(6, 51821)}
+
+
+def tcp_both_ways(bed, pod, peer) -> None:
+    """A second of iperf3 from the pod to the peer's device address, then one back (-R)."""
+    for reverse in ([], ["-R"]):
+        server = bed.popen(peer.host.ns, "iperf3", "-s", "-1", "-B", str(peer.address), stdout=subprocess.DEVNULL)
+        time.sleep(0.3)
+        shown = in_ns(pod.ns, "iperf3", "-c", str(peer.address), "-t", "1", "-J", *reverse, timeout=30).stdout
+        report = json.loads(shown)
+        assert report["end"]["sum_received"]["bytes"] > 5_000_000, (reverse, report.get("error"))
+        server.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["wireguard-go", "boringtun"])
+def test_ipv6_only_interop_with_a_real_wireguard_peer(bed6, kind):
+    """An IPv6-only network: flannel-wg-v6 and a real WireGuard program, configured as upstream's IPv6 device is
+    (ListenPortV6, its lease's BackendV6Data), reach each other over the IPv6 underlay. The peer starts the first
+    handshake, we start one after a restart; pods ping and move TCP both ways; only WireGuard crosses."""
+    bed = bed6
+    bed.write_config(ipv6_only_config("wireguard"))
+    process, pcap = capture(bed)
+    ours, theirs = bed.hosts[:2]
+    start(bed, ours)
+    pod = bed.add_pod(ours)
+    peer = start_wg_peer(bed, theirs, kind, "fd00:10:244:fa::/64", network=IPV6_NETWORK)
+    peer.add_node(public_key(bed, ours), f"[{ours.address6}]:51821", str(subnet6_of(ours)))
+    peers = lambda: metric(ours.ns, "flannel_udp_wireguard_peers", device="flannel-wg-v6")  # noqa: E731
+    assert wait_for(lambda: peers() == 1, 5), bed.logs()
+    assert ping(bed, theirs.ns, pod.address6, count=3).returncode == 0, bed.logs()
+    assert f"WireGuard handshake with [{theirs.address6}]:51821 answered" in bed.node_log(ours)
+    assert ping(bed, pod.ns, peer.address, count=3).returncode == 0, bed.logs()
+    tcp_both_ways(bed, pod, peer)
+    received = peer.received_from(public_key(bed, ours))
+    bed.stop_node(ours)
+    start(bed, ours)
+    assert ping(bed, pod.ns, peer.address, count=3).returncode == 0, bed.logs()
+    assert f"WireGuard handshake with [{theirs.address6}]:51821 initiated" in bed.node_log(ours)
+    assert peer.received_from(public_key(bed, ours)) > received
     assert wireguard_ports_seen(process, pcap) == {(6, 51821)}
 
 
