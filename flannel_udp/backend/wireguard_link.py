@@ -25,7 +25,7 @@ from ..subnet.config import lookup_key
 from ..subnet.lease import NO_PUBLIC_IP, Lease, LeaseAttrs
 from ..wireguard import keys, noise
 from ..wireguard.device import WireguardDevice, where
-from .udp_metrics import summed
+from .udp_metrics import CALLS, summed
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,9 @@ class WgLink:
             "handshake_messages",
         ):
             packets.add_metric([name, stage], counters[stage])
-        for kind in IO_CALLS:
-            io_calls.add_metric([name, kind], counters[kind])
+        for kind in CALLS:
+            if kind in counters:  # the udp pump's batched calls that a WireGuard pump makes too
+                io_calls.add_metric([name, kind], counters[kind])
         for direction, key in (("tun_to_udp", "drops_tun_to_udp"), ("udp_to_tun", "drops_udp_to_tun")):
             for reason, value in sorted(counters[key].items()):
                 drops.add_metric([name, direction, reason], value)
@@ -253,18 +254,6 @@ class WgLink:
         os.close(self._stop_fd)
         for lane in self.lanes:
             lane.close()  # the TUN goes with its last fd: its addresses and routes with it
-
-
-# The pumps' batched syscalls, as the udp backend's flannel_udp_io_calls names them.
-IO_CALLS = (
-    "send_batches",
-    "receive_batches",
-    "gso_sends",
-    "gro_receives",
-    "tso_reads",
-    "tso_segments",
-    "coalesced_writes",
-)
 
 
 def metric_families():

@@ -108,6 +108,7 @@ class Node:
         self.routes = RouteTable()
         self.state = WgState(self.routes)
         self.pump = WgPump(tun.fileno(), self.sock.fileno(), self.routes, self.state, own)
+        self.local = 0  # the receiver index of its session, once linked()
 
     @property
     def port(self) -> int:
@@ -138,14 +139,20 @@ def ipv4(src: str, dst: str, payload: bytes = b"x" * 40) -> bytes:
     return header[:10] + struct.pack("!H", checksum) + header[12:] + payload
 
 
-@pytest.fixture
-def pair():
+def linked() -> tuple[Node, Node, noise.Keys, noise.Keys]:
+    """Two nodes with a session: a the initiator, b the responder; each side's keys (their indices on the nodes)."""
     a, b = Node(SUBNET_A), Node(SUBNET_B)
     index_a, index_b = a.link(SUBNET_B, b), b.link(SUBNET_A, a)
     initiator, responder = handshake(identity(), identity())
-    local_a, local_b = a.state.reserve_index(), b.state.reserve_index()
-    a.state.install(index_a, local_a, local_b, initiator.send, initiator.receive, True)
-    b.state.install(index_b, local_b, local_a, responder.send, responder.receive, False)
+    a.local, b.local = a.state.reserve_index(), b.state.reserve_index()
+    a.state.install(index_a, a.local, b.local, initiator.send, initiator.receive, True)
+    b.state.install(index_b, b.local, a.local, responder.send, responder.receive, False)
+    return a, b, initiator, responder
+
+
+@pytest.fixture
+def pair():
+    a, b, _, _ = linked()
     return a, b
 
 
@@ -177,23 +184,18 @@ def test_packets_cross_sealed_and_every_forgery_is_dropped_by_reason(pair):
 def test_messages_both_ways_are_the_protocols_chacha20_poly1305_under_each_sides_keys():
     """Checked against another implementation (the cryptography package's): the counter as the nonce's last eight
     bytes, little-endian, no associated data, the plaintext padded to 16 bytes; and what it seals, the pump opens."""
-    a, b = Node(SUBNET_A), Node(SUBNET_B)
-    index_a, index_b = a.link(SUBNET_B, b), b.link(SUBNET_A, a)
-    initiator, responder = handshake(identity(), identity())
-    local_a, local_b = a.state.reserve_index(), b.state.reserve_index()
-    a.state.install(index_a, local_a, local_b, initiator.send, initiator.receive, True)
-    b.state.install(index_b, local_b, local_a, responder.send, responder.receive, False)
+    a, b, initiator, responder = linked()
     for size in (0, 1, 15, 16, 700, 1380):
         packet = ipv4("10.9.1.5", "10.9.2.7", os.urandom(size))
         datagram = capture_sent(a, b, packet)
         receiver, counter = struct.unpack_from("<IQ", datagram, 4)
-        assert receiver == local_b
+        assert receiver == b.local
         nonce = bytes(4) + struct.pack("<Q", counter)
         padded = ChaCha20Poly1305(initiator.send).decrypt(nonce, datagram[16:], None)
         assert padded == packet + bytes(-len(packet) % 16)
     reply = ipv4("10.9.2.7", "10.9.1.5", os.urandom(1380))
     sealed = ChaCha20Poly1305(responder.send).encrypt(bytes(12), reply, None)
-    b.sock.sendto(struct.pack("<IIQ", 4, local_a, 0) + sealed, ("127.0.0.1", a.port))
+    b.sock.sendto(struct.pack("<IIQ", 4, a.local, 0) + sealed, ("127.0.0.1", a.port))
     a.pump.on_socket_readable()
     assert a.tun_packets() == [reply]
 
