@@ -109,7 +109,6 @@ def start_wg_peer(
     bed.extra_files.append(os.path.join(UAPI_DIR, f"{device}.sock"))
     private = sh("wg", "genkey").stdout.strip()
     peer = WgPeer(kind, host, device, private, public_key_of(private), ipaddress.ip_network(subnet), process)
-    v6 = "IPV6_" if peer.subnet.version == 6 else ""
     if not wait_for(lambda: os.path.exists(os.path.join(UAPI_DIR, f"{device}.sock")), 10):
         peer.stop()
         raise RuntimeError(f"{kind} did not open its UAPI socket")
@@ -120,6 +119,7 @@ def start_wg_peer(
     in_ns(host.ns, "ip", "addr", "add", f"{peer.address}/{peer.subnet.max_prefixlen}", "dev", device)
     in_ns(host.ns, "ip", "link", "set", device, "mtu", "1420", "up")
     in_ns(host.ns, "ip", "route", "add", network, "dev", device)
+    v6 = "IPV6_" if peer.subnet.version == 6 else ""
     with open(host.subnet_file, "w") as f:
         f.write(
             f"FLANNEL_{v6}NETWORK={network}\n"
@@ -148,13 +148,13 @@ def plant_lease(bed: Testbed, peer: WgPeer) -> None:
 
     from .stores import put_raw
 
-    backend = {"PublicKey": peer.public, "Port": peer.port}
-    if peer.subnet.version == 4:
-        attrs = {"PublicIP": str(peer.host.address), "PublicIPv6": None, "BackendType": "wireguard"}
-        attrs["BackendData"] = backend
-    else:
-        attrs = {"PublicIP": "0.0.0.0", "PublicIPv6": str(peer.host.address6), "BackendType": "wireguard"}
-        attrs["BackendV6Data"] = backend
+    v4 = peer.subnet.version == 4
+    attrs = {
+        "PublicIP": str(peer.host.address) if v4 else "0.0.0.0",
+        "PublicIPv6": None if v4 else str(peer.host.address6),
+        "BackendType": "wireguard",
+        "BackendData" if v4 else "BackendV6Data": {"PublicKey": peer.public, "Port": peer.port},
+    }
     value = json.dumps(attrs, separators=(",", ":"))
     key = f"{peer.subnet.network_address}-{peer.subnet.prefixlen}"
 
