@@ -16,7 +16,10 @@ def fastpath_extension(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [fastpath_extension(name) for name in ("packet", "routes", "offload", "tun", "udp", "pump", "drivers", "wg")],
+        [
+            fastpath_extension(name)
+            for name in ("packet", "routes", "offload", "tun", "udp", "loop", "pump", "drivers", "wg")
+        ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),
 )

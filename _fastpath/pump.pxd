@@ -1,21 +1,16 @@
 """The udp data plane's loop: read -> check -> route -> send, between a TunSide and a UdpSide."""
 from libc.stdint cimport int32_t, uint8_t, uint64_t
 
+from _fastpath.loop cimport PacketLoop
 from _fastpath.offload cimport GsoPlan
-from _fastpath.packet cimport ICMP6_ERROR_MAX, V_COUNT, OwnSubnets
-from _fastpath.routes cimport RouteTable
-from _fastpath.tun cimport TunSide
-from _fastpath.udp cimport BATCH, UdpSide
+from _fastpath.packet cimport ICMP6_ERROR_MAX, V_COUNT
+from _fastpath.udp cimport BATCH
 
 cdef enum:
     HDR_SLOT = 128  # a segment's IP + TCP headers: at most 60 + 60 bytes
 
 
-cdef class Pump:
-    cdef readonly TunSide tun
-    cdef readonly UdpSide udp
-    cdef RouteTable routes
-    cdef OwnSubnets own
+cdef class Pump(PacketLoop):
     cdef bint protect
     cdef int burst
     cdef uint8_t* tx_bufs  # BATCH read buffers: a batch has at most one read per slot
@@ -25,8 +20,7 @@ cdef class Pump:
     cdef uint8_t icmp_buf[ICMP6_ERROR_MAX]
     cdef uint64_t drops_out[V_COUNT]
     cdef uint64_t drops_in[V_COUNT]
-    cdef uint64_t tun_read_packets, udp_received_packets, icmp_sent, tun_wakeups, socket_wakeups
-    cdef uint64_t tso_reads, tso_segments
+    cdef uint64_t icmp_sent, tun_wakeups, socket_wakeups
 
     cdef void _tun_round(self) noexcept nogil
     cdef void _socket_round(self, int fd, bint v6) noexcept nogil

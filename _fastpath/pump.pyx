@@ -27,15 +27,14 @@ UDP -> TUN: receive a batch, check each datagram (sender is a lease's PublicIP, 
 destination in ours), TTL-1, and hand it to the TUN side, which writes it or glues it to its flow's previous segments.
 """
 from libc.stdlib cimport calloc, free
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from _fastpath.clib cimport *
+from _fastpath.loop cimport PacketLoop
 from _fastpath.offload cimport *
 from _fastpath.packet cimport *
-from _fastpath.routes cimport Peer
-from _fastpath.tun cimport deliver
-from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, queue
-from _fastpath.waiting cimport READY_SOCK, READY_SOCK6, READY_STOP, READY_TUN, wait_ready, watch
+from _fastpath.routes cimport Peer, RouteTable
+from _fastpath.tun cimport TunSide, deliver
+from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, UdpSide, queue
 
 from _fastpath.packet import VERDICT_NAMES
 
@@ -43,13 +42,7 @@ cdef enum:
     DEFAULT_BURST = BATCH  # datagrams per round before the other direction gets its turn
 
 
-cdef inline long long monotonic_ns() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return <long long>now.tv_sec * 1000000000 + now.tv_nsec
-
-
-cdef class Pump:
+cdef class Pump(PacketLoop):
     def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, own_subnet, bint protect=True,
                   int burst=DEFAULT_BURST, bint gso=False, bint gro=False, bint vnet_hdr=False, int sock6_fd=-1,
                   own_subnet6=None, int notify_fd=-1, int send_fd=-1, int send6_fd=-1):
@@ -69,46 +62,6 @@ cdef class Pump:
     def __dealloc__(self):
         free(self.tx_bufs)
 
-    # The sides' switches, as the backend and the tests see them.
-    @property
-    def vnet_hdr(self):
-        return self.tun.vnet_hdr
-
-    @property
-    def gso(self):
-        return self.udp.gso
-
-    @property
-    def gro(self):
-        return self.udp.gro
-
-    @property
-    def gso_error(self):
-        return self.udp.gso_error
-
-    def on_tun_readable(self):
-        """Everything queued in the TUN, in rounds, as run() would move it (for callers that drive the pump)."""
-        cdef uint64_t before
-        with nogil:
-            while True:
-                before = self.tun_read_packets
-                self._tun_round()
-                if self.tun_read_packets == before:
-                    break
-
-    def on_socket_readable(self):
-        """Everything queued in the sockets, in rounds, as run() would move it."""
-        cdef uint64_t before
-        with nogil:
-            while True:
-                before = self.udp_received_packets
-                if self.udp.sock_fd >= 0:
-                    self._socket_round(self.udp.sock_fd, False)
-                if self.udp.sock6_fd >= 0:
-                    self._socket_round(self.udp.sock6_fd, True)
-                if self.udp_received_packets == before:
-                    break
-
     cdef void _tun_round(self) noexcept nogil:
         self.tun_wakeups += 1
         self.routes.lock()
@@ -120,37 +73,6 @@ cdef class Pump:
         self.routes.lock()
         self._udp_to_tun(fd, v6)
         self.routes.unlock()
-
-    def run(self, int stop_fd, int busy_poll_us=0):
-        """The packet loop, for a thread of its own: until stop_fd (an eventfd) is readable or an fd is closed. The GIL
-        is released for its whole life.
-
-        busy_poll_us > 0: after a round that found packets, the loop keeps looking (poll without sleeping) for that
-        long before it sleeps again, so the answer to a packet just sent, or the next packet of a flow, is taken
-        without the thread being woken and scheduled (the userspace form of SO_BUSY_POLL). The CPU it burns is
-        bounded by the window after each burst; an idle tunnel sleeps as before."""
-        cdef pollfd fds[4]
-        cdef int ready, timeout = -1
-        cdef long long window_ns = <long long>busy_poll_us * 1000, spin_until = 0
-        with nogil:
-            watch(fds, self.tun.fd, self.udp.sock_fd, self.udp.sock6_fd, stop_fd)
-            while True:
-                ready = wait_ready(fds, timeout)
-                if ready & READY_STOP:
-                    break
-                if ready == 0:  # only while spinning: sleep again once the window has passed without a packet
-                    if monotonic_ns() >= spin_until:
-                        timeout = -1
-                    continue
-                if ready & READY_TUN:
-                    self._tun_round()
-                if ready & READY_SOCK:
-                    self._socket_round(self.udp.sock_fd, False)
-                if ready & READY_SOCK6:
-                    self._socket_round(self.udp.sock6_fd, True)
-                if window_ns > 0:
-                    timeout = 0
-                    spin_until = monotonic_ns() + window_ns
 
     # -- TUN -> UDP --------------------------------------------------------------------------------------------------
     cdef void _tun_to_udp(self) noexcept nogil:
@@ -278,28 +200,7 @@ cdef class Pump:
         """Totals and drops by reason and direction, for /metrics and tests."""
         drops_out = {VERDICT_NAMES[i]: self.drops_out[i] for i in range(1, V_COUNT) if self.drops_out[i]}
         drops_in = {VERDICT_NAMES[i]: self.drops_in[i] for i in range(1, V_COUNT) if self.drops_in[i]}
-        if self.udp.send_failed:
-            drops_out["send_failed"] = self.udp.send_failed
-        if self.tun.write_failed:
-            drops_in["tun_write_failed"] = self.tun.write_failed
-        return {
-            "tun_read_packets": self.tun_read_packets,
-            "udp_sent_packets": self.udp.sent_packets,
-            "udp_sent_bytes": self.udp.sent_bytes,
-            "udp_received_packets": self.udp_received_packets,
-            "tun_written_packets": self.tun.written_packets,
-            "tun_written_bytes": self.tun.written_bytes,
-            "icmp_unreachable_sent": self.icmp_sent,
-            "tun_wakeups": self.tun_wakeups,
-            "socket_wakeups": self.socket_wakeups,
-            "send_batches": self.udp.send_batches,
-            "receive_batches": self.udp.receive_batches,
-            "gso_sends": self.udp.gso_sends,
-            "gro_receives": self.udp.gro_receives,
-            "tso_reads": self.tso_reads,
-            "tso_segments": self.tso_segments,
-            "tun_writes": self.tun.writes,
-            "coalesced_writes": self.tun.coalesced_writes,
-            "drops_tun_to_udp": drops_out,
-            "drops_udp_to_tun": drops_in,
-        }
+        counters = self.side_counters(drops_out, drops_in)
+        counters.update(icmp_unreachable_sent=self.icmp_sent, tun_wakeups=self.tun_wakeups,
+                        socket_wakeups=self.socket_wakeups)
+        return counters

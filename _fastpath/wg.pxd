@@ -3,11 +3,11 @@ from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
 from _fastpath.aead cimport Aead
 from _fastpath.clib cimport sockaddr_in6
+from _fastpath.loop cimport PacketLoop
 from _fastpath.offload cimport GsoPlan
-from _fastpath.packet cimport V_COUNT, OwnSubnets
+from _fastpath.packet cimport V_COUNT
 from _fastpath.routes cimport RouteTable
-from _fastpath.tun cimport TunSide
-from _fastpath.udp cimport BATCH, UdpSide
+from _fastpath.udp cimport BATCH
 
 cdef enum:
     KEYPAIR_SLOTS = 8192  # a power of two: a keypair's slot is the low bits of its receiver index
@@ -122,12 +122,8 @@ cdef class WgState:
     cdef void _forget(self, int32_t slot) noexcept nogil
 
 
-cdef class WgPump:
-    cdef readonly TunSide tun
-    cdef readonly UdpSide udp
-    cdef RouteTable routes
+cdef class WgPump(PacketLoop):
     cdef WgState wg
-    cdef OwnSubnets own
     cdef Cipher sealer
     cdef Cipher opener
     cdef uint8_t* read_buf
@@ -138,8 +134,8 @@ cdef class WgPump:
     cdef uint64_t drops_out[V_COUNT]
     cdef uint64_t wg_drops_out[W_COUNT]
     cdef uint64_t wg_drops_in[W_COUNT]
-    cdef uint64_t tun_read_packets, udp_received_packets, keepalives_received, handshake_messages
-    cdef uint64_t tso_reads, tso_segments, held
+    cdef uint64_t keepalives_received, handshake_messages
+    cdef uint64_t held
 
     cdef void _tun_round(self) noexcept nogil
     cdef void _hold(self, int32_t peer, uint8_t* pkt, Py_ssize_t length) noexcept nogil

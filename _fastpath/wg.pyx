@@ -29,12 +29,12 @@ from posix.unistd cimport write
 
 from _fastpath.aead cimport *
 from _fastpath.clib cimport *
+from _fastpath.loop cimport PacketLoop
 from _fastpath.offload cimport *
 from _fastpath.packet cimport *
 from _fastpath.routes cimport Peer
-from _fastpath.tun cimport deliver
-from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, queue
-from _fastpath.waiting cimport READY_SOCK, READY_SOCK6, READY_STOP, READY_TUN, wait_ready, watch
+from _fastpath.tun cimport TunSide, deliver
+from _fastpath.udp cimport BUF_SIZE, GRO_BATCH, UdpSide, queue
 
 import ipaddress
 import os
@@ -498,7 +498,7 @@ cdef class WgState:
         return bytes(out[:n]) if n > 0 else None
 
 
-cdef class WgPump:
+cdef class WgPump(PacketLoop):
     def __cinit__(self, int tun_fd, int sock_fd, RouteTable routes, WgState wg, own_subnet, bint gso=False,
                   bint gro=False, bint vnet_hdr=False, int sock6_fd=-1, own_subnet6=None, int notify_fd=-1):
         self.tun = TunSide(tun_fd, vnet_hdr)
@@ -518,52 +518,6 @@ cdef class WgPump:
         free(self.enc_bufs)
         aead_free(&self.sealer.aead)
         aead_free(&self.opener.aead)
-
-    @property
-    def gso(self):
-        return self.udp.gso
-
-    @property
-    def gso_error(self):
-        return self.udp.gso_error
-
-    def on_tun_readable(self):
-        cdef uint64_t before
-        with nogil:
-            while True:
-                before = self.tun_read_packets
-                self._tun_round()
-                if self.tun_read_packets == before:
-                    break
-
-    def on_socket_readable(self):
-        cdef uint64_t before
-        with nogil:
-            while True:
-                before = self.udp_received_packets
-                if self.udp.sock_fd >= 0:
-                    self._socket_round(self.udp.sock_fd, False)
-                if self.udp.sock6_fd >= 0:
-                    self._socket_round(self.udp.sock6_fd, True)
-                if self.udp_received_packets == before:
-                    break
-
-    def run(self, int stop_fd):
-        """The packet loop, for a thread of its own, until stop_fd (an eventfd) is readable or an fd is closed."""
-        cdef pollfd fds[4]
-        cdef int ready
-        with nogil:
-            watch(fds, self.tun.fd, self.udp.sock_fd, self.udp.sock6_fd, stop_fd)
-            while True:
-                ready = wait_ready(fds, -1)
-                if ready & READY_STOP:
-                    break
-                if ready & READY_TUN:
-                    self._tun_round()
-                if ready & READY_SOCK:
-                    self._socket_round(self.udp.sock_fd, False)
-                if ready & READY_SOCK6:
-                    self._socket_round(self.udp.sock6_fd, True)
 
     # -- TUN -> UDP --------------------------------------------------------------------------------------------------
     cdef void _tun_round(self) noexcept nogil:
@@ -788,30 +742,11 @@ cdef class WgPump:
         deliver(self.tun, inner, total)
 
     def counters(self):
+        """Totals and drops by reason and direction, for /metrics and tests."""
         drops_out = {VERDICT_NAMES[i]: self.drops_out[i] for i in range(1, V_COUNT) if self.drops_out[i]}
         drops_out.update({WG_VERDICT_NAMES[i]: self.wg_drops_out[i] for i in range(1, W_COUNT) if self.wg_drops_out[i]})
         drops_in = {WG_VERDICT_NAMES[i]: self.wg_drops_in[i] for i in range(1, W_COUNT) if self.wg_drops_in[i]}
-        if self.udp.send_failed:
-            drops_out["send_failed"] = self.udp.send_failed
-        if self.tun.write_failed:
-            drops_in["tun_write_failed"] = self.tun.write_failed
-        return {
-            "tun_read_packets": self.tun_read_packets,
-            "udp_sent_packets": self.udp.sent_packets,
-            "udp_sent_bytes": self.udp.sent_bytes,
-            "udp_received_packets": self.udp_received_packets,
-            "tun_written_packets": self.tun.written_packets,
-            "tun_written_bytes": self.tun.written_bytes,
-            "keepalives_received": self.keepalives_received,
-            "held_packets": self.held,
-            "handshake_messages": self.handshake_messages,
-            "send_batches": self.udp.send_batches,
-            "receive_batches": self.udp.receive_batches,
-            "gso_sends": self.udp.gso_sends,
-            "gro_receives": self.udp.gro_receives,
-            "tso_reads": self.tso_reads,
-            "tso_segments": self.tso_segments,
-            "coalesced_writes": self.tun.coalesced_writes,
-            "drops_tun_to_udp": drops_out,
-            "drops_udp_to_tun": drops_in,
-        }
+        counters = self.side_counters(drops_out, drops_in)
+        counters.update(keepalives_received=self.keepalives_received, held_packets=self.held,
+                        handshake_messages=self.handshake_messages)
+        return counters
