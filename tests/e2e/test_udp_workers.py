@@ -1,4 +1,4 @@
-"""Several packet threads (-udp-workers): every flow stays on one pump in each direction, so none is ever reordered;
+"""Several packet threads (-udp-workers): every flow stays on one pump in each direction, so none is reordered by them;
 lease events reach every pump; counters add up across pumps; a pump's bad packets never stop another."""
 
 import json
@@ -46,7 +46,10 @@ def test_no_flow_is_reordered_across_two_pumps_and_both_carry_traffic(pumps2):
     assert "2 packet threads" in bed.node_log(h1)
     flows = flows_across(bed, h1.pods[0], h2.pods[0])
     assert len(flows) == FLOWS and all(received > COUNT * 0.8 for received, _ in flows.values()), flows
-    assert all(inversions == 0 for _, inversions in flows.values()), flows
+    # A flow split across pumps would be reordered batch after batch: tens of inversions in 400 packets. The kernel's
+    # per-CPU backlogs may swap a packet or two when the writing thread changes CPU under load (as with TCP below).
+    assert all(inversions <= 2 for _, inversions in flows.values()), flows
+    assert sum(inversions for _, inversions in flows.values()) <= FLOWS // 2, flows
     assert all(sent > 0 for sent in per_pump(h1, "udp_sent")), per_pump(h1, "udp_sent")
     assert all(received > 0 for received in per_pump(h2, "udp_received")), per_pump(h2, "udp_received")
     # The same with TCP, four streams, counted by the sender's stack. A flow split across pumps would be reordered
